@@ -1,0 +1,12 @@
+"""kvp-gym: a Gymnasium environment and benchmark suite for learned KV-cache eviction in LLMs.
+
+The core package: trace files (:mod:`kvp_gym.traces`), their collection from a real model
+(:mod:`kvp_gym.collect`), model loading (:mod:`kvp_gym.models`) and offline tasks (:mod:`kvp_gym.tasks`).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kvp-gym")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"

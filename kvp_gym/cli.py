@@ -1,0 +1,229 @@
+"""The ``kvp-gym`` command line. ``kvp-gym --help`` lists the commands; each has its own ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from kvp_gym import __version__
+
+_EXAMPLES = """examples:
+  kvp-gym collect --model smollm2-135m --task niah_single --samples 32 --context 1024 --future 64 --out traces/niah.h5
+  kvp-gym traces info traces/niah.h5
+  kvp-gym tasks eval --tasks niah_single,essay --context 1024 --samples 8
+"""
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    """'0-29' or '0,3,10-12' -> layer ids."""
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            layers += range(int(low), int(high or low) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers like '0-29' or '0,3,10-12', got {text!r}") from None
+    return tuple(layers)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shard as i/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard i/N needs 0 <= i < N, got {text!r}")
+    return index, count
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvp-gym",
+        description="Trace collection, environments and benchmarks for KV-cache eviction.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvp-gym {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    collect = commands.add_parser(
+        "collect",
+        help="record post-RoPE q/k/v traces of a model on a task",
+        description="Build task prompts, continue each greedily, record q/k/v of every "
+        "chosen layer into an HDF5 trace file (docs/trace-format.md).",
+    )
+    collect.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-random, a folder or a hub id")
+    collect.add_argument("--task", default="niah_single", help="a task name (kvp-gym tasks list)")
+    collect.add_argument("--samples", type=int, default=32, help="number of samples (default 32)")
+    collect.add_argument("--context", type=int, default=1024, help="prompt length in tokens (default 1024)")
+    collect.add_argument("--future", type=int, default=64, help="greedy continuation tokens (default 64)")
+    collect.add_argument("--out", type=Path, required=True, help="the trace file to write")
+    collect.add_argument("--seed", type=int, default=0)
+    collect.add_argument("--layers", type=_layers, default=None, help="layers to record, e.g. 0-29 (default all)")
+    collect.add_argument("--splits", type=_floats, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
+    collect.add_argument("--shard", type=_shard, default=(0, 1), help="collect every N-th sample from i: i/N")
+    state = collect.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true", help="keep the samples already written and add the rest")
+    state.add_argument("--overwrite", action="store_true", help="discard an existing file or interrupted run")
+
+    traces = commands.add_parser("traces", help="inspect, validate and merge trace files")
+    traces_commands = traces.add_subparsers(dest="traces_command", required=True, metavar="ACTION")
+    info = traces_commands.add_parser("info", help="print a summary of a trace file")
+    info.add_argument("path", type=Path)
+    check = traces_commands.add_parser("check", help="read every tensor and report every problem")
+    check.add_argument("path", type=Path)
+    merge = traces_commands.add_parser("merge", help="join trace files (e.g. shards) into one")
+    merge.add_argument("out", type=Path)
+    merge.add_argument("inputs", type=Path, nargs="+")
+
+    tasks = commands.add_parser("tasks", help="list the tasks, or measure a model's full-cache accuracy on them")
+    tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
+    tasks_commands.add_parser("list", help="list the tasks")
+    evaluate = tasks_commands.add_parser("eval", help="full-cache accuracy (perplexity for free text)")
+    evaluate.add_argument("--model", default="smollm2-135m")
+    evaluate.add_argument("--tasks", default="all", help="'all' or comma-separated task names")
+    evaluate.add_argument("--context", type=_ints, default=(1024,), help="context lengths, e.g. 1024,2048")
+    evaluate.add_argument("--samples", type=int, default=8)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", type=Path, help="also write the results as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kvp_gym.models import ModelNotFoundError
+    from kvp_gym.traces import TraceFormatError
+
+    try:
+        handler = {"collect": _collect, "traces": _traces, "tasks": _tasks}[args.command]
+        return handler(args)
+    except (TraceFormatError, ModelNotFoundError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"kvp-gym: error: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:  # unknown task names and the like: the message lists what exists
+        print(f"kvp-gym: error: {err.args[0]}", file=sys.stderr)
+        return 2
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from kvp_gym.collect import CollectConfig, collect
+
+    config = CollectConfig(
+        model=args.model,
+        task=args.task,
+        samples=args.samples,
+        context=args.context,
+        future=args.future,
+        seed=args.seed,
+        layers=args.layers,
+        splits=args.splits,
+    )
+    summary = collect(config, args.out, resume=args.resume, overwrite=args.overwrite, shard=args.shard)
+    print(summary)
+    return 0
+
+
+def _traces(args: argparse.Namespace) -> int:
+    from kvp_gym.traces import merge_traces, open_traces
+
+    if args.traces_command == "merge":
+        merge_traces(args.out, args.inputs)
+        args.path = args.out
+        print(f"merged {len(args.inputs)} files into {args.out}")
+        args.traces_command = "info"
+    with open_traces(args.path) as trace:
+        if args.traces_command == "info":
+            print(describe(trace))
+            return 0
+        problems = list(trace.check())
+        for problem in problems:
+            print(problem)
+        print(
+            f"{trace.path}: {len(trace.samples)} samples, "
+            + (f"{len(problems)} problem(s)" if problems else "OK: every tensor read and valid")
+        )
+        return 1 if problems else 0
+
+
+def describe(trace) -> str:
+    """A human-readable summary of an open trace file."""
+    header, samples = trace.header, list(trace.samples.values())
+    g = header.geometry
+    splits = Counter(s.split for s in samples)
+    tasks = Counter(s.task for s in samples)
+    prompts = [s.prompt_length for s in samples] or [0]
+    futures = [s.num_tokens - s.prompt_length for s in samples] or [0]
+    lines = [
+        f"{trace.path}",
+        f"  format v{header.format_version}, written by kvp-gym {header.kvp_gym_version}, model {header.model}",
+        f"  geometry: {g.num_layers} layers ({len(header.layers)} recorded), {g.num_query_heads} query heads, "
+        f"{g.num_kv_heads} KV heads (GQA {g.num_query_heads // g.num_kv_heads}:1), head_dim {g.head_dim}",
+        f"  samples: {len(samples)} (" + ", ".join(f"{k} {splits[k]}" for k in ("train", "val", "test")) + "); "
+        "tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(tasks.items())),
+        f"  prompt tokens: mean {sum(prompts) / len(prompts):.0f}, min {min(prompts)}, max {max(prompts)}; "
+        f"future tokens: mean {sum(futures) / len(futures):.1f}, min {min(futures)}, max {max(futures)}",
+        f"  size: {trace.path.stat().st_size / 2**20:.1f} MiB",
+    ]
+    scores = [s.metadata["full_cache_score"] for s in samples if "full_cache_score" in s.metadata]
+    if scores:
+        lines.append(f"  full-cache task score of the recorded continuations: {sum(scores) / len(scores):.3f}")
+    for settings in header.collection:
+        lines.append("  collection: " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "layers"))
+    return "\n".join(lines)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from kvp_gym.tasks import TASKS, get_task
+
+    if args.tasks_command == "list":
+        for name, task in TASKS.items():
+            print(f"{name:20s} {task.description}")
+        return 0
+    from dataclasses import asdict
+
+    from kvp_gym import models
+    from kvp_gym.generation import task_accuracy
+
+    names = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
+    selected = [get_task(n) for n in names]
+    model, tokenizer = models.load(args.model)
+    results = []
+    print("| task | context | samples | prompt tokens | full-cache score | perplexity |")
+    print("|---|---|---|---|---|---|")
+    for task in selected:
+        for context in args.context:
+            r = task_accuracy(model, tokenizer, task, context, args.samples, seed=args.seed)
+            results.append(asdict(r))
+            score = "-" if r.score is None else f"{r.score:.2f}"
+            ppl = "-" if r.perplexity is None else f"{r.perplexity:.1f}"
+            print(
+                f"| {r.task} | {context} | {r.samples} | {r.prompt_tokens:.0f} | {score} | {ppl} |",
+                flush=True,
+            )
+    if args.out:
+        from kvp_gym.storage import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps({"model": args.model, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

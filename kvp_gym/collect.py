@@ -1,0 +1,207 @@
+"""Collecting trace files from a real model.
+
+For each sample: build the task prompt (chat template + answer prefix), let the model continue it greedily for up
+to ``future`` tokens (free text uses its real continuation instead), then run one forward pass over prompt +
+continuation recording the post-RoPE queries, keys and values of the chosen layers.
+
+Safety: each finished sample is written atomically to its own file in ``OUT.parts/``; the final file is
+assembled from them atomically at the end. A killed collection leaves only whole samples behind, and
+``resume=True`` continues from them. ``shard=(i, N)`` collects samples i, i+N, i+2N... so that N machines can
+share a collection; :func:`kvp_gym.traces.merge_traces` joins the shards into the same content as one run.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kvp_gym import __version__, models
+from kvp_gym.capture import capture_qkv
+from kvp_gym.generation import greedy, sample_seed
+from kvp_gym.tasks import encode, get_task, make_sample
+from kvp_gym.traces import (
+    SPLITS,
+    SampleInfo,
+    TraceFormatError,
+    TraceHeader,
+    collection_digest,
+    merge_traces,
+    open_traces,
+    sample_name,
+    write_traces,
+)
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """What to collect. ``layers=None`` records every layer; ``splits`` are the train/val/test fractions."""
+
+    model: str = models.DEFAULT_MODEL
+    task: str = "niah_single"
+    samples: int = 32
+    context: int = 1024
+    future: int = 64
+    seed: int = 0
+    layers: tuple[int, ...] | None = None
+    splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    def __post_init__(self):
+        get_task(self.task)  # fails early, listing the tasks, on an unknown name
+        if self.samples < 1 or self.context < 1 or self.future < 1:
+            raise ValueError("samples, context and future must be positive")
+        if len(self.splits) != 3 or min(self.splits) < 0 or abs(sum(self.splits) - 1) > 1e-6:
+            raise ValueError(f"splits must be three non-negative fractions summing to 1, got {self.splits}")
+
+    def sample_identity(self) -> dict:
+        """The settings that determine a sample's content (its name is derived from them)."""
+        return {
+            "model": self.model,
+            "task": self.task,
+            "context": self.context,
+            "future": self.future,
+            "seed": self.seed,
+        }
+
+    def split_of(self) -> list[str]:
+        """The split of every sample index: a seeded permutation cut at the split fractions."""
+        order = list(range(self.samples))
+        random.Random(self.seed).shuffle(order)
+        bounds = np.round(np.cumsum(self.splits) * self.samples).astype(int)
+        split = [""] * self.samples
+        for rank, index in enumerate(order):
+            split[index] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+        return split
+
+
+@dataclass(frozen=True)
+class CollectSummary:
+    path: Path
+    samples: int
+    collected: int  # samples produced by this run (the rest were resumed)
+    tokens: int
+    bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: {self.samples} samples ({self.collected} collected now), {self.tokens} tokens, "
+            f"{self.bytes / 2**20:.1f} MiB, {self.seconds:.1f} s"
+        )
+
+
+def collect(
+    config: CollectConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> CollectSummary:
+    """Collect a trace file; see the module docstring. Returns what was written."""
+    start = time.perf_counter()
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    index_of_shard, num_shards = shard
+    if not 0 <= index_of_shard < num_shards:
+        raise ValueError(f"shard must be i/N with 0 <= i < N, got {index_of_shard}/{num_shards}")
+    if overwrite:
+        shutil.rmtree(parts, ignore_errors=True)
+        out.unlink(missing_ok=True)
+    elif not resume and (out.exists() or parts.exists()):
+        what = out if out.exists() else f"{parts} (an interrupted collection)"
+        raise FileExistsError(f"{what} exists: pass resume to keep and complete it, or overwrite to start over")
+
+    model, tokenizer = models.load(config.model)
+    geometry = models.geometry(model)
+    layers = tuple(range(geometry.num_layers)) if config.layers is None else tuple(config.layers)
+    if not layers or not all(0 <= layer < geometry.num_layers for layer in layers):
+        raise ValueError(f"layers must lie in [0, {geometry.num_layers}) for {config.model}, got {list(layers)}")
+    settings = {**asdict(config), "layers": list(layers), "splits": list(config.splits)}
+    header = TraceHeader(
+        model=config.model,
+        geometry=geometry,
+        layers=layers,
+        collection=(settings,),
+        kvp_gym_version=__version__,
+    )
+
+    digest = collection_digest(config.sample_identity())
+    wanted = {sample_name(config.task, digest, i): i for i in range(index_of_shard, config.samples, num_shards)}
+    sources = [out] if out.exists() else []
+    done = _names_in(out, header) if sources else set()
+    parts.mkdir(parents=True, exist_ok=True)
+    for part in sorted(parts.glob("*.h5")):
+        done |= _names_in(part, header)
+        sources.append(part)
+
+    split_of = config.split_of()
+    task = get_task(config.task)
+    todo = [name for name in wanted if name not in done]
+    for name in tqdm(todo, desc=f"collect {config.task}", unit="sample", disable=not progress):
+        index = wanted[name]
+        sample = make_sample(task, tokenizer, config.context, sample_seed(config.seed, index))
+        encoded = encode(tokenizer, sample)
+        if sample.chat:
+            future, source = greedy(model, encoded.ids, config.future), "greedy"
+        else:
+            future, source = encoded.continuation_ids[: config.future], "text"
+        tokens = encoded.ids + future
+        with torch.inference_mode(), capture_qkv(model, layers) as captured:
+            model(torch.tensor([tokens]), use_cache=False)
+        metadata = dict(sample.metadata)
+        if task.has_answers:
+            metadata["full_cache_score"] = task.score(
+                tokenizer.decode(future, skip_special_tokens=True), sample.answers
+            )
+        info = SampleInfo(
+            name=name,
+            index=index,
+            task=config.task,
+            split=split_of[index],
+            prompt_length=len(encoded.ids),
+            tokens=np.asarray(tokens, np.int32),
+            answers=sample.answers,
+            needle_spans=np.asarray(encoded.needle_spans, np.int32),
+            metadata=metadata,
+            future_source=source,
+        )
+        tensors = {layer: [t[0].numpy() for t in captured[layer]] for layer in layers}
+        part = parts / f"{name}.h5"
+        write_traces(part, header, [(info, tensors)])
+        sources.append(part)
+
+    if sources != [out]:  # else the file is already complete: nothing to assemble
+        merge_traces(out, sources)
+    shutil.rmtree(parts)
+    with open_traces(out) as trace:
+        tokens = sum(s.num_tokens for s in trace.samples.values())
+        total = len(trace.samples)
+    return CollectSummary(
+        path=out,
+        samples=total,
+        collected=len(todo),
+        tokens=tokens,
+        bytes=out.stat().st_size,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _names_in(path: Path, header: TraceHeader) -> set[str]:
+    """Sample names already in ``path``, which must come from a collection with the same settings."""
+    with open_traces(path) as trace:
+        problem = header.compatible_with(trace.header)
+        if problem is None and trace.header.collection != header.collection:
+            problem = (
+                f"collection settings differ: found {list(trace.header.collection)}, now {list(header.collection)}"
+            )
+        if problem:
+            raise TraceFormatError(path, "/", f"cannot resume into this file: {problem}")
+        return set(trace.samples)

@@ -1,0 +1,101 @@
+"""The kvp-gym command line: help, collection, inspection, merging, and clear errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+from kvp_gym.cli import main
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["collect"],
+        ["traces"],
+        ["traces", "info"],
+        ["traces", "check"],
+        ["traces", "merge"],
+        ["tasks"],
+        ["tasks", "eval"],
+    ],
+)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: kvp-gym" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "kvp_gym.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("kvp-gym ")
+
+
+def test_collect_info_check_merge(tmp_path, capsys):
+    args = [
+        "collect",
+        "--model",
+        "tiny-random",
+        "--task",
+        "niah_multikey",
+        "--samples",
+        "3",
+        "--context",
+        "800",
+        "--future",
+        "4",
+        "--layers",
+        "1",
+        "--splits",
+        "0.34,0.33,0.33",
+    ]
+    assert main([*args, "--out", str(tmp_path / "a.h5"), "--shard", "0/2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.h5"), "--shard", "1/2"]) == 0
+    assert "2 samples (2 collected now)" in capsys.readouterr().out
+    assert main(["traces", "merge", str(tmp_path / "m.h5"), str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "merged 2 files" in out and "samples: 3 (train 1, val 1, test 1); tasks: niah_multikey 3" in out
+    assert "2 layers (1 recorded), 4 query heads, 2 KV heads (GQA 2:1), head_dim 16" in out
+    assert main(["traces", "check", str(tmp_path / "m.h5")]) == 0
+    assert "OK: every tensor read and valid" in capsys.readouterr().out
+
+    with h5py.File(tmp_path / "m.h5", "r+") as h5:
+        name = sorted(h5["samples"])[0]
+        h5[f"samples/{name}/layers/1/values"][0, 0, 0] = float("nan")
+    assert main(["traces", "check", str(tmp_path / "m.h5")]) == 1
+    assert f"samples/{name}/layers/1/values: contains NaN or Inf" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["collect", "--model", "tiny-random", "--task", "nope", "--out", "x.h5"],
+            "unknown task 'nope'; available:",
+        ),
+        (["collect", "--model", "nobody/nothing", "--out", "x.h5"], "not in the local Hugging Face cache"),
+        (
+            ["collect", "--model", "tiny-random", "--layers", "0-9", "--out", "x.h5"],
+            r"layers must lie in \[0, 2\)",
+        ),
+        (["traces", "info", "missing.h5"], "missing.h5: /: no such file"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvp-gym: error: ") and "Traceback" not in err
+    assert re.search(message, err)
+
+
+def test_bad_argument_syntax(capsys):
+    with pytest.raises(SystemExit):
+        main(["collect", "--out", "x.h5", "--shard", "3/2"])
+    assert "shard i/N needs 0 <= i < N" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""Model loading: built-in names, local folders, offline errors, the SmolLM2 conversion cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvp_gym import models
+
+
+def test_tiny_random_is_deterministic_with_gqa():
+    (a, tokenizer), (b, _) = models.load("tiny-random"), models.load("tiny-random")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    geometry = models.geometry(a)
+    assert (geometry.num_query_heads, geometry.num_kv_heads, geometry.head_dim) == (4, 2, 16)
+    assert geometry.kv_head_of_query == (0, 0, 1, 1)
+    text = "Hello, world. The special magic number is 1234567."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_unknown_names_give_a_clear_error(tmp_path):
+    with pytest.raises(models.ModelNotFoundError, match="not in the local Hugging Face cache.*does not download"):
+        models.load("no-such-org/no-such-model")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(models.ModelNotFoundError, match=f"{tmp_path}: not a loadable transformers model folder"):
+        models.load(str(tmp_path))
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    from kvp_gym.storage import cache_dir
+
+    monkeypatch.setenv("KVP_GYM_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c" and cache_dir().is_dir()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_and_has_the_documented_geometry(smollm2):
+    model, tokenizer = smollm2
+    geometry = models.geometry(model)
+    assert (geometry.num_layers, geometry.num_query_heads, geometry.num_kv_heads, geometry.head_dim) == (
+        30,
+        9,
+        3,
+        64,
+    )
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
+    from kvp_gym.generation import greedy
+
+    assert "Paris" in tokenizer.decode(greedy(model, ids[0].tolist(), 12))

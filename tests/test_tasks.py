@@ -1,0 +1,78 @@
+"""Tasks: prompts fit the budget, needles are where the spans say, answers are in the prompt, scoring is exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvp_gym.tasks import TASKS, encode, get_task, make_sample
+
+EXPECTED = {
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "variable_tracking",
+    "common_words",
+    "frequent_words",
+    "essay",
+}
+
+
+def test_all_tasks_are_registered():
+    assert set(TASKS) == EXPECTED
+    with pytest.raises(KeyError, match="unknown task 'nope'; available: common_words, essay"):
+        get_task("nope")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("context", [1500, 3000])
+def test_prompt_fits_the_budget_and_hides_what_it_asks(tiny, name, context):
+    _, tokenizer = tiny
+    task = get_task(name)
+    sample = make_sample(task, tokenizer, context, seed=11)
+    encoded = encode(tokenizer, sample)
+    assert 0.85 * context <= len(encoded.ids) <= context
+    assert make_sample(task, tokenizer, context, seed=11) == sample  # deterministic
+    assert make_sample(task, tokenizer, context, seed=12) != sample
+    for (start, end), (a, b) in zip(encoded.needle_spans, sample.needle_spans, strict=True):
+        assert tokenizer.decode(encoded.ids[start:end]) == sample.prompt[a:b]
+    if name.startswith("niah") or name == "variable_tracking":
+        assert len(encoded.needle_spans) >= len(sample.answers) > 0
+        hidden = " ".join(sample.prompt[a:b] for a, b in sample.needle_spans)
+        assert all(answer in hidden for answer in sample.answers)
+    if name in ("common_words", "frequent_words"):
+        listing = sample.prompt.split("\n")[1].replace(".", " ").split()
+        counts = {w: listing.count(w) for w in set(listing) if w.isalpha()}
+        threshold = min(counts[a] for a in sample.answers)
+        assert all(counts[w] < threshold for w in counts if w not in sample.answers)  # answers really are the top
+    if name == "essay":
+        assert not sample.chat and len(encoded.continuation_ids) >= 200 and sample.answers == ()
+    else:
+        assert sample.chat and sample.answer_prefix and encoded.ids[-1] != tokenizer.eos_token_id
+
+
+def test_exact_match_scoring():
+    task = get_task("niah_multivalue")
+    answers = ("1234567", "7654321")
+    assert task.score(" 1234567 and 7654321.", answers) == 1.0
+    assert task.score(" 1234567, then 12345678", answers) == 0.5  # a longer number is not a match
+    assert task.score("nothing here", answers) == 0.0
+    assert get_task("common_words").score("Answer: Apple, pear", ("apple", "pear", "plum")) == pytest.approx(2 / 3)
+    assert get_task("essay").score("anything", ()) == 1.0
+
+
+def test_too_small_a_budget_is_an_error(tiny):
+    _, tokenizer = tiny
+    with pytest.raises(ValueError, match="even the smallest prompt exceeds 50 tokens"):
+        make_sample(get_task("niah_multiquery"), tokenizer, 50, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_prompts_fit_with_the_real_tokenizer(smollm2, name):
+    _, tokenizer = smollm2
+    sample = make_sample(get_task(name), tokenizer, 1024, seed=5)
+    encoded = encode(tokenizer, sample)
+    assert 0.9 * 1024 <= len(encoded.ids) <= 1024
+    for (start, end), (a, b) in zip(encoded.needle_spans, sample.needle_spans, strict=True):
+        assert sample.prompt[a:b] in tokenizer.decode(encoded.ids[start:end])

@@ -1,0 +1,249 @@
+"""Trace format v1: round trip, one-head reads, and a clear TraceFormatError for every kind of bad file."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from kvp_gym.traces import (
+    ModelGeometry,
+    SampleInfo,
+    TraceFormatError,
+    TraceHeader,
+    merge_traces,
+    open_traces,
+    write_traces,
+)
+
+GEOMETRY = ModelGeometry(
+    num_layers=3,
+    num_query_heads=6,
+    num_kv_heads=2,
+    head_dim=8,
+    kv_head_of_query=(0, 0, 0, 1, 1, 1),
+    rope='{"rope_theta": 10000.0}',
+    sliding_window=0,
+    vocab_size=100,
+)
+HEADER = TraceHeader(
+    model="synthetic", geometry=GEOMETRY, layers=(0, 2), collection=({"task": "x"},), kvp_gym_version="test"
+)
+
+
+def _sample(name: str, num_tokens: int, rng: np.random.Generator, split: str = "train"):
+    info = SampleInfo(
+        name=name,
+        index=int(name[-1]),
+        task="x",
+        split=split,
+        prompt_length=num_tokens - 3,
+        tokens=rng.integers(0, 100, num_tokens, dtype=np.int32),
+        answers=("42",),
+        needle_spans=np.array([[2, 5]], np.int32),
+        metadata={"depth": 0.5},
+    )
+    tensors = {
+        layer: [rng.standard_normal((h, num_tokens, 8)).astype(np.float32) for h in (6, 2, 2)]
+        for layer in HEADER.layers
+    }
+    return info, tensors
+
+
+@pytest.fixture
+def written(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [_sample("s0", 20, rng), _sample("s1", 13, rng, split="test")]
+    path = tmp_path / "t.h5"
+    write_traces(path, HEADER, samples)
+    return path, samples
+
+
+def test_round_trip(written):
+    path, samples = written
+    with open_traces(path) as trace:
+        assert trace.header == HEADER
+        assert [s.name for s in trace.split("train")] == ["s0"] and [s.name for s in trace.split("test")] == ["s1"]
+        for info, tensors in samples:
+            got = trace.samples[info.name]
+            assert got.prompt_length == info.prompt_length and got.answers == info.answers
+            assert got.metadata == info.metadata and got.future_source == "greedy"
+            np.testing.assert_array_equal(got.tokens, info.tokens)
+            np.testing.assert_array_equal(got.needle_spans, info.needle_spans)
+            for layer in HEADER.layers:
+                queries, keys, values = (np.asarray(t, np.float16) for t in tensors[layer])
+                for kv_head in range(2):
+                    head = trace.head(info.name, layer, kv_head)
+                    group = [h for h in range(6) if GEOMETRY.kv_head_of_query[h] == kv_head]
+                    assert head.queries.dtype == torch.float16 and head.queries.shape == (
+                        3,
+                        info.num_tokens,
+                        8,
+                    )
+                    np.testing.assert_array_equal(head.queries.numpy(), queries[group])
+                    np.testing.assert_array_equal(head.keys.numpy(), keys[kv_head])
+                    np.testing.assert_array_equal(head.values.numpy(), values[kv_head])
+                    assert head.prompt_length == info.prompt_length
+                    assert torch.equal(head.positions, torch.arange(info.num_tokens))
+        assert list(trace.check()) == []
+
+
+def test_one_head_is_one_chunk(written):
+    """Chunks are (1, S, D): reading one KV head touches only that head's chunk."""
+    path, _ = written
+    with h5py.File(path) as h5:
+        for tensor in ("queries", "keys", "values"):
+            dataset = h5[f"samples/s0/layers/0/{tensor}"]
+            assert dataset.chunks == (1, 20, 8) and dataset.compression is None
+
+
+def test_non_contiguous_gqa_groups(tmp_path):
+    """A GQA mapping whose groups interleave (h % H_kv) reads the right query heads."""
+    geometry = ModelGeometry(**{**GEOMETRY.__dict__, "kv_head_of_query": (0, 1, 0, 1, 0, 1)})
+    header = TraceHeader(**{**HEADER.__dict__, "geometry": geometry})
+    info, tensors = _sample("s0", 10, np.random.default_rng(1))
+    write_traces(tmp_path / "t.h5", header, [(info, tensors)])
+    with open_traces(tmp_path / "t.h5") as trace:
+        head = trace.head("s0", 2, 1)
+    np.testing.assert_array_equal(head.queries.numpy(), np.asarray(tensors[2][0], np.float16)[[1, 3, 5]])
+
+
+def test_writer_rejects_bad_tensors(tmp_path):
+    info, tensors = _sample("s0", 10, np.random.default_rng(2))
+    tensors[0][1] = tensors[0][1][:, :9]
+    with pytest.raises(ValueError, match=r"layer 0 keys: expected \[heads, 10, 8\]"):
+        write_traces(tmp_path / "bad.h5", HEADER, [(info, tensors)])
+    info, tensors = _sample("s0", 10, np.random.default_rng(2))
+    tensors[2][2][0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        write_traces(tmp_path / "bad.h5", HEADER, [(info, tensors)])
+    assert not (tmp_path / "bad.h5").exists()  # nothing half-written under the final name
+    assert list(tmp_path.iterdir()) == []
+
+
+def _edit(path, action):
+    with h5py.File(path, "r+") as h5:
+        action(h5)
+
+
+CORRUPTIONS = {
+    "missing attribute": (lambda h5: h5.attrs.__delitem__("head_dim"), "/@head_dim", "missing attribute"),
+    "unknown version": (
+        lambda h5: h5.attrs.__setitem__("format_version", 7),
+        "/@format_version",
+        "unknown format version 7",
+    ),
+    "missing dataset": (
+        lambda h5: h5.__delitem__("samples/s1/layers/2/values"),
+        "samples/s1/layers/2/values",
+        "missing dataset",
+    ),
+    "wrong shape": (
+        lambda h5: (
+            h5.__delitem__("samples/s0/layers/0/keys"),
+            h5.create_dataset("samples/s0/layers/0/keys", data=np.zeros((2, 19, 8), np.float16)),
+        ),
+        "samples/s0/layers/0/keys",
+        r"expected float16 \[2, 20, 8\].*found float16 \[2, 19, 8\]",
+    ),
+    "wrong dtype": (
+        lambda h5: (
+            h5.__delitem__("samples/s0/layers/0/keys"),
+            h5.create_dataset("samples/s0/layers/0/keys", data=np.zeros((2, 20, 8), np.float32)),
+        ),
+        "samples/s0/layers/0/keys",
+        "found float32",
+    ),
+    "bad split": (
+        lambda h5: h5["samples/s0"].attrs.__setitem__("split", "holdout"),
+        "samples/s0/@split",
+        "expected one of",
+    ),
+    "prompt too long": (
+        lambda h5: h5["samples/s0"].attrs.__setitem__("prompt_length", 21),
+        "samples/s0/@prompt_length",
+        "0 < prompt_length <= 20",
+    ),
+    "bad gqa map": (
+        lambda h5: h5.attrs.__setitem__("kv_head_of_query", [0, 0, 0, 1, 1, 2]),
+        "/@kv_head_of_query",
+        "KV head ids",
+    ),
+    "bad json": (
+        lambda h5: h5["samples/s1"].attrs.__setitem__("answers", "[oops"),
+        "samples/s1/@answers",
+        "invalid JSON",
+    ),
+    "missing samples": (lambda h5: h5.__delitem__("samples"), "samples", "missing group"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_open_names_file_field_and_expectation(written, case):
+    path, _ = written
+    action, where, message = CORRUPTIONS[case]
+    _edit(path, action)
+    with pytest.raises(TraceFormatError, match=message) as caught:
+        open_traces(path)
+    assert caught.value.file == str(path) and caught.value.where == where
+    assert str(path) in str(caught.value)
+
+
+def test_nan_is_reported_on_read_and_by_check(written):
+    path, _ = written
+    _edit(path, lambda h5: h5["samples/s1/layers/2/queries"].__setitem__((4, 0, 0), np.inf))
+    with open_traces(path) as trace:
+        trace.head("s1", 2, 0)  # kv head 0's group (query heads 0-2) is clean
+        with pytest.raises(TraceFormatError, match="NaN or Inf") as caught:
+            trace.head("s1", 2, 1)
+        assert caught.value.where == "samples/s1/layers/2/queries"
+        problems = list(trace.check())
+    assert [p.where for p in problems] == ["samples/s1/layers/2/queries"]
+
+
+@pytest.mark.parametrize("keep", [0.98, 0.5, 0.02])
+def test_truncated_file(written, tmp_path, keep):
+    path, _ = written
+    data = path.read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(data[: int(len(data) * keep)])
+
+    def read_everything():
+        with open_traces(cut) as trace:
+            list(trace.check())
+
+    with pytest.raises(TraceFormatError, match="truncated or corrupt") as caught:
+        read_everything()
+    assert caught.value.file == str(cut)
+
+
+def test_garbage_and_missing_files(tmp_path):
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not an hdf5 file" * 100)
+    with pytest.raises(TraceFormatError, match=r"junk.h5: /: not a readable HDF5 file"):
+        open_traces(junk)
+    with pytest.raises(TraceFormatError, match="no such file"):
+        open_traces(tmp_path / "absent.h5")
+
+
+def test_merge_joins_and_refuses_collisions_and_mismatches(written, tmp_path):
+    path, samples = written
+    rng = np.random.default_rng(5)
+    other = tmp_path / "other.h5"
+    write_traces(other, HEADER, [_sample("s2", 9, rng)])
+    merged = tmp_path / "merged.h5"
+    merge_traces(merged, [other, path])
+    with open_traces(merged) as trace:
+        assert list(trace.samples) == ["s0", "s1", "s2"]
+        np.testing.assert_array_equal(trace.head("s2", 0, 0).keys.numpy(), trace.head("s2", 0, 0).keys.numpy())
+    with pytest.raises(TraceFormatError, match="sample also present in"):
+        merge_traces(tmp_path / "dup.h5", [path, merged])
+    mismatched = tmp_path / "mismatched.h5"
+    shutil.copy(other, mismatched)
+    _edit(mismatched, lambda h5: h5.attrs.__setitem__("model", "another-model"))
+    with pytest.raises(TraceFormatError, match="cannot merge.*model differs"):
+        merge_traces(tmp_path / "bad.h5", [path, mismatched])
+    assert not (tmp_path / "dup.h5").exists() and not (tmp_path / "bad.h5").exists()
