@@ -69,7 +69,7 @@ class CollectConfig:
             "seed": self.seed,
         }
 
-    def split_of(self) -> list[str]:
+    def split_by_index(self) -> list[str]:
         """The split of every sample index: a seeded permutation cut at the split fractions."""
         order = list(range(self.samples))
         random.Random(self.seed).shuffle(order)
@@ -117,7 +117,7 @@ def collect(
         out.unlink(missing_ok=True)
     elif not resume and (out.exists() or parts.exists()):
         what = out if out.exists() else f"{parts} (an interrupted collection)"
-        raise FileExistsError(f"{what} exists: pass resume to keep and complete it, or overwrite to start over")
+        raise FileExistsError(f"{what} exists: pass --resume to keep and complete it, or --overwrite to start over")
 
     model, tokenizer = models.load(config.model)
     geometry = models.geometry(model)
@@ -142,38 +142,11 @@ def collect(
         done |= _names_in(part, header)
         sources.append(part)
 
-    split_of = config.split_of()
-    task = get_task(config.task)
+    split_by_index = config.split_by_index()
     todo = [name for name in wanted if name not in done]
     for name in tqdm(todo, desc=f"collect {config.task}", unit="sample", disable=not progress):
         index = wanted[name]
-        sample = make_sample(task, tokenizer, config.context, sample_seed(config.seed, index))
-        encoded = encode(tokenizer, sample)
-        if sample.chat:
-            future, source = greedy(model, encoded.ids, config.future), "greedy"
-        else:
-            future, source = encoded.continuation_ids[: config.future], "text"
-        tokens = encoded.ids + future
-        with torch.inference_mode(), capture_qkv(model, layers) as captured:
-            model(torch.tensor([tokens]), use_cache=False)
-        metadata = dict(sample.metadata)
-        if task.has_answers:
-            metadata["full_cache_score"] = task.score(
-                tokenizer.decode(future, skip_special_tokens=True), sample.answers
-            )
-        info = SampleInfo(
-            name=name,
-            index=index,
-            task=config.task,
-            split=split_of[index],
-            prompt_length=len(encoded.ids),
-            tokens=np.asarray(tokens, np.int32),
-            answers=sample.answers,
-            needle_spans=np.asarray(encoded.needle_spans, np.int32),
-            metadata=metadata,
-            future_source=source,
-        )
-        tensors = {layer: [t[0].numpy() for t in captured[layer]] for layer in layers}
+        info, tensors = _record(model, tokenizer, config, layers, name, index, split_by_index[index])
         part = parts / f"{name}.h5"
         write_traces(part, header, [(info, tensors)])
         sources.append(part)
@@ -192,6 +165,40 @@ def collect(
         bytes=out.stat().st_size,
         seconds=time.perf_counter() - start,
     )
+
+
+def _record(model, tokenizer, config: CollectConfig, layers: tuple[int, ...], name: str, index: int, split: str):
+    """Build sample ``index``, continue it, and record q/k/v over prompt + continuation.
+
+    Returns (info, tensors) for :func:`write_traces`: ``tensors[layer] = (queries [H_q, S, D], keys [H_kv, S, D],
+    values [H_kv, S, D])`` as float16 arrays.
+    """
+    task = get_task(config.task)
+    sample = make_sample(task, tokenizer, config.context, sample_seed(config.seed, index))
+    encoded = encode(tokenizer, sample)
+    if sample.chat:
+        future, source = greedy(model, encoded.ids, config.future), "greedy"
+    else:
+        future, source = encoded.continuation_ids[: config.future], "text"
+    tokens = encoded.ids + future
+    with torch.inference_mode(), capture_qkv(model, layers) as captured:
+        model(torch.tensor([tokens]), use_cache=False)
+    metadata = dict(sample.metadata)
+    if task.has_answers:
+        metadata["full_cache_score"] = task.score(tokenizer.decode(future, skip_special_tokens=True), sample.answers)
+    info = SampleInfo(
+        name=name,
+        index=index,
+        task=config.task,
+        split=split,
+        prompt_length=len(encoded.ids),
+        tokens=np.asarray(tokens, np.int32),
+        answers=sample.answers,
+        needle_spans=np.asarray(encoded.needle_spans, np.int32),
+        metadata=metadata,
+        future_source=source,
+    )
+    return info, {layer: [t[0].numpy() for t in captured[layer]] for layer in layers}
 
 
 def _names_in(path: Path, header: TraceHeader) -> set[str]:

@@ -66,9 +66,9 @@ def test_samples_carry_task_metadata(tiny_trace, tiny, tiny_config):
 
 def test_splits_follow_the_fractions():
     config = CollectConfig(model="tiny-random", samples=40, splits=(0.5, 0.25, 0.25), seed=1)
-    split = config.split_of()
+    split = config.split_by_index()
     assert [split.count(s) for s in SPLITS] == [20, 10, 10]
-    assert split == config.split_of() and split != dataclasses.replace(config, seed=2).split_of()
+    assert split == config.split_by_index() and split != dataclasses.replace(config, seed=2).split_by_index()
 
 
 def test_shards_merge_to_the_single_run(tmp_path, tiny_trace, tiny_config):
@@ -85,7 +85,7 @@ def test_refuses_to_clobber_and_to_mix_settings(tmp_path, tiny_config):
     out = tmp_path / "t.h5"
     small = dataclasses.replace(tiny_config, samples=2, layers=(1,))
     collect(small, out, progress=False)
-    with pytest.raises(FileExistsError, match="pass resume"):
+    with pytest.raises(FileExistsError, match="pass --resume"):
         collect(small, out, progress=False)
     with pytest.raises(TraceFormatError, match="cannot resume into this file: collection settings differ"):
         collect(dataclasses.replace(small, future=5), out, resume=True, progress=False)
