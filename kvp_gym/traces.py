@@ -224,10 +224,7 @@ class TraceFile:
     def check(self) -> Iterator[TraceFormatError]:
         """Read every tensor of every sample; yield each problem found (nothing if the file is sound)."""
         for info in self.samples.values():
-            if (
-                len(info.tokens)
-                and not 0 <= int(info.tokens.min()) <= int(info.tokens.max()) < self.header.geometry.vocab_size
-            ):
+            if not 0 <= info.tokens.min() <= info.tokens.max() < self.header.geometry.vocab_size:
                 yield TraceFormatError(
                     self.path,
                     f"samples/{info.name}/tokens",

@@ -247,3 +247,11 @@ def test_merge_joins_and_refuses_collisions_and_mismatches(written, tmp_path):
     with pytest.raises(TraceFormatError, match="cannot merge.*model differs"):
         merge_traces(tmp_path / "bad.h5", [path, mismatched])
     assert not (tmp_path / "dup.h5").exists() and not (tmp_path / "bad.h5").exists()
+
+
+def test_check_reports_tokens_outside_the_vocabulary(written):
+    path, _ = written
+    _edit(path, lambda h5: h5["samples/s0/tokens"].__setitem__(3, 100))  # vocab_size is 100
+    with open_traces(path) as trace:
+        problems = list(trace.check())
+    assert [(p.where, "token ids must lie in [0, 100)" in str(p)) for p in problems] == [("samples/s0/tokens", True)]
