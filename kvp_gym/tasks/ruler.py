@@ -38,6 +38,15 @@ def _number(rng: random.Random) -> str:
     return str(rng.randint(1_000_000, 9_999_999))
 
 
+def _distinct(draw, count: int) -> list[str]:
+    """``count`` distinct results of ``draw()``, in the order drawn."""
+    found: list[str] = []
+    while len(found) < count:
+        item = draw()
+        found += [item] if item not in found else []
+    return found
+
+
 def _haystack(rng: random.Random, size: int, kind: str) -> list[str]:
     source = essay_sentences() if kind == "essay" else NOISE_SENTENCES
     start = rng.randrange(len(source)) if kind == "essay" else 0
@@ -88,10 +97,7 @@ class NeedleInAHaystack(Task):
 
     def build(self, seed: int, size: int) -> TaskSample:
         rng = random.Random(seed)
-        keys: list[str] = []
-        while len(keys) < self.num_keys:
-            key = _key(rng)
-            keys += [key] if key not in keys else []
+        keys = _distinct(lambda: _key(rng), self.num_keys)
         values = {key: [_number(rng) for _ in range(self.num_values)] for key in keys}
         needles = [
             (rng.random(), f"The special magic number for {key} is {value}.") for key in keys for value in values[key]
@@ -131,10 +137,7 @@ class VariableTracking(Task):
     def build(self, seed: int, size: int) -> TaskSample:
         rng = random.Random(seed)
         value = str(rng.randint(10_000, 99_999))
-        names: list[str] = []
-        while len(names) < self.hops + 1:
-            name = "".join(rng.choices(string.ascii_uppercase, k=5))
-            names += [name] if name not in names else []
+        names = _distinct(lambda: "".join(rng.choices(string.ascii_uppercase, k=5)), self.hops + 1)
         statements = [f"VAR {names[0]} = {value}."] + [
             f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))
         ]
@@ -197,10 +200,7 @@ class FrequentWords(Task):
 
     def build(self, seed: int, size: int) -> TaskSample:
         rng = random.Random(seed)
-        coded: list[str] = []
-        while len(coded) < self.vocabulary:
-            word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 6)))
-            coded += [word] if word not in coded else []
+        coded = _distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 6))), self.vocabulary)
         weights = [1 / (rank + 1) ** self.alpha for rank in range(self.vocabulary)]
         counts = [int(size * w / sum(weights)) for w in weights]
         counts[0] += size - sum(counts)
