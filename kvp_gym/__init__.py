@@ -10,3 +10,7 @@ try:
     __version__ = version("kvp-gym")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
+
+from kvp_gym.envs import register_envs  # noqa: E402  (gym.make("KVEvict-v0") works after `import kvp_gym`)
+
+register_envs()

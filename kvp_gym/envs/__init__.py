@@ -1,0 +1,18 @@
+"""Gymnasium environments over trace files. Registered when ``kvp_gym`` is imported:
+
+- ``KVEvict-v0`` (:class:`~kvp_gym.envs.evict.KVEvictEnv`): rank one head's cache; holistic all-budget reward.
+  ``gym.make_vec("KVEvict-v0", num_envs=N)`` gives the native batched version (:mod:`kvp_gym.envs.vector`).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+
+def register_envs() -> None:
+    if "KVEvict-v0" not in gym.registry:
+        gym.register(
+            id="KVEvict-v0",
+            entry_point="kvp_gym.envs.evict:KVEvictEnv",
+            vector_entry_point="kvp_gym.envs.vector:KVEvictVectorEnv",
+        )

@@ -1,0 +1,232 @@
+"""``KVEvict-v0``: rank one KV head's cached tokens; the reward is the holistic all-budget utility."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from kvp_gym.envs.episodes import Episode, TraceEpisodes
+from kvp_gym.storage import cache_dir
+from kvp_gym.utility import holistic_cost, oracle_ranking, retained_fraction
+
+log = logging.getLogger(__name__)
+_FLOAT16_MAX = float(np.finfo(np.float16).max)  # traces store float16: no observed value can exceed it
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "traces": None,  # a trace file or a list of them; None = the default SmolLM2 trace set (collected on first use)
+    "split": "train",  # train | val | test
+    "layers": None,  # layers to draw episodes from; None = every recorded layer
+    "heads": None,  # KV heads to draw from; None = all
+    "split_point": "prompt",  # prompt = the true prompt boundary | random = uniform in [min_prompt, S-1]
+    "min_prompt": 16,
+    "max_tokens": None,  # padded length of the observation; None = the longest cache the split can produce
+    "observe_queries": "none",  # none | window:W (the last W prompt queries of the GQA group) | all
+    "sinks": 0,  # first tokens always kept (ranked first whatever the action)
+    "recent": 0,  # last cached tokens always kept
+    "budgets": (16, 32, 64, 128, 256, 512),  # budgets whose retained fraction `info` reports
+    "cache_size": 1024,  # episodes kept in memory
+}
+
+
+def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """DEFAULT_CONFIG updated with ``config``; unknown keys are an error that lists the known ones."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise KeyError(f"unknown KVEvict config keys {unknown}; known: {sorted(DEFAULT_CONFIG)}")
+    merged = {**DEFAULT_CONFIG, **config}
+    mode = merged["observe_queries"]
+    if not (mode in ("none", "all") or (mode.startswith("window:") and mode[7:].isdigit() and int(mode[7:]) > 0)):
+        raise ValueError(f"observe_queries must be 'none', 'all' or 'window:W' with W > 0, got {mode!r}")
+    return merged
+
+
+def default_traces(model: str = "smollm2-135m") -> list[Path]:
+    """The default trace set in the user cache: 8 niah_single + 8 essay samples of 1k tokens, collected if missing."""
+    from kvp_gym.collect import CollectConfig, collect  # needs transformers: imported only when collecting
+
+    folder = cache_dir() / "traces" / f"default-{model}"
+    paths = []
+    for task, future in (("niah_single", 32), ("essay", 64)):
+        path = folder / f"{task}.h5"
+        if not path.exists():
+            log.warning("collecting the default %s trace set with %s into %s (once, a few minutes)", task, model, path)
+            config = CollectConfig(model=model, task=task, samples=8, context=1024, future=future)
+            collect(config, path, resume=True)
+        paths.append(path)
+    return paths
+
+
+def episode_source(config: Mapping[str, Any]) -> TraceEpisodes:
+    traces = config["traces"]
+    if isinstance(traces, str | os.PathLike):
+        traces = [traces]
+    paths = default_traces() if traces is None else list(traces)
+    return TraceEpisodes(
+        paths,
+        split=config["split"],
+        layers=config["layers"],
+        heads=config["heads"],
+        split_point=config["split_point"],
+        min_prompt=config["min_prompt"],
+        max_tokens=config["max_tokens"],
+        keep_queries=config["observe_queries"] != "none",
+        cache_size=config["cache_size"],
+    )
+
+
+class Observations:
+    """The observation space of a configuration, and the writing of episodes into (batched) observation arrays."""
+
+    def __init__(self, config: Mapping[str, Any], episodes: TraceEpisodes):
+        geometry = episodes.geometry
+        self.max_tokens, self.head_dim = episodes.max_tokens, geometry.head_dim
+        self.group = len(geometry.query_heads_of(0))
+        mode = config["observe_queries"]
+        self.window = None if mode == "none" else (self.max_tokens if mode == "all" else int(mode[7:]))
+        self.aligned = mode == "all"  # queries row i = token i; else the window ends at the split point
+        t, d = self.max_tokens, self.head_dim
+        fields = {
+            "keys": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (t, d), np.float32),
+            "values": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (t, d), np.float32),
+            "positions": spaces.Box(0, np.iinfo(np.int32).max, (t,), np.int64),
+            "mask": spaces.MultiBinary(t),
+            "layer": spaces.Discrete(geometry.num_layers),
+            "head": spaces.Discrete(geometry.num_kv_heads),
+        }
+        if self.window is not None:
+            fields["queries"] = spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (self.group, self.window, d), np.float32)
+            fields["query_mask"] = spaces.MultiBinary(self.window)
+        self.space = spaces.Dict(fields)
+
+    def empty(self, batch: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+        return {name: np.zeros(batch + space.shape, space.dtype) for name, space in self.space.spaces.items()}
+
+    def write(self, out: dict[str, np.ndarray], episode: Episode, index: tuple[int, ...] = ()) -> None:
+        """Write ``episode`` into a fresh :meth:`empty` ``out`` at ``index`` (``()`` for a single observation)."""
+        n = episode.key.split
+        out["keys"][index][:n] = episode.keys.numpy()
+        out["values"][index][:n] = episode.values.numpy()
+        out["positions"][index][:n] = episode.positions.numpy()
+        out["mask"][index][:n] = 1
+        out["layer"][index] = episode.key.layer
+        out["head"][index] = episode.key.head
+        if self.window is not None:
+            queries = episode.queries.numpy()
+            m = min(self.window, n)
+            rows = slice(0, m) if self.aligned else slice(self.window - m, self.window)
+            out["queries"][index][:, rows] = queries[:, n - m : n] if not self.aligned else queries[:, :m]
+            out["query_mask"][index][rows] = 1
+
+
+def protect(scores: torch.Tensor, split: int, sinks: int, recent: int) -> torch.Tensor:
+    """Scores with the first ``sinks`` and last ``recent`` of ``split`` cached tokens forced to the top."""
+    if sinks or recent:
+        scores = scores.clone()
+        scores[..., :sinks] = torch.inf
+        scores[..., max(split - recent, 0) : split] = torch.inf
+    return scores
+
+
+class KVEvictEnv(gym.Env):
+    """Rank the cached tokens of one KV head so that every budget keeps what the future will attend to.
+
+    A one-step episode (a contextual bandit, as in the KVP paper): the environment draws a (trace sample, layer,
+    KV head, split point n) and shows the head's cache; the agent answers with one score per cached token; the
+    reward measures the ranking those scores induce at every budget at once.
+
+    ## Observation
+    A Dict, padded to ``max_tokens`` (T) rows, D = head_dim:
+
+    - ``keys``, ``values``: float32 [T, D], post-RoPE keys and values of tokens 0..n-1 (zeros beyond n).
+    - ``positions``: int64 [T], each token's position in the sequence.
+    - ``mask``: int8 [T], 1 for the n real tokens.
+    - ``layer``, ``head``: which layer and KV head this is (Discrete).
+    - with ``observe_queries="window:W"``: ``queries`` float32 [G, W, D], the last W prompt queries of the head's
+      GQA group (right-aligned at the split point), and ``query_mask`` [W]; with ``"all"``: [G, T, D] aligned
+      with the keys.
+
+    ## Action
+    ``Box(-1, 1, (T,))``: one score per token, higher = keep. Scores on padding are ignored; ties keep the earlier
+    token first. With ``sinks``/``recent`` protection those tokens are ranked first whatever their scores.
+
+    ## Reward
+    ``-cost / oracle_cost`` with cost = sum_k k * importance[sigma_k] over the ranking sigma, importance = the
+    attention each cached token receives from the trace's future queries (max over the GQA group, summed over
+    queries). It is <= -1, and -1 exactly for the oracle ranking.
+
+    ## Episode end
+    Terminates after one step (``terminated=True``); never truncates.
+
+    ## Info (after the step)
+    ``holistic_score`` (oracle_cost / cost, in (0, 1]), ``retained_fraction`` (float32 [len(budgets)], the share of
+    importance kept at each configured budget), ``budgets``, ``cost``, ``oracle_cost``, ``trace``, ``sample``,
+    ``layer``, ``head``, ``split_point``, ``num_tokens``.
+
+    ## Arguments
+    ``gym.make("KVEvict-v0", config={...})`` with keys of :data:`DEFAULT_CONFIG` (highway-env style): the trace
+    files, split, layers/heads to draw from, split-point mode, padding length, query observation, protected
+    tokens, reported budgets.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: Mapping[str, Any] | None = None, render_mode: str | None = None):
+        self.config = resolve_config(config)
+        self.episodes = episode_source(self.config)
+        self.observations = Observations(self.config, self.episodes)
+        self.observation_space = self.observations.space
+        self.action_space = spaces.Box(-1.0, 1.0, (self.episodes.max_tokens,), np.float32)
+        self.budgets = tuple(self.config["budgets"])
+        self._episode: Episode | None = None
+        self._observation: dict[str, Any] = {}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._episode = self.episodes.load(self.episodes.draw(self.np_random))
+        observation = self.observations.empty()  # fresh arrays: nothing the caller holds is ever overwritten
+        self.observations.write(observation, self._episode)
+        # Discrete fields (layer, head) are 0-d arrays here; observations carry them as numpy integers.
+        self._observation = {name: value if value.ndim else value[()] for name, value in observation.items()}
+        return self._observation, {}
+
+    def step(self, action):
+        if self._episode is None:
+            raise RuntimeError("call reset() before step()")
+        episode, self._episode = self._episode, None
+        action = np.asarray(action, np.float32)
+        if action.shape != self.action_space.shape or not np.isfinite(action).all():
+            raise ValueError(f"action must be {self.action_space.shape} finite scores, got shape {action.shape}")
+        n = episode.key.split
+        scores = protect(torch.from_numpy(action[:n]), n, self.config["sinks"], self.config["recent"])
+        importance = episode.importance
+        cost = holistic_cost(importance, scores)
+        oracle = holistic_cost(importance, oracle_ranking(importance))
+        reward = float(-cost / oracle) if oracle > 0 else -1.0
+        info = {
+            "holistic_score": -1.0 / reward,
+            "retained_fraction": retained_fraction(importance, scores, self.budgets).numpy(),
+            "budgets": np.asarray(self.budgets),
+            "cost": float(cost),
+            "oracle_cost": float(oracle),
+            "trace": episode.key.trace,
+            "sample": episode.key.sample,
+            "layer": episode.key.layer,
+            "head": episode.key.head,
+            "split_point": n,
+            "num_tokens": episode.num_tokens,
+        }
+        # The terminal observation is the one the ranking was made for, as new arrays (callers keep observations).
+        terminal = {name: value.copy() for name, value in self._observation.items()}
+        return terminal, reward, True, False, info
+
+    def close(self) -> None:
+        self.episodes.close()

@@ -1,0 +1,97 @@
+"""Native vector version of ``KVEvict-v0``: N episodes at once, all rewards in one batched torch call.
+
+``gym.make_vec("KVEvict-v0", num_envs=N)`` builds it (the registered vector entry point). Every episode lasts one
+step, so it resets in the same step (``AutoresetMode.SAME_STEP``): ``step`` returns the next episodes'
+observations, and ``info["final_info"]`` holds the finished episodes' info, batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from kvp_gym.envs.evict import Observations, episode_source, protect, resolve_config
+from kvp_gym.utility import holistic_cost, oracle_ranking, retained_fraction
+
+
+class KVEvictVectorEnv(VectorEnv):
+    """N independent ``KVEvict-v0`` environments sharing one episode source (see :class:`KVEvictEnv`)."""
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(self, num_envs: int = 1, config: Mapping[str, Any] | None = None, render_mode: str | None = None):
+        self.num_envs = num_envs
+        self.config = resolve_config(config)
+        self.episodes = episode_source(self.config)
+        self.observations = Observations(self.config, self.episodes)
+        self.single_observation_space = self.observations.space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        t = self.episodes.max_tokens
+        self.single_action_space = spaces.Box(-1.0, 1.0, (t,), np.float32)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.budgets = tuple(self.config["budgets"])
+        self._observation: dict[str, np.ndarray] = {}
+        self._importance = torch.zeros(num_envs, t)
+        self._keys: list = []
+        self._np_random, _ = seeding.np_random()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self._np_random, _ = seeding.np_random(seed)
+        self._draw()
+        return self._observation, {}
+
+    def step(self, actions):
+        actions = np.asarray(actions, np.float32)
+        if actions.shape != self.action_space.shape or not np.isfinite(actions).all():
+            raise ValueError(f"actions must be {self.action_space.shape} finite scores, got shape {actions.shape}")
+        splits = [key.split for key in self._keys]
+        valid = torch.from_numpy(self._observation["mask"]).bool()
+        scores = torch.from_numpy(actions)
+        if self.config["sinks"] or self.config["recent"]:
+            scores = torch.stack(
+                [
+                    protect(s, n, self.config["sinks"], self.config["recent"])
+                    for s, n in zip(scores, splits, strict=True)
+                ]
+            )
+        importance = self._importance
+        cost = holistic_cost(importance, scores, valid)
+        oracle = holistic_cost(importance, oracle_ranking(importance))
+        reward = torch.where(oracle > 0, -cost / oracle.clamp_min(torch.finfo(torch.float32).tiny), -1.0)
+        final_info = {
+            "holistic_score": (-1.0 / reward).numpy(),
+            "retained_fraction": retained_fraction(importance, scores, self.budgets, valid).numpy(),
+            "cost": cost.numpy(),
+            "oracle_cost": oracle.numpy(),
+            "trace": np.array([k.trace for k in self._keys]),
+            "sample": np.array([k.sample for k in self._keys], dtype=object),
+            "layer": np.array([k.layer for k in self._keys]),
+            "head": np.array([k.head for k in self._keys]),
+            "split_point": np.array(splits),
+        }
+        every = np.ones(self.num_envs, bool)
+        final_info.update({f"_{name}": every for name in list(final_info)})
+        info = {"final_info": final_info, "_final_info": every, "final_obs": self._observation, "_final_obs": every}
+        self._draw()
+        return self._observation, reward.numpy().astype(np.float64), every.copy(), ~every, info
+
+    def _draw(self) -> None:
+        """The next N episodes, into fresh observation arrays (those handed out before are never overwritten)."""
+        self._keys = [self.episodes.draw(self._np_random) for _ in range(self.num_envs)]
+        self._observation = self.observations.empty((self.num_envs,))
+        self._importance = torch.zeros_like(self._importance)
+        for i, key in enumerate(self._keys):
+            episode = self.episodes.load(key)
+            self.observations.write(self._observation, episode, (i,))
+            self._importance[i, : key.split] = episode.importance
+
+    def close_extras(self, **kwargs) -> None:
+        self.episodes.close()

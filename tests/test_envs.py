@@ -1,0 +1,179 @@
+"""KVEvict-v0 and its native vector version: checkers, determinism, observations and rewards against the utility."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import kvp_gym  # noqa: F401  (registers the environments)
+from kvp_gym.envs.episodes import EpisodeKey
+from kvp_gym.traces import open_traces
+from kvp_gym.utility import future_importance, holistic_reward, holistic_score, retained_fraction
+
+
+@pytest.fixture
+def config(tiny_trace):
+    return {"traces": str(tiny_trace), "split": "train"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"observe_queries": "window:8"}, {"observe_queries": "all", "split_point": "random"}, {"sinks": 2}],
+)
+def test_passes_gymnasium_and_sb3_checkers(config, extra):
+    env = gym.make("KVEvict-v0", config={**config, **extra}).unwrapped
+    check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=False)
+
+
+def test_make_without_import_in_a_fresh_process(tiny_trace):
+    code = (
+        "import gymnasium as gym; "
+        f"env = gym.make('kvp_gym:KVEvict-v0', config={{'traces': {str(tiny_trace)!r}}}); "
+        "obs, _ = env.reset(seed=0); print(obs['keys'].shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith("(")
+
+
+def test_same_seed_same_episodes(config):
+    def episodes(seed):
+        env = gym.make("KVEvict-v0", config=config)
+        env.reset(seed=seed)
+        found = []
+        for _ in range(10):
+            _, _, _, _, info = env.step(np.zeros(env.action_space.shape, np.float32))
+            found.append((info["sample"], info["layer"], info["head"], info["split_point"]))
+            env.reset()
+        return found
+
+    assert episodes(5) == episodes(5)
+    assert episodes(5) != episodes(6)
+
+
+def test_observation_and_reward_match_the_trace(config, tiny_trace):
+    env = gym.make("KVEvict-v0", config={**config, "observe_queries": "window:4"})
+    obs, _ = env.reset(seed=1)
+    scores = env.action_space.sample()
+    _, reward, terminated, truncated, info = env.step(scores)
+    assert terminated and not truncated
+    n = info["split_point"]
+    with open_traces(tiny_trace) as trace:
+        sample = trace.samples[info["sample"]]
+        head = trace.head(sample, info["layer"], info["head"])
+    assert n == sample.prompt_length and obs["layer"] == info["layer"] and obs["head"] == info["head"]
+    np.testing.assert_array_equal(obs["keys"][:n], head.keys[:n].float().numpy())
+    np.testing.assert_array_equal(obs["values"][:n], head.values[:n].float().numpy())
+    assert (obs["keys"][n:] == 0).all() and obs["mask"].sum() == n and obs["mask"][:n].all()
+    np.testing.assert_array_equal(obs["positions"][:n], np.arange(n))
+    np.testing.assert_array_equal(obs["queries"], head.queries[:, n - 4 : n].float().numpy())
+    importance = future_importance(head.queries, head.keys, n)
+    action = torch.from_numpy(scores[:n])
+    assert reward == pytest.approx(holistic_reward(importance, action).item(), rel=1e-6)
+    assert info["holistic_score"] == pytest.approx(holistic_score(importance, action).item(), rel=1e-6)
+    budgets = [16, 32, 64, 128, 256, 512]
+    np.testing.assert_allclose(info["retained_fraction"], retained_fraction(importance, action, budgets), rtol=1e-6)
+
+
+def test_oracle_scores_get_minus_one_and_padding_is_ignored(config):
+    env = gym.make("KVEvict-v0", config=config).unwrapped
+    env.reset(seed=2)
+    episode = env._episode
+    n = episode.key.split
+    scores = np.full(env.action_space.shape, 1.0, np.float32)  # padding scored highest: must not matter
+    scores[:n] = (episode.importance / episode.importance.max()).numpy() * 0.5
+    _, reward, _, _, info = env.step(scores)
+    assert reward == pytest.approx(-1.0) and info["holistic_score"] == pytest.approx(1.0)
+
+
+def test_protected_tokens_rank_first(config):
+    env = gym.make("KVEvict-v0", config={**config, "sinks": 3, "recent": 2, "budgets": (5,)}).unwrapped
+    env.reset(seed=3)
+    episode = env._episode
+    n = episode.key.split
+    _, _, _, _, info = env.step(np.zeros(env.action_space.shape, np.float32))
+    protected = torch.cat([episode.importance[:3], episode.importance[n - 2 : n]])
+    assert info["retained_fraction"][0] == pytest.approx((protected.sum() / episode.importance.sum()).item())
+
+
+def test_random_split_points_stay_in_range(config, tiny_trace):
+    env = gym.make("KVEvict-v0", config={**config, "split_point": "random", "min_prompt": 50})
+    env.reset(seed=4)
+    with open_traces(tiny_trace) as trace:
+        lengths = {s.name: s.num_tokens for s in trace.samples.values()}
+    for _ in range(30):
+        _, _, _, _, info = env.step(env.action_space.sample())
+        assert 50 <= info["split_point"] <= lengths[info["sample"]] - 1
+        env.reset()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"nope": 1}, "unknown KVEvict config keys \\['nope'\\]"),
+        ({"observe_queries": "window:x"}, "observe_queries must be"),
+        ({"split": "val", "layers": [5]}, "layers \\[5\\] were not recorded"),
+        ({"max_tokens": 10}, "max_tokens=10 is below the longest prompt"),
+        ({"split_point": "middle"}, "split_point must be one of"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(config, bad, message):
+    with pytest.raises((KeyError, ValueError), match=message):
+        gym.make("KVEvict-v0", config={**config, **bad})
+
+
+def test_missing_split_lists_what_exists(tmp_path, tiny_config):
+    import dataclasses
+
+    from kvp_gym.collect import collect
+
+    path = tmp_path / "train-only.h5"
+    collect(dataclasses.replace(tiny_config, samples=2, splits=(1.0, 0.0, 0.0)), path, progress=False)
+    with pytest.raises(ValueError, match=r"no 'test' samples in .*train-only.h5; splits present: \['train'\]"):
+        gym.make("KVEvict-v0", config={"traces": str(path), "split": "test"})
+
+
+def test_native_vector_env_matches_single_envs(config):
+    vec = gym.make_vec("KVEvict-v0", num_envs=8, config=config)
+    assert type(vec).__name__ == "KVEvictVectorEnv"
+    obs, _ = vec.reset(seed=7)
+    actions = vec.action_space.sample()
+    next_obs, rewards, terminated, truncated, info = vec.step(actions)
+    assert terminated.all() and not truncated.any() and rewards.shape == (8,)
+    episodes = gym.make("KVEvict-v0", config=config).unwrapped.episodes
+    final = info["final_info"]
+    for i in range(8):
+        key = EpisodeKey(
+            trace=int(final["trace"][i]),
+            sample=final["sample"][i],
+            layer=int(final["layer"][i]),
+            head=int(final["head"][i]),
+            split=int(final["split_point"][i]),
+        )
+        episode = episodes.load(key)
+        n = key.split
+        np.testing.assert_array_equal(info["final_obs"]["keys"][i][:n], episode.keys.float().numpy())
+        np.testing.assert_array_equal(obs["keys"][i], info["final_obs"]["keys"][i])
+        expected = holistic_reward(episode.importance, torch.from_numpy(actions[i][:n])).item()
+        assert rewards[i] == pytest.approx(expected, rel=1e-5)
+    assert not np.array_equal(next_obs["keys"], obs["keys"])  # the next episodes were drawn in the same step
+
+
+def test_default_trace_set_is_collected_once(tmp_path, monkeypatch):
+    from kvp_gym.envs.evict import default_traces
+
+    monkeypatch.setenv("KVP_GYM_CACHE", str(tmp_path))
+    paths = default_traces("tiny-random")
+    assert [p.name for p in paths] == ["niah_single.h5", "essay.h5"]
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert default_traces("tiny-random") == paths and [p.stat().st_mtime_ns for p in paths] == stamps
+    with open_traces(paths[1]) as trace:
+        assert len(trace.samples) == 8 and {s.task for s in trace.samples.values()} == {"essay"}
