@@ -2,6 +2,8 @@
 
 - ``KVEvict-v0`` (:class:`~kvp_gym.envs.evict.KVEvictEnv`): rank one head's cache; holistic all-budget reward.
   ``gym.make_vec("KVEvict-v0", num_envs=N)`` gives the native batched version (:mod:`kvp_gym.envs.vector`).
+- ``KVEvictDecode-v0`` (:class:`~kvp_gym.envs.decode.KVEvictDecodeEnv`): evict one token per arriving token under a
+  fixed budget.
 """
 
 from __future__ import annotations
@@ -16,3 +18,5 @@ def register_envs() -> None:
             entry_point="kvp_gym.envs.evict:KVEvictEnv",
             vector_entry_point="kvp_gym.envs.vector:KVEvictVectorEnv",
         )
+    if "KVEvictDecode-v0" not in gym.registry:
+        gym.register(id="KVEvictDecode-v0", entry_point="kvp_gym.envs.decode:KVEvictDecodeEnv")
