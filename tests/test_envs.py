@@ -37,7 +37,7 @@ def test_make_without_import_in_a_fresh_process(tiny_trace):
     code = (
         "import gymnasium as gym; "
         f"env = gym.make('kvp_gym:KVEvict-v0', config={{'traces': {str(tiny_trace)!r}}}); "
-        "obs, _ = env.reset(seed=0); print(obs['keys'].shape)"
+        "obs, _ = env.reset(seed=0); print(obs['key'].shape)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -70,11 +70,11 @@ def test_observation_and_reward_match_the_trace(config, tiny_trace):
         sample = trace.samples[info["sample"]]
         head = trace.head(sample, info["layer"], info["head"])
     assert n == sample.prompt_length and obs["layer"] == info["layer"] and obs["head"] == info["head"]
-    np.testing.assert_array_equal(obs["keys"][:n], head.keys[:n].float().numpy())
-    np.testing.assert_array_equal(obs["values"][:n], head.values[:n].float().numpy())
-    assert (obs["keys"][n:] == 0).all() and obs["mask"].sum() == n and obs["mask"][:n].all()
+    np.testing.assert_array_equal(obs["key"][:n], head.keys[:n].float().numpy())
+    np.testing.assert_array_equal(obs["value"][:n], head.values[:n].float().numpy())
+    assert (obs["key"][n:] == 0).all() and obs["mask"].sum() == n and obs["mask"][:n].all()
     np.testing.assert_array_equal(obs["positions"][:n], np.arange(n))
-    np.testing.assert_array_equal(obs["queries"], head.queries[:, n - 4 : n].float().numpy())
+    np.testing.assert_array_equal(obs["query"], head.queries[:, n - 4 : n].float().numpy())
     importance = future_importance(head.queries, head.keys, n)
     action = torch.from_numpy(scores[:n])
     assert reward == pytest.approx(holistic_reward(importance, action).item(), rel=1e-6)
@@ -160,11 +160,11 @@ def test_native_vector_env_matches_single_envs(config):
         )
         episode = episodes.load(key)
         n = key.split
-        np.testing.assert_array_equal(info["final_obs"]["keys"][i][:n], episode.keys.float().numpy())
-        np.testing.assert_array_equal(obs["keys"][i], info["final_obs"]["keys"][i])
+        np.testing.assert_array_equal(info["final_obs"]["key"][i][:n], episode.keys.float().numpy())
+        np.testing.assert_array_equal(obs["key"][i], info["final_obs"]["key"][i])
         expected = holistic_reward(episode.importance, torch.from_numpy(actions[i][:n])).item()
         assert rewards[i] == pytest.approx(expected, rel=1e-5)
-    assert not np.array_equal(next_obs["keys"], obs["keys"])  # the next episodes were drawn in the same step
+    assert not np.array_equal(next_obs["key"], obs["key"])  # the next episodes were drawn in the same step
 
 
 def test_default_trace_set_is_collected_once(tmp_path, monkeypatch):

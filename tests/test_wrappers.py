@@ -45,7 +45,7 @@ def test_token_features_and_flattening(env):
     features = TokenFeatures(env)
     obs, _ = features.reset(seed=0)
     assert features.observation_space.contains(obs)
-    d = env.observation_space["keys"].shape[1]
+    d = env.observation_space["key"].shape[1]
     n = int(obs[:, -1].sum())
     np.testing.assert_array_equal(obs[:n, -2], np.arange(n))
     assert obs.shape == (env.action_space.shape[0], 2 * d + 2)

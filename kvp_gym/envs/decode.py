@@ -54,7 +54,7 @@ class KVEvictDecodeEnv(gym.Env):
     (the newcomer included). The newcomer takes the evicted slot. Evicted tokens never return.
 
     ## Observation
-    A Dict over the B + 1 slots: ``keys``, ``values`` float32 [B + 1, D]; ``positions`` int64 [B + 1] (each slot's
+    A Dict over the B + 1 slots: ``key``, ``value`` float32 [B + 1, D]; ``positions`` int64 [B + 1] (each slot's
     token position); ``mask`` int8 [B + 1], 1 where the slot may be evicted; ``step_position`` (t, int64 [1]);
     ``layer``, ``head`` (Discrete).
 
@@ -100,8 +100,8 @@ class KVEvictDecodeEnv(gym.Env):
         slots, d = budget + 1, geometry.head_dim
         self.observation_space = spaces.Dict(
             {
-                "keys": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (slots, d), np.float32),
-                "values": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (slots, d), np.float32),
+                "key": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (slots, d), np.float32),
+                "value": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (slots, d), np.float32),
                 "positions": spaces.Box(0, np.iinfo(np.int32).max, (slots,), np.int64),
                 "mask": spaces.MultiBinary(slots),
                 "step_position": spaces.Box(0, np.iinfo(np.int32).max, (1,), np.int64),
@@ -181,8 +181,8 @@ class KVEvictDecodeEnv(gym.Env):
         t = min(self._t, len(self._keys) - 1)
         slots = self._slots
         return {
-            "keys": self._keys[slots],
-            "values": self._values[slots],
+            "key": self._keys[slots],
+            "value": self._values[slots],
             "positions": slots.astype(np.int64),
             "mask": self._evictable(slots, t).astype(np.int8),
             "step_position": np.array([t], np.int64),

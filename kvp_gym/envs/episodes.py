@@ -61,7 +61,8 @@ class TraceEpisodes:
         heads: KV heads to draw from (default: all).
         split_point: ``prompt`` (the true prompt boundary) or ``random`` (uniform in [min_prompt, S-1]).
         min_prompt: smallest split point in ``random`` mode.
-        max_tokens: largest split point allowed; ``None`` = the largest the split's samples allow.
+        max_tokens: largest split point allowed; ``None`` = the largest any sample of the files allows (so that
+            every split gives the same observation and action shapes).
         keep_queries: keep the prompt queries in each episode (for policies that observe them).
         cache_size: episodes kept in memory (least recently used are dropped); about 256 KiB each for SmolLM2
             at 1k tokens without queries, 4x that with.
@@ -105,7 +106,8 @@ class TraceEpisodes:
                 f"no {split!r} samples in {', '.join(str(Path(p)) for p in paths)}; splits present: {sorted(available)}"
             )
         self.split_point, self.min_prompt = split_point, min_prompt
-        largest = max(self._split_range(s)[1] for _, s in self.samples)
+        # Sized over every split, so that train, val and test environments share their spaces.
+        largest = max(self._split_range(s)[1] for trace in self.traces for s in trace.samples.values())
         self.max_tokens = largest if max_tokens is None else max_tokens
         if split_point == "prompt" and largest > self.max_tokens:
             raise ValueError(f"max_tokens={self.max_tokens} is below the longest prompt ({largest} tokens)")

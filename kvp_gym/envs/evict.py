@@ -27,7 +27,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "heads": None,  # KV heads to draw from; None = all
     "split_point": "prompt",  # prompt = the true prompt boundary | random = uniform in [min_prompt, S-1]
     "min_prompt": 16,
-    "max_tokens": None,  # padded length of the observation; None = the longest cache the split can produce
+    "max_tokens": None,  # padded length of the observation; None = the longest cache the trace files can produce
     "observe_queries": "none",  # none | window:W (the last W prompt queries of the GQA group) | all
     "sinks": 0,  # first tokens always kept (ranked first whatever the action)
     "recent": 0,  # last cached tokens always kept
@@ -95,15 +95,15 @@ class Observations:
         self.aligned = mode == "all"  # queries row i = token i; else the window ends at the split point
         t, d = self.max_tokens, self.head_dim
         fields = {
-            "keys": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (t, d), np.float32),
-            "values": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (t, d), np.float32),
+            "key": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (t, d), np.float32),
+            "value": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (t, d), np.float32),
             "positions": spaces.Box(0, np.iinfo(np.int32).max, (t,), np.int64),
             "mask": spaces.MultiBinary(t),
             "layer": spaces.Discrete(geometry.num_layers),
             "head": spaces.Discrete(geometry.num_kv_heads),
         }
         if self.window is not None:
-            fields["queries"] = spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (self.group, self.window, d), np.float32)
+            fields["query"] = spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (self.group, self.window, d), np.float32)
             fields["query_mask"] = spaces.MultiBinary(self.window)
         self.space = spaces.Dict(fields)
 
@@ -113,8 +113,8 @@ class Observations:
     def write(self, out: dict[str, np.ndarray], episode: Episode, index: tuple[int, ...] = ()) -> None:
         """Write ``episode`` into a fresh :meth:`empty` ``out`` at ``index`` (``()`` for a single observation)."""
         n = episode.key.split
-        out["keys"][index][:n] = episode.keys.numpy()
-        out["values"][index][:n] = episode.values.numpy()
+        out["key"][index][:n] = episode.keys.numpy()
+        out["value"][index][:n] = episode.values.numpy()
         out["positions"][index][:n] = episode.positions.numpy()
         out["mask"][index][:n] = 1
         out["layer"][index] = episode.key.layer
@@ -123,7 +123,7 @@ class Observations:
             queries = episode.queries.numpy()
             m = min(self.window, n)
             rows = slice(0, m) if self.aligned else slice(self.window - m, self.window)
-            out["queries"][index][:, rows] = queries[:, n - m : n] if not self.aligned else queries[:, :m]
+            out["query"][index][:, rows] = queries[:, n - m : n] if not self.aligned else queries[:, :m]
             out["query_mask"][index][rows] = 1
 
 
@@ -146,11 +146,12 @@ class KVEvictEnv(gym.Env):
     ## Observation
     A Dict, padded to ``max_tokens`` (T) rows, D = head_dim:
 
-    - ``keys``, ``values``: float32 [T, D], post-RoPE keys and values of tokens 0..n-1 (zeros beyond n).
+    - ``key``, ``value``: float32 [T, D], post-RoPE keys and values of tokens 0..n-1 (zeros beyond n). (Not
+      "keys"/"values": those names clash with SB3's MultiInputPolicy, which keeps one module per field.)
     - ``positions``: int64 [T], each token's position in the sequence.
     - ``mask``: int8 [T], 1 for the n real tokens.
     - ``layer``, ``head``: which layer and KV head this is (Discrete).
-    - with ``observe_queries="window:W"``: ``queries`` float32 [G, W, D], the last W prompt queries of the head's
+    - with ``observe_queries="window:W"``: ``query`` float32 [G, W, D], the last W prompt queries of the head's
       GQA group (right-aligned at the split point), and ``query_mask`` [W]; with ``"all"``: [G, T, D] aligned
       with the keys.
 

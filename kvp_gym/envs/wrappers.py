@@ -56,7 +56,7 @@ class TokenFeatures(gym.ObservationWrapper):
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
-        keys = env.observation_space["keys"]
+        keys = env.observation_space["key"]
         t, d = keys.shape
         high = np.full((t, 2 * d + 2), keys.high.max(), np.float32)
         high[:, -2] = env.observation_space["positions"].high  # positions may exceed the float16 range
@@ -68,8 +68,8 @@ class TokenFeatures(gym.ObservationWrapper):
     def observation(self, observation):
         return np.concatenate(
             [
-                observation["keys"],
-                observation["values"],
+                observation["key"],
+                observation["value"],
                 observation["positions"][:, None].astype(np.float32),
                 observation["mask"][:, None].astype(np.float32),
             ],
