@@ -53,10 +53,10 @@ def future_importance(
     for start in range(first, int(length.max()), chunk):
         stop = min(start + chunk, num_tokens)
         rows = positions[start:stop]  # query positions t in this chunk
-        logits = torch.einsum("bgtd,bsd->bgts", q[:, :, start:stop].float(), k[:, :stop].float()) * scale
+        logits = torch.matmul(q[:, :, start:stop].float() * scale, k[:, None, :stop].float().transpose(-1, -2))
         logits.masked_fill_(positions[:stop] > rows[:, None], float("-inf"))  # causal: key i <= t
         cols = min(stop, n_max)  # keys past the chunk's last query are masked anyway
-        probs = (logits[..., :cols] - logits.logsumexp(-1, keepdim=True)).exp().amax(1)  # [B, T, cols]
+        probs = logits.softmax(-1)[..., :cols].amax(1)  # [B, T, cols]; softmax is one fused pass
         future = (rows >= split[:, None]) & (rows < length[:, None])  # [B, T]: real future queries only
         importance[:, :cols] += (probs * future[..., None]).sum(1)
     cached = torch.arange(n_max) < split[:, None]
