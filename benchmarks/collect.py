@@ -13,9 +13,7 @@ Timings alternate between the two sides and report medians, since these machines
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +23,7 @@ from kvp_gym import models
 from kvp_gym.capture import capture_qkv
 from kvp_gym.traces import SampleInfo, TraceHeader, open_traces, write_traces
 
-
-def _alternate(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of two callables timed in alternation, after one warm-up call of each."""
-    first(), second()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, bucket in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+from timing import alternate
 
 
 def capture_overhead(model_name: str, tokens: int, repeats: int) -> dict:
@@ -53,7 +41,7 @@ def capture_overhead(model_name: str, tokens: int, repeats: int) -> dict:
         with capture_qkv(model, layers):
             model(ids, use_cache=False)
 
-    bare_s, captured_s = _alternate(bare, captured, repeats)
+    bare_s, captured_s = alternate(bare, captured, repeats)
     return {
         "model": model_name,
         "tokens": tokens,
@@ -107,7 +95,7 @@ def read_speed(model_name: str, tokens: int, repeats: int) -> dict:
             def from_npy():
                 return torch.from_numpy(np.load(Path(folder) / f"{next_layer('npy')}.npy"))
 
-            trace_s, raw_s = _alternate(from_trace, from_npy, repeats * 30)
+            trace_s, raw_s = alternate(from_trace, from_npy, repeats * 30)
     head_bytes = (len(group) + 2) * shape[0] * shape[1] * 2
     return {
         "tokens": tokens + 64,

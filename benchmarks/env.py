@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import gymnasium as gym
@@ -22,15 +21,7 @@ import torch
 import kvp_gym  # noqa: F401
 from kvp_gym.utility import future_importance
 
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import alternate
 
 
 def importance_vs_matmul(groups: int, prompt: int, future: int, head_dim: int, repeats: int) -> dict:
@@ -38,8 +29,9 @@ def importance_vs_matmul(groups: int, prompt: int, future: int, head_dim: int, r
     queries = torch.randn(groups, prompt + future, head_dim, generator=g)
     keys = torch.randn(prompt + future, head_dim, generator=g)
     q_future, k_prompt = queries[:, prompt:].contiguous(), keys[:prompt].T.contiguous()
-    importance_s = _median_seconds(lambda: future_importance(queries, keys, prompt), repeats)
-    matmul_s = _median_seconds(lambda: torch.matmul(q_future, k_prompt), repeats)
+    importance_s, matmul_s = alternate(
+        lambda: future_importance(queries, keys, prompt), lambda: torch.matmul(q_future, k_prompt), repeats, warmup=10
+    )
     return {"importance_s": importance_s, "matmul_s": matmul_s, "ratio": importance_s / matmul_s}
 
 
@@ -82,7 +74,7 @@ def main() -> None:
     parser.add_argument("--timed", type=int, default=2048, help="episodes timed, per side")
     args = parser.parse_args()
 
-    a = importance_vs_matmul(groups=3, prompt=1024, future=256, head_dim=64, repeats=20)
+    a = importance_vs_matmul(groups=3, prompt=1024, future=256, head_dim=64, repeats=50)
     print(
         f"(a) future_importance, G=3 F=256 n=1024 D=64: {a['importance_s'] * 1e3:.2f} ms vs dense matmul "
         f"{a['matmul_s'] * 1e3:.2f} ms -> {a['ratio']:.2f}x (target <= 3x)"
