@@ -208,9 +208,8 @@ def main(argv: list[str] | None = None) -> None:
             args.episodes,
         )
         random = decode_score(val, lambda obs, masks, rng: int(rng.choice(np.flatnonzero(masks))), args.episodes)
-    print(
-        f"{args.algorithm}, {args.timesteps} timesteps: val holistic score {trained:.3f} (random policy {random:.3f})"
-    )
+    metric = "holistic score" if args.algorithm == "ppo" else "episode score (oracle cost / cost)"
+    print(f"{args.algorithm}, {args.timesteps} timesteps: val {metric} {trained:.3f} (random policy {random:.3f})")
 
 
 if __name__ == "__main__":

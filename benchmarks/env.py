@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--timed", type=int, default=2048, help="episodes timed, per side")
     args = parser.parse_args()
 
-    a = importance_vs_matmul(groups=3, prompt=1024, future=256, head_dim=64, repeats=50)
+    a = importance_vs_matmul(groups=3, prompt=1024, future=256, head_dim=64, repeats=100)
     print(
         f"(a) future_importance, G=3 F=256 n=1024 D=64: {a['importance_s'] * 1e3:.2f} ms vs dense matmul "
         f"{a['matmul_s'] * 1e3:.2f} ms -> {a['ratio']:.2f}x (target <= 3x)"
