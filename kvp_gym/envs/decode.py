@@ -15,7 +15,7 @@ import torch
 from gymnasium import spaces
 
 from kvp_gym.envs.episodes import TraceEpisodes
-from kvp_gym.envs.evict import _FLOAT16_MAX, default_traces
+from kvp_gym.envs.evict import FLOAT16_MAX, trace_paths
 
 DECODE_CONFIG: dict[str, Any] = {
     "traces": None,  # a trace file or a list; None = the default SmolLM2 trace set
@@ -90,8 +90,7 @@ class KVEvictDecodeEnv(gym.Env):
             raise ValueError(f"action must be 'index' or 'scores', got {action!r}")
         if budget < 1 or self.config["sinks"] + self.config["recent"] > budget:
             raise ValueError(f"need budget >= 1 and sinks + recent <= budget, got {budget}, {self.config}")
-        traces = self.config["traces"]
-        paths = default_traces() if traces is None else ([traces] if isinstance(traces, str) else list(traces))
+        paths = trace_paths(self.config["traces"])
         self.episodes = TraceEpisodes(paths, self.config["split"], self.config["layers"], self.config["heads"])
         self.samples = [(i, s) for i, s in self.episodes.samples if s.num_tokens > budget + 1]
         if not self.samples:
@@ -100,8 +99,8 @@ class KVEvictDecodeEnv(gym.Env):
         slots, d = budget + 1, geometry.head_dim
         self.observation_space = spaces.Dict(
             {
-                "key": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (slots, d), np.float32),
-                "value": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (slots, d), np.float32),
+                "key": spaces.Box(-FLOAT16_MAX, FLOAT16_MAX, (slots, d), np.float32),
+                "value": spaces.Box(-FLOAT16_MAX, FLOAT16_MAX, (slots, d), np.float32),
                 "positions": spaces.Box(0, np.iinfo(np.int32).max, (slots,), np.int64),
                 "mask": spaces.MultiBinary(slots),
                 "step_position": spaces.Box(0, np.iinfo(np.int32).max, (1,), np.int64),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from kvp_gym.storage import cache_dir
 from kvp_gym.utility import holistic_cost, oracle_ranking, retained_fraction
 
 log = logging.getLogger(__name__)
-_FLOAT16_MAX = float(np.finfo(np.float16).max)  # traces store float16: no observed value can exceed it
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # traces store float16: no observed value can exceed it
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "traces": None,  # a trace file or a list of them; None = the default SmolLM2 trace set (collected on first use)
@@ -65,13 +65,16 @@ def default_traces(model: str = "smollm2-135m") -> list[Path]:
     return paths
 
 
+def trace_paths(traces: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list:
+    """The ``traces`` config value as a list of files; None = the default trace set."""
+    if traces is None:
+        return default_traces()
+    return [traces] if isinstance(traces, str | os.PathLike) else list(traces)
+
+
 def episode_source(config: Mapping[str, Any]) -> TraceEpisodes:
-    traces = config["traces"]
-    if isinstance(traces, str | os.PathLike):
-        traces = [traces]
-    paths = default_traces() if traces is None else list(traces)
     return TraceEpisodes(
-        paths,
+        trace_paths(config["traces"]),
         split=config["split"],
         layers=config["layers"],
         heads=config["heads"],
@@ -95,15 +98,15 @@ class Observations:
         self.aligned = mode == "all"  # queries row i = token i; else the window ends at the split point
         t, d = self.max_tokens, self.head_dim
         fields = {
-            "key": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (t, d), np.float32),
-            "value": spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (t, d), np.float32),
+            "key": spaces.Box(-FLOAT16_MAX, FLOAT16_MAX, (t, d), np.float32),
+            "value": spaces.Box(-FLOAT16_MAX, FLOAT16_MAX, (t, d), np.float32),
             "positions": spaces.Box(0, np.iinfo(np.int32).max, (t,), np.int64),
             "mask": spaces.MultiBinary(t),
             "layer": spaces.Discrete(geometry.num_layers),
             "head": spaces.Discrete(geometry.num_kv_heads),
         }
         if self.window is not None:
-            fields["query"] = spaces.Box(-_FLOAT16_MAX, _FLOAT16_MAX, (self.group, self.window, d), np.float32)
+            fields["query"] = spaces.Box(-FLOAT16_MAX, FLOAT16_MAX, (self.group, self.window, d), np.float32)
             fields["query_mask"] = spaces.MultiBinary(self.window)
         self.space = spaces.Dict(fields)
 

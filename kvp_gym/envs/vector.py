@@ -49,6 +49,8 @@ class KVEvictVectorEnv(VectorEnv):
         return self._observation, {}
 
     def step(self, actions):
+        if not self._keys:
+            raise RuntimeError("call reset() before step()")
         actions = np.asarray(actions, np.float32)
         if actions.shape != self.action_space.shape or not np.isfinite(actions).all():
             raise ValueError(f"actions must be {self.action_space.shape} finite scores, got shape {actions.shape}")
