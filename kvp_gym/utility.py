@@ -116,3 +116,43 @@ def retained_fraction(
     at = torch.tensor([min(b, importance.shape[-1]) for b in budgets])
     total = kept[..., -1:]
     return torch.where(total > 0, kept[..., at] / total.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+
+
+def attention_received(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    window: int | None = None,
+    chunk: int = 128,
+) -> torch.Tensor:
+    """Attention each cached token receives from the prefill queries (for attention-based baselines).
+
+    Args:
+        queries: [..., G, n, D] the prefill queries at the cached positions.
+        keys: [..., n, D].
+        mask: [..., n] bool, real tokens (padding neither attends nor is attended); default all.
+        window: only the last ``window`` real queries attend (None = all).
+        chunk: queries processed at once: memory O(chunk x n), never n x n.
+
+    Returns:
+        [..., G, n] float32: per query head, the causal softmax attention each key receives, summed over the
+        attending queries.
+    """
+    *batch, groups, n, head_dim = queries.shape
+    q = queries.reshape(-1, groups, n, head_dim)
+    k = keys.reshape(-1, n, head_dim)
+    valid = torch.ones(q.shape[0], n, dtype=torch.bool) if mask is None else mask.reshape(-1, n)
+    length = valid.sum(-1)
+    first = (length - window).clamp_min(0) if window is not None else torch.zeros_like(length)
+    received = torch.zeros(q.shape[0], groups, n)
+    positions = torch.arange(n)
+    for start in range(int(first.min()), n, chunk):
+        stop = min(start + chunk, n)
+        rows = positions[start:stop]
+        logits = torch.matmul(q[:, :, start:stop].float() * head_dim**-0.5, k[:, None, :stop].float().transpose(-1, -2))
+        logits[..., start:stop].masked_fill_(positions[start:stop] > rows[:, None], float("-inf"))
+        logits.masked_fill_(~valid[:, None, None, :stop], float("-inf"))
+        attending = (rows >= first[:, None]) & valid[:, start:stop]  # [B, T]
+        probs = logits.softmax(-1).nan_to_num(0.0) * attending[:, None, :, None]
+        received[..., :stop] += probs.sum(-2)
+    return received.reshape(*batch, groups, n)

@@ -1,0 +1,23 @@
+"""Random: uniform scores from a seeded generator (the floor every method should beat)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvp_gym.scorers import HeadView
+
+
+@dataclass(frozen=True)
+class RandomScorer:
+    """score_i ~ U(0, 1), from ``torch.Generator().manual_seed(seed)`` on each call. [B..., n] -> [B..., n]."""
+
+    seed: int = 0
+    name: ClassVar[str] = "random"
+    needs_queries: ClassVar[bool] = False
+    needs_future: ClassVar[bool] = False
+
+    def score(self, view: HeadView) -> torch.Tensor:
+        return torch.rand(view.mask.shape, generator=torch.Generator().manual_seed(self.seed))

@@ -1,0 +1,98 @@
+"""The scorer contract: the one interface every eviction policy meets.
+
+A scorer looks at a :class:`HeadView` of one or many KV heads and returns one score per cached token, higher =
+keep. The environment, ``kvp-gym evaluate`` and the evicting cache call scorers the same way. Scorers are found by
+name through the ``kvp_gym.scorers`` entry-point group, so ``kvp_gym`` never imports the packages that define
+them (``baselines``, ``agents``) and a third-party package can add its own::
+
+    [project.entry-points."kvp_gym.scorers"]
+    my_method = "my_package.module:MyScorer"
+
+A scorer class is a dataclass whose fields are its parameters; it declares ``needs_queries`` (it reads the
+prefill queries) and ``needs_future`` (privileged: it reads the true future importance; only the oracle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+ENTRY_POINT_GROUP = "kvp_gym.scorers"
+
+
+@dataclass(frozen=True)
+class HeadView:
+    """What a scorer may see of B KV heads' caches (B = any leading batch shape, n = cached tokens).
+
+    keys, values: [B..., n, D] post-RoPE (any float dtype). positions: [B..., n] int64, each token's position.
+    mask: [B..., n] bool, True for real tokens (False = padding, whose scores are ignored).
+    queries: [B..., G, n, D] the prefill queries of each head's GQA group at the cached positions, or None when
+    the caller does not allow them. future_importance: [B..., n] float32, the true future attention; only given
+    to scorers that declare ``needs_future`` (the oracle).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    queries: torch.Tensor | None = None
+    future_importance: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[-2]
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """score(view) -> [B..., n] float scores, higher = keep."""
+
+    name: ClassVar[str]
+    needs_queries: ClassVar[bool]
+    needs_future: ClassVar[bool]
+
+    def score(self, view: HeadView) -> torch.Tensor: ...
+
+
+class ScorerError(ValueError):
+    """An unknown scorer name, bad parameters, or a view that lacks what the scorer needs."""
+
+
+def available_scorers() -> list[str]:
+    """Names registered in the ``kvp_gym.scorers`` entry-point group, sorted."""
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def get_scorer(name: str, **params: Any) -> Scorer:
+    """Instantiate the scorer registered as ``name`` with ``params``; errors list what is available."""
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        raise ScorerError(f"unknown scorer {name!r}; available: {', '.join(available_scorers()) or 'none installed'}")
+    cls = found[0].load()
+    try:
+        return cls(**params)
+    except TypeError as err:
+        known = [f.name for f in fields(cls)] if is_dataclass(cls) else []
+        raise ScorerError(f"bad parameters for scorer {name!r}: {err}; its parameters: {known}") from None
+
+
+def parameters(scorer: Scorer) -> dict[str, Any]:
+    """A scorer's parameters (its dataclass fields), for result records."""
+    return {f.name: getattr(scorer, f.name) for f in fields(scorer)} if is_dataclass(scorer) else {}
+
+
+def score(scorer: Scorer, view: HeadView) -> torch.Tensor:
+    """Call ``scorer`` on ``view`` after checking it has what the scorer needs; padding gets -inf."""
+    if scorer.needs_queries and view.queries is None:
+        raise ScorerError(f"scorer {scorer.name!r} needs the prefill queries, but this view has none")
+    if scorer.needs_future and view.future_importance is None:
+        raise ScorerError(f"scorer {scorer.name!r} needs the future importance (privileged), but this view has none")
+    scores = scorer.score(view).float()
+    if scores.shape != view.mask.shape:
+        raise ScorerError(
+            f"scorer {scorer.name!r} returned shape {list(scores.shape)}, expected {list(view.mask.shape)}"
+        )
+    return scores.masked_fill(~view.mask, float("-inf"))
