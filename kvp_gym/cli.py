@@ -13,6 +13,7 @@ from kvp_gym import __version__
 _EXAMPLES = """examples:
   kvp-gym collect --model smollm2-135m --task niah_single --samples 32 --context 1024 --future 64 --out traces/niah.h5
   kvp-gym traces info traces/niah.h5
+  kvp-gym evaluate --traces traces/demo/niah_single.h5 --policies all --split test --out runs/eval
   kvp-gym tasks eval --tasks niah_single,essay --context 1024 --samples 8
 """
 
@@ -93,16 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out", type=Path)
     merge.add_argument("inputs", type=Path, nargs="+")
 
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score eviction policies on a trace split (holistic score, retained attention, plots)",
+        description="Run every policy on every (sample, layer, KV head) of a split at the prompt boundary; "
+        "write DIR/results.json and PNG plots; print a table.",
+    )
+    evaluate.add_argument("--traces", type=Path, required=True)
+    evaluate.add_argument("--policies", default="all", help="'all' or comma-separated scorer names")
+    evaluate.add_argument("--split", default="test", help="train, val or test (default test)")
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+
     tasks = commands.add_parser("tasks", help="list the tasks, or measure a model's full-cache accuracy on them")
     tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
     tasks_commands.add_parser("list", help="list the tasks")
-    evaluate = tasks_commands.add_parser("eval", help="full-cache accuracy (perplexity for free text)")
-    evaluate.add_argument("--model", default="smollm2-135m")
-    evaluate.add_argument("--tasks", default="all", help="'all' or comma-separated task names")
-    evaluate.add_argument("--context", type=_ints, default=(1024,), help="context lengths, e.g. 1024,2048")
-    evaluate.add_argument("--samples", type=int, default=8)
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--out", type=Path, help="also write the results as JSON here")
+    accuracy = tasks_commands.add_parser("eval", help="full-cache accuracy (perplexity for free text)")
+    accuracy.add_argument("--model", default="smollm2-135m")
+    accuracy.add_argument("--tasks", default="all", help="'all' or comma-separated task names")
+    accuracy.add_argument("--context", type=_ints, default=(1024,), help="context lengths, e.g. 1024,2048")
+    accuracy.add_argument("--samples", type=int, default=8)
+    accuracy.add_argument("--seed", type=int, default=0)
+    accuracy.add_argument("--out", type=Path, help="also write the results as JSON here")
     return parser
 
 
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvp_gym.traces import TraceFormatError
 
     try:
-        handler = {"collect": _collect, "traces": _traces, "tasks": _tasks}[args.command]
+        handler = {"collect": _collect, "traces": _traces, "evaluate": _evaluate, "tasks": _tasks}[args.command]
         return handler(args)
     except (TraceFormatError, ModelNotFoundError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"kvp-gym: error: {err}", file=sys.stderr)
@@ -137,6 +151,22 @@ def _collect(args: argparse.Namespace) -> int:
     )
     summary = collect(config, args.out, resume=args.resume, overwrite=args.overwrite, shard=args.shard)
     print(summary)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from kvp_gym.evaluate import evaluate, format_table, write_results
+
+    policies = "all" if args.policies == "all" else args.policies.split(",")
+    record = evaluate(args.traces, policies, split=args.split, seed=args.seed, bootstrap=args.bootstrap)
+    written = write_results(record, args.out)
+    print(format_table(record))
+    timing = record["timing"]
+    print(
+        f"{timing['total_seconds']:.1f} s in all; attention-based scorers {timing['attention_scorer_seconds']:.1f} s, "
+        f"future importance {timing['importance_seconds']:.1f} s"
+    )
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
