@@ -31,6 +31,8 @@ demo: $(STAMP)
 		--out $(DEMO)/essay.h5 --resume
 	$(BIN)/kvp-gym traces info $(DEMO)/niah_single.h5
 	$(BIN)/kvp-gym traces info $(DEMO)/essay.h5
+	$(BIN)/kvp-gym evaluate --traces $(DEMO)/niah_single.h5 $(DEMO)/essay.h5 --policies all --split all \
+		--out runs/demo-eval
 
 clean:
 	rm -rf $(VENV) traces/demo .pytest_cache .ruff_cache

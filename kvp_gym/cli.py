@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every policy on every (sample, layer, KV head) of a split at the prompt boundary; "
         "write DIR/results.json and PNG plots; print a table.",
     )
-    evaluate.add_argument("--traces", type=Path, required=True)
+    evaluate.add_argument("--traces", type=Path, nargs="+", required=True, help="trace files of one model")
     evaluate.add_argument("--policies", default="all", help="'all' or comma-separated scorer names")
-    evaluate.add_argument("--split", default="test", help="train, val or test (default test)")
+    evaluate.add_argument("--split", default="test", help="train, val, test or all (default test)")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")

@@ -6,7 +6,7 @@ The numbers come from the same utility code as the environment (:mod:`kvp_gym.ut
 results.json, schema ``kvp-gym/trace-evaluation`` version 1::
 
     {"schema", "schema_version", "kvp_gym_version", "created_by",
-     "traces": {"path", "sha256", "model", "layers", "num_kv_heads"}, "split", "samples": [names], "seed",
+     "traces": [{"path", "sha256"}], "model", "layers", "num_kv_heads", "split", "samples": [names], "seed",
      "bootstrap_resamples", "budgets": {"absolute": [...], "fractions": [...]},
      "policies": {name: {"parameters", "needs_queries", "privileged",
                          "holistic_score": {"mean", "ci95": [low, high]},   # bootstrap over samples
@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,32 +59,42 @@ def resolve_policies(policies: str | list[str]) -> list[str]:
 
 
 def evaluate(
-    traces: str | Path,
+    traces: str | Path | Sequence[str | Path],
     policies: str | list[str] = "all",
     split: str = "test",
     seed: int = 0,
     bootstrap: int = 1000,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate scorers on a trace split; returns the results record (see the module docstring)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    """Evaluate scorers on a split (``all`` = every sample) of one or more trace files of the same model.
+
+    Returns the results record (see the module docstring).
+    """
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, 'all')}")
     names = resolve_policies(policies)
     scorers = {name: get_scorer(name) for name in names}
+    paths = [traces] if isinstance(traces, str | Path) else list(traces)
     started = time.perf_counter()
-    with open_traces(traces) as trace:
-        samples = trace.split(split)
+    files = [open_traces(p) for p in paths]
+    try:
+        header = files[0].header
+        for trace in files[1:]:
+            problem = header.compatible_with(trace.header)
+            if problem:
+                raise ValueError(f"{trace.path} cannot be evaluated with {files[0].path}: {problem}")
+        samples = [(t, s) for t in files for s in t.samples.values() if split == "all" or s.split == split]
         if not samples:
-            present = sorted({s.split for s in trace.samples.values()})
-            raise ValueError(f"{trace.path}: no {split!r} samples; splits present: {present}")
-        layers, heads = trace.header.layers, trace.header.geometry.num_kv_heads
+            present = sorted({s.split for t in files for s in t.samples.values()})
+            raise ValueError(f"{', '.join(str(p) for p in paths)}: no {split!r} samples; splits present: {present}")
+        layers, heads = header.layers, header.geometry.num_kv_heads
         budgets = len(ABSOLUTE_BUDGETS) + len(FRACTION_BUDGETS)
         scores = {name: np.zeros((len(samples), len(layers), heads)) for name in names}
         kept = {name: np.zeros((len(samples), len(layers), heads, budgets)) for name in names}
         seconds = dict.fromkeys(names, 0.0)
         importance_seconds = 0.0
-        work = [(i, s, j, layer) for i, s in enumerate(samples) for j, layer in enumerate(layers)]
-        for i, sample, j, layer in tqdm(work, desc=f"evaluate {split}", unit="layer", disable=not progress):
+        work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
+        for i, trace, sample, j, layer in tqdm(work, desc=f"evaluate {split}", unit="layer", disable=not progress):
             view, importance, tick = _layer_view(trace, sample, layer, heads)
             importance_seconds += tick
             n = sample.prompt_length
@@ -102,20 +113,20 @@ def evaluate(
             "schema_version": SCHEMA_VERSION,
             "kvp_gym_version": __version__,
             "created_by": "kvp-gym evaluate",
-            "traces": {
-                "path": str(trace.path),
-                "sha256": file_sha256(trace.path),
-                "model": trace.header.model,
-                "layers": list(layers),
-                "num_kv_heads": heads,
-            },
+            "traces": [{"path": str(t.path), "sha256": file_sha256(t.path)} for t in files],
+            "model": header.model,
+            "layers": list(layers),
+            "num_kv_heads": heads,
             "split": split,
-            "samples": [s.name for s in samples],
+            "samples": [s.name for _, s in samples],
             "seed": seed,
             "bootstrap_resamples": bootstrap,
             "budgets": {"absolute": list(ABSOLUTE_BUDGETS), "fractions": list(FRACTION_BUDGETS)},
             "policies": {},
         }
+    finally:
+        for trace in files:
+            trace.close()
     rng = np.random.default_rng(seed)
     for name, scorer in scorers.items():
         per_sample = scores[name].mean((1, 2))
@@ -177,10 +188,10 @@ def write_results(record: dict[str, Any], out: str | Path) -> list[Path]:
 
 def format_table(record: dict[str, Any]) -> str:
     """A plain-text table: policy, mean holistic score, 95% interval, retained fraction at 64 and 256 tokens."""
+    files = ", ".join(t["path"] for t in record["traces"])
     lines = [
-        f"{record['traces']['path']} ({record['traces']['model']}), split {record['split']}, "
-        f"{len(record['samples'])} samples x {len(record['traces']['layers'])} layers x "
-        f"{record['traces']['num_kv_heads']} KV heads",
+        f"{files} ({record['model']}), split {record['split']}, {len(record['samples'])} samples x "
+        f"{len(record['layers'])} layers x {record['num_kv_heads']} KV heads",
         f"{'policy':16s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} {'kept@256':>9s}  sees",
     ]
     ranked = sorted(record["policies"].items(), key=lambda kv: -kv[1]["holistic_score"]["mean"])
@@ -213,7 +224,7 @@ def plot_results(record: dict[str, Any], out: Path) -> list[Path]:
     ax.barh(names, means, xerr=np.abs(intervals.T - means), color=colors, capsize=3)
     ax.set_xlabel("holistic score (oracle cost / cost), 95% bootstrap interval over samples")
     ax.set_xlim(0, 1.05)
-    ax.set_title(f"{record['traces']['model']}, split {record['split']} (orange: sees queries)")
+    ax.set_title(f"{record['model']}, split {record['split']} (orange: sees queries)")
     fig.tight_layout()
     written.append(_save(fig, out / "holistic_score.png"))
 
