@@ -52,10 +52,10 @@ def main() -> None:
         traces = args.traces or [synthetic_traces(Path(folder) / "bench.h5", args.samples)]
         record = evaluate(traces, "all", split=args.split, bootstrap=100)
     timing = record["timing"]
-    heads = len(record["samples"]) * len(record["layers"]) * record["num_kv_heads"]
+    heads_per_sample = len(record["layers"]) * record["num_kv_heads"]
     share = timing["attention_scorer_seconds"] / timing["total_seconds"]
     print(
-        f"evaluate, all {len(record['policies'])} baselines, {len(record['samples'])} samples x {heads // len(record['samples'])}"
+        f"evaluate, all {len(record['policies'])} baselines, {len(record['samples'])} samples x {heads_per_sample}"
         f" heads: {timing['total_seconds']:.1f} s; attention-based scorers {timing['attention_scorer_seconds']:.1f} s"
         f" ({share:.0%}); future importance {timing['importance_seconds']:.1f} s"
     )
