@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "write DIR/results.json and PNG plots; print a table.",
     )
     evaluate.add_argument("--traces", type=Path, nargs="+", required=True, help="trace files of one model")
-    evaluate.add_argument("--policies", default="all", help="'all' or comma-separated scorer names")
+    evaluate.add_argument(
+        "--policies",
+        default="all",
+        help="'all' or comma-separated scorer specs: name or name:param=value;param=value "
+        "(e.g. snapkv:window=32,kvp:checkpoint=runs/kvp/agents.safetensors)",
+    )
     evaluate.add_argument("--split", default="test", help="train, val, test or all (default test)")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -161,6 +166,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     record = evaluate(args.traces, policies, split=args.split, seed=args.seed, bootstrap=args.bootstrap)
     written = write_results(record, args.out)
     print(format_table(record))
+    for name, reason in record["skipped"].items():
+        print(f"skipped {name}: {reason}")
     timing = record["timing"]
     print(
         f"{timing['total_seconds']:.1f} s in all; attention-based scorers {timing['attention_scorer_seconds']:.1f} s, "

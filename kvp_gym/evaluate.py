@@ -7,7 +7,7 @@ results.json, schema ``kvp-gym/trace-evaluation`` version 1::
 
     {"schema", "schema_version", "kvp_gym_version", "created_by",
      "traces": [{"path", "sha256"}], "model", "layers", "num_kv_heads", "split", "samples": [names], "seed",
-     "bootstrap_resamples", "budgets": {"absolute": [...], "fractions": [...]},
+     "bootstrap_resamples", "budgets": {"absolute": [...], "fractions": [...]}, "skipped": {name: reason},
      "policies": {name: {"parameters", "needs_queries", "privileged",
                          "holistic_score": {"mean", "ci95": [low, high]},   # bootstrap over samples
                          "per_layer": [L], "per_head": [L][H],                # means over samples
@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvp_gym import __version__
-from kvp_gym.scorers import HeadView, available_scorers, get_scorer, parameters, score
+from kvp_gym.scorers import HeadView, Scorer, ScorerError, available_scorers, get_scorer, parameters, score
 from kvp_gym.storage import atomic_path
 from kvp_gym.traces import SPLITS, open_traces
 from kvp_gym.utility import future_importance, holistic_score, retained_fraction
@@ -49,13 +49,38 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_policies(policies: str | list[str]) -> list[str]:
-    """'all' or names -> names; an unknown name is a ValueError listing the available ones."""
-    names = available_scorers() if policies == "all" else list(policies)
-    unknown = [n for n in names if n not in available_scorers()]
-    if unknown:
-        raise ValueError(f"unknown policies {unknown}; available: {', '.join(available_scorers())}")
-    return names
+def resolve_policies(policies: str | Sequence[str]) -> tuple[dict[str, Scorer], dict[str, str]]:
+    """Instantiate scorers from ``'all'`` or specs ``name`` / ``name:param=value,...``.
+
+    Returns (scorers by name, skipped): with ``'all'``, a registered scorer that cannot be built with default
+    parameters (``kvp`` without a checkpoint) is skipped with its reason instead of failing the run. An unknown
+    name is a ValueError listing the available ones.
+    """
+    if policies == "all":
+        scorers, skipped = {}, {}
+        for name in available_scorers():
+            try:
+                scorers[name] = get_scorer(name)
+            except ScorerError as err:
+                skipped[name] = str(err)
+        return scorers, skipped
+    scorers = {}
+    for spec in policies:
+        name, _, arguments = spec.partition(":")
+        if name not in available_scorers():
+            raise ValueError(f"unknown policies [{name!r}]; available: {', '.join(available_scorers())}")
+        params = dict(pair.split("=", 1) for pair in arguments.split(";") if pair)
+        scorers[name] = get_scorer(name, **{k: _number(v) for k, v in params.items()})
+    return scorers, {}
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def evaluate(
@@ -72,8 +97,8 @@ def evaluate(
     """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, 'all')}")
-    names = resolve_policies(policies)
-    scorers = {name: get_scorer(name) for name in names}
+    scorers, skipped = resolve_policies(policies)
+    names = list(scorers)
     paths = [traces] if isinstance(traces, str | Path) else list(traces)
     started = time.perf_counter()
     files = [open_traces(p) for p in paths]
@@ -123,6 +148,7 @@ def evaluate(
             "bootstrap_resamples": bootstrap,
             "budgets": {"absolute": list(ABSOLUTE_BUDGETS), "fractions": list(FRACTION_BUDGETS)},
             "policies": {},
+            "skipped": skipped,
         }
     finally:
         for trace in files:
@@ -173,6 +199,8 @@ def _layer_view(trace, sample, layer: int, heads: int) -> tuple[HeadView, torch.
         positions=torch.arange(n).expand(heads, n),
         mask=torch.ones(heads, n, dtype=torch.bool),
         queries=queries[:, :, :n],
+        layer=torch.full((heads,), layer),
+        kv_head=torch.arange(heads),
     )
     return view, importance, tick
 

@@ -31,7 +31,8 @@ class HeadView:
     mask: [B..., n] bool, True for real tokens (False = padding, whose scores are ignored).
     queries: [B..., G, n, D] the prefill queries of each head's GQA group at the cached positions, or None when
     the caller does not allow them. future_importance: [B..., n] float32, the true future attention; only given
-    to scorers that declare ``needs_future`` (the oracle).
+    to scorers that declare ``needs_future`` (the oracle). layer, kv_head: [B...] int64, which layer and KV head
+    each view is (per-head learned scorers need them; None when unknown).
     """
 
     keys: torch.Tensor
@@ -40,6 +41,8 @@ class HeadView:
     mask: torch.Tensor
     queries: torch.Tensor | None = None
     future_importance: torch.Tensor | None = None
+    layer: torch.Tensor | None = None
+    kv_head: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
