@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from agents.kvp import KVPNetwork
@@ -50,7 +50,7 @@ def read_checkpoint(path: str | Path) -> tuple[KVPNetwork, dict]:
         with safe_open(str(path), framework="pt") as f:
             header = (f.metadata() or {}).get("kvp_gym")
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ScorerError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     if header is None:
         raise ScorerError(f"{path}: no 'kvp_gym' metadata; expected a checkpoint written by agents.save_checkpoint")

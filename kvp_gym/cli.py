@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from kvp_gym import __version__
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--samples", type=int, default=8)
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--out", type=Path, help="also write the results as JSON here")
+    # Commands from other packages (agents' `train`), found by entry point: kvp_gym imports none of them.
+    for command in entry_points(group="kvp_gym.commands"):
+        command.load()(commands)
     return parser
 
 
@@ -131,7 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     from kvp_gym.traces import TraceFormatError
 
     try:
-        handler = {"collect": _collect, "traces": _traces, "evaluate": _evaluate, "tasks": _tasks}[args.command]
+        handler = (
+            getattr(args, "handler", None)
+            or {
+                "collect": _collect,
+                "traces": _traces,
+                "evaluate": _evaluate,
+                "tasks": _tasks,
+            }[args.command]
+        )
         return handler(args)
     except (TraceFormatError, ModelNotFoundError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"kvp-gym: error: {err}", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""KVP agents: grouped network, Plackett-Luce, checkpoints and the kvp scorer, the RLOO trainer end to end."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import kvp_gym  # noqa: F401
+from agents.checkpoint import read_checkpoint, save_checkpoint
+from agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
+from agents.train import EpisodePool, TrainConfig, train
+from kvp_gym.envs.episodes import EpisodeKey
+from kvp_gym.evaluate import evaluate
+from kvp_gym.scorers import HeadView, ScorerError, get_scorer, score
+from kvp_gym.utility import holistic_reward
+
+
+def test_grouped_heads_are_independent_networks():
+    torch.manual_seed(0)
+    network = KVPNetwork(heads=3, head_dim=8, width=16, position_dim=4, max_position=64)
+    keys, values = torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    positions = torch.arange(10).expand(3, 2, 10)
+    together = network(keys, values, positions)
+    alone = network(keys[[1]], values[[1]], positions[[1]], select=torch.tensor([1]))
+    torch.testing.assert_close(together[1], alone[0])
+    # A head's scores do not depend on the other heads' inputs, nor on the other tokens.
+    keys2 = keys.clone()
+    keys2[0] += 1
+    keys2[1, :, 5:] += 1
+    changed = network(keys2, values, positions)
+    torch.testing.assert_close(changed[1, :, :5], together[1, :, :5])
+    torch.testing.assert_close(changed[2], together[2])
+
+
+def test_plackett_luce_is_a_distribution_sampled_by_gumbel_sort():
+    scores = torch.tensor([1.5, 0.0, -1.0])
+    valid = torch.ones(3, dtype=torch.bool)
+    rankings = [torch.tensor(p) for p in itertools.permutations(range(3))]
+    probs = torch.stack([plackett_luce_log_prob(scores, r, valid).exp() for r in rankings])
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-6)
+    expected = math.exp(1.5) / sum(map(math.exp, [1.5, 0, -1])) * 1 / (1 + math.exp(-1))
+    assert probs[0].item() == pytest.approx(expected, rel=1e-5)
+    draws = gumbel_ranking(scores.expand(20000, 3), valid.expand(20000, 3), torch.Generator().manual_seed(0))
+    frequency = torch.stack([(draws == r).all(-1).float().mean() for r in rankings])
+    torch.testing.assert_close(frequency, probs, atol=0.015, rtol=0)
+    padded = plackett_luce_log_prob(
+        torch.tensor([1.5, 0.0, 9.0]), torch.tensor([0, 1, 2]), torch.tensor([1, 1, 0]).bool()
+    )
+    assert padded.item() == pytest.approx(plackett_luce_log_prob(scores[:2], torch.tensor([0, 1]), valid[:2]).item())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_trace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kvp")
+    config = TrainConfig(
+        traces=[str(tiny_trace)],
+        out=str(out),
+        heads="all",
+        steps=6,
+        batch=8,
+        width=16,
+        position_dim=4,
+        max_position=1024,
+        lr=1e-3,
+        warmup=2,
+        eval_every=3,
+        random_splits=2,
+    )
+    return config, train(config, progress=False)
+
+
+def test_trainer_writes_a_checkpoint_and_resumes(trained):
+    config, summary = trained
+    assert summary["heads"] == 4 and summary["best_step"] in (3, 6)
+    network, metadata = read_checkpoint(summary["checkpoint"])
+    assert metadata["heads"] == [[0, 0], [0, 1], [1, 0], [1, 1]] and metadata["model"] == "tiny-random"
+    assert len(metadata["validation"]["per_head"]) == 4 and metadata["training"]["steps"] == 6
+    state = torch.load(f"{config.out}/last.pt", weights_only=False)
+    assert state["step"] == 6
+    resumed = train(TrainConfig(**{**config.__dict__, "steps": 9}), progress=False)  # continues from step 6
+    assert torch.load(f"{config.out}/last.pt", weights_only=False)["step"] == 9 and resumed["steps"] == 9
+
+
+def test_kvp_scorer_from_a_checkpoint(trained, tiny_trace, tmp_path):
+    _, summary = trained
+    scorer = get_scorer("kvp", checkpoint=summary["checkpoint"])
+    keys = torch.randn(2, 30, 16)
+    view = HeadView(
+        keys,
+        keys,
+        torch.arange(30).expand(2, 30),
+        torch.ones(2, 30, dtype=torch.bool),
+        layer=torch.tensor([1, 0]),
+        kv_head=torch.tensor([1, 0]),
+    )
+    network, _ = read_checkpoint(summary["checkpoint"])
+    expected = network(keys[:, None], keys[:, None], torch.arange(30).expand(2, 1, 30), torch.tensor([3, 0]))
+    torch.testing.assert_close(score(scorer, view), expected[:, 0])
+    with pytest.raises(ScorerError, match=r"has no agent for \(layer, kv_head\) \(5, 0\)"):
+        score(
+            scorer,
+            HeadView(
+                keys[:1],
+                keys[:1],
+                view.positions[:1],
+                view.mask[:1],
+                layer=torch.tensor([5]),
+                kv_head=torch.tensor([0]),
+            ),
+        )
+    with pytest.raises(ScorerError, match="trained for tiny-random .* but is used with smollm2-135m"):
+        scorer.check_geometry("smollm2-135m", head_dim=64, num_layers=30, num_kv_heads=3)
+    with pytest.raises(ScorerError, match="needs a checkpoint"):
+        get_scorer("kvp")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nonsense")
+    with pytest.raises(ScorerError, match="bad.safetensors: not a readable safetensors checkpoint"):
+        get_scorer("kvp", checkpoint=str(bad))
+    save_checkpoint(tmp_path / "ok.safetensors", network, [(1, 1), (1, 0), (0, 1), (0, 0)], {"model": "tiny-random"})
+    assert read_checkpoint(tmp_path / "ok.safetensors")[1]["heads"] == [[1, 1], [1, 0], [0, 1], [0, 0]]
+    with pytest.raises(ValueError, match="2 head ids for a network of 4 heads"):
+        save_checkpoint(tmp_path / "no.safetensors", network, [(0, 0), (1, 1)], {})
+
+
+def test_trainer_rewards_equal_the_environments(tiny_trace):
+    pool = EpisodePool(
+        [str(tiny_trace)], "train", [(1, 0)], random_splits=0, min_prompt=16, rng=np.random.default_rng(0)
+    )
+    env = gym.make("KVEvict-v0", config={"traces": str(tiny_trace)}).unwrapped
+    names = [s.name for s in env.episodes.traces[0].split("train")]
+    keys, values, positions, valid, importance = pool.batch(torch.arange(len(names))[None])
+    rng = np.random.default_rng(1)
+    for e, name in enumerate(names):
+        n = int(valid[0, e].sum())
+        episode = env.episodes.load(EpisodeKey(trace=0, sample=name, layer=1, head=0, split=n))
+        torch.testing.assert_close(importance[0, e, :n], episode.importance)
+        env._episode = episode
+        action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+        _, env_reward, _, _, _ = env.step(action)
+        scores = torch.from_numpy(action[: importance.shape[-1]]).masked_fill(~valid[0, e], float("-inf"))
+        assert holistic_reward(importance[0, e], scores).item() == pytest.approx(env_reward, rel=1e-6)
+
+
+def test_kvp_in_evaluate(trained, tiny_trace):
+    _, summary = trained
+    record = evaluate(
+        tiny_trace, [f"kvp:checkpoint={summary['checkpoint']}", "random"], split="val", bootstrap=50, progress=False
+    )
+    assert 0 < record["policies"]["kvp"]["holistic_score"]["mean"] <= 1
