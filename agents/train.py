@@ -62,12 +62,12 @@ class TrainConfig:
 PRESETS = {
     # Sized for 2 CPU cores: all 90 SmolLM2 heads in minutes.
     "demo": dict(
-        steps=300,
-        batch=32,
-        width=64,
+        steps=200,
+        batch=8,
+        width=32,
         position_dim=16,
         max_position=2048,
-        lr=1e-3,
+        lr=3e-3,
         min_lr=1e-5,
         warmup=20,
         eval_every=50,
