@@ -8,7 +8,8 @@ takes a REINFORCE step with the leave-one-out baseline. No Gym step loop: batche
     kvp-gym train --traces traces/demo/niah_single.h5 traces/demo/essay.h5 --heads all --out runs/kvp --preset demo
 
 Writes ``OUT/agents.safetensors`` (the best EMA weights by validation score), ``OUT/last.pt`` (to resume) and
-TensorBoard logs in ``OUT/tb``.
+TensorBoard logs in ``OUT/tb``. Several processes or machines: ``torchrun --nproc_per_node N -m kvp_gym.cli train
+...`` (DDP; gloo on CPU, NCCL on GPUs).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -180,11 +183,18 @@ def evaluate_heads(network: torch.nn.Module, pool: EpisodePool) -> torch.Tensor:
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
+    # Under torchrun, every process trains on its own batches and DDP averages the gradients (gloo on CPU, NCCL
+    # on GPUs); process 0 evaluates, logs and writes the checkpoints.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    main = rank == 0
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights everywhere
     rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + rank)  # different batches per process
     with open_traces(config.traces[0]) as first:
         header = first.header
     heads = parse_heads(config.heads, header.layers, header.geometry.num_kv_heads)
@@ -205,6 +215,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         floor = config.min_lr / config.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
 
+    model = torch.nn.parallel.DistributedDataParallel(network) if world > 1 else network
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start, best = 0, {"score": -1.0, "step": -1, "per_head": []}
     last = out / "last.pt"
@@ -215,10 +226,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
+        if rank:
+            generator.manual_seed(config.seed + rank + state["step"])
         start, best = state["step"], state["best"]
     from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
-    writer = SummaryWriter(str(out / "tb"))
+    writer = SummaryWriter(str(out / "tb")) if main else None
     trace_hash = "+".join(file_sha256(p)[:16] for p in config.traces)
     metadata = {
         "model": header.model,
@@ -232,12 +245,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     }
     episodes = len(train_pool.sample)
     started = time.perf_counter()
-    bar = tqdm(range(start, config.steps), desc="train kvp", disable=not progress, initial=start, total=config.steps)
+    bar = tqdm(
+        range(start, config.steps), desc="train kvp", disable=not (progress and main), initial=start, total=config.steps
+    )
     for step in bar:
         # 1. A batch of episodes per head, and one sampled ranking per episode.
         index = torch.randint(episodes, (len(heads), config.batch), generator=generator)
         keys, values, positions, valid, importance = train_pool.batch(index)
-        scores = network(keys, values, positions)
+        scores = model(keys, values, positions)
         ranking = gumbel_ranking(scores.detach(), valid, generator)
         reward = holistic_reward(importance, ranking)  # [H, B], <= -1
 
@@ -257,6 +272,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         schedule.step()
         ema.update_parameters(network)
 
+        if not main:
+            continue
         writer.add_scalar("train/reward", reward.mean().item(), step)
         writer.add_scalar("train/holistic_score", (-1 / reward).mean().item(), step)
         writer.add_scalar("train/advantage_std", (reward - baseline).std().item(), step)
@@ -286,8 +303,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                     },
                     tmp,
                 )
-    writer.close()
     summary = {
+        "world_size": world,
         "heads": len(heads),
         "steps": config.steps,
         "seconds": time.perf_counter() - started,
@@ -295,8 +312,17 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "best_step": best["step"],
         "checkpoint": str(out / "agents.safetensors"),
     }
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    if world > 1:  # DDP keeps the replicas identical; check it rather than trust it
+        checksum = float(sum(p.double().sum() for p in network.parameters()))
+        sums: list = [None] * world
+        dist.all_gather_object(sums, checksum)
+        summary["replicas_in_sync"] = max(sums) - min(sums) <= 1e-9 * max(1.0, abs(checksum))
+    if main:
+        writer.close()
+        with atomic_path(out / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+    if world > 1:
+        dist.barrier()
     return summary
 
 
@@ -322,5 +348,6 @@ def _run(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     settings = {**PRESETS.get(args.preset or "", {}), **{k: v for k, v in values.items() if v is not None}}
     summary = train(TrainConfig(**settings))
-    print(json.dumps(summary, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
     return 0

@@ -152,3 +152,48 @@ def test_kvp_in_evaluate(trained, tiny_trace):
         tiny_trace, [f"kvp:checkpoint={summary['checkpoint']}", "random"], split="val", bootstrap=50, progress=False
     )
     assert 0 < record["policies"]["kvp"]["holistic_score"]["mean"] <= 1
+
+
+def test_distributed_training_with_two_processes(tiny_trace, tmp_path):
+    """torchrun, 2 local processes, gloo: the replicas stay identical and process 0 writes the checkpoint."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "kvp_gym.cli",
+        "train",
+        "--traces",
+        str(tiny_trace),
+        "--heads",
+        "all",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--width",
+        "8",
+        "--position-dim",
+        "4",
+        "--max-position",
+        "1024",
+        "--eval-every",
+        "2",
+        "--random-splits",
+        "0",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_in_sync"] is True
+    assert (out / "agents.safetensors").exists() and result.stdout.count('"world_size"') == 1
