@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from kvp_gym import __version__
 from kvp_gym.scorers import HeadView, Scorer, ScorerError, available_scorers, get_scorer, parameters, score
 from kvp_gym.storage import atomic_path
-from kvp_gym.traces import SPLITS, open_traces
+from kvp_gym.traces import SPLITS, open_compatible
 from kvp_gym.utility import future_importance, holistic_score, retained_fraction
 
 SCHEMA, SCHEMA_VERSION = "kvp-gym/trace-evaluation", 1
@@ -101,13 +101,9 @@ def evaluate(
     names = list(scorers)
     paths = [traces] if isinstance(traces, str | Path) else list(traces)
     started = time.perf_counter()
-    files = [open_traces(p) for p in paths]
+    files = open_compatible(paths)
     try:
         header = files[0].header
-        for trace in files[1:]:
-            problem = header.compatible_with(trace.header)
-            if problem:
-                raise ValueError(f"{trace.path} cannot be evaluated with {files[0].path}: {problem}")
         samples = [(t, s) for t in files for s in t.samples.values() if split == "all" or s.split == split]
         if not samples:
             present = sorted({s.split for t in files for s in t.samples.values()})

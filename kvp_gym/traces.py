@@ -415,6 +415,24 @@ def open_traces(path: str | os.PathLike) -> TraceFile:
     return TraceFile(path)
 
 
+def open_compatible(paths: Sequence[str | os.PathLike]) -> list[TraceFile]:
+    """Open several trace files that must share model, geometry and recorded layers (closed again on error)."""
+    if not paths:
+        raise ValueError("no trace files given")
+    opened: list[TraceFile] = []
+    try:
+        for path in paths:
+            opened.append(open_traces(path))
+            problem = opened[0].header.compatible_with(opened[-1].header)
+            if problem:
+                raise TraceFormatError(path, "/", f"cannot be used with {opened[0].path}: {problem}")
+    except BaseException:
+        for trace in opened:
+            trace.close()
+        raise
+    return opened
+
+
 # -- writing ------------------------------------------------------------------------------------------------------
 def write_traces(
     path: str | os.PathLike,

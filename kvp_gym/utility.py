@@ -90,10 +90,19 @@ def holistic_cost(importance: torch.Tensor, order: torch.Tensor, valid: torch.Te
     return (ranked * ranks).sum(-1)
 
 
+def holistic_costs(
+    importance: torch.Tensor, order: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cost, oracle cost, reward) of ``order``, each [...]; reward = -cost / oracle cost, <= -1, and -1 exactly
+    for an optimal ranking (also when all importance is zero)."""
+    cost, oracle = holistic_cost(importance, order, valid), holistic_cost(importance, oracle_ranking(importance))
+    reward = torch.where(oracle > 0, -cost / oracle.clamp_min(torch.finfo(torch.float32).tiny), -1.0)
+    return cost, oracle, reward
+
+
 def holistic_reward(importance: torch.Tensor, order: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """-cost / oracle cost: <= -1, and -1 exactly for an optimal ranking (also when all importance is zero)."""
-    cost, oracle = holistic_cost(importance, order, valid), holistic_cost(importance, oracle_ranking(importance))
-    return torch.where(oracle > 0, -cost / oracle.clamp_min(torch.finfo(torch.float32).tiny), -1.0)
+    return holistic_costs(importance, order, valid)[2]
 
 
 def holistic_score(importance: torch.Tensor, order: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvp_gym.traces import SampleInfo, TraceFile, open_traces
+from kvp_gym.traces import SampleInfo, TraceFile, open_compatible
 from kvp_gym.utility import future_importance
 
 SPLIT_POINT_MODES = ("prompt", "random")
@@ -82,12 +82,8 @@ class TraceEpisodes:
     ):
         if split_point not in SPLIT_POINT_MODES:
             raise ValueError(f"split_point must be one of {SPLIT_POINT_MODES}, got {split_point!r}")
-        self.traces: list[TraceFile] = [open_traces(p) for p in paths]
+        self.traces: list[TraceFile] = open_compatible(paths)
         first = self.traces[0]
-        for trace in self.traces[1:]:
-            problem = first.header.compatible_with(trace.header)
-            if problem:
-                raise ValueError(f"{trace.path} cannot be used with {first.path}: {problem}")
         self.geometry = first.header.geometry
         recorded = first.header.layers
         self.layers = tuple(recorded if layers is None else layers)

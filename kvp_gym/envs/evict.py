@@ -15,7 +15,7 @@ from gymnasium import spaces
 
 from kvp_gym.envs.episodes import Episode, TraceEpisodes
 from kvp_gym.storage import cache_dir
-from kvp_gym.utility import holistic_cost, oracle_ranking, retained_fraction
+from kvp_gym.utility import holistic_costs, retained_fraction
 
 log = logging.getLogger(__name__)
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # traces store float16: no observed value can exceed it
@@ -133,13 +133,15 @@ class Observations:
             out["query_mask"][index][rows] = 1
 
 
-def protect(scores: torch.Tensor, split: int, sinks: int, recent: int) -> torch.Tensor:
-    """Scores with the first ``sinks`` and last ``recent`` of ``split`` cached tokens forced to the top."""
-    if sinks or recent:
-        scores = scores.clone()
-        scores[..., :sinks] = torch.inf
-        scores[..., max(split - recent, 0) : split] = torch.inf
-    return scores
+def protect(scores: torch.Tensor, split: int | torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """Scores [..., T] with the first ``sinks`` and last ``recent`` of ``split`` cached tokens forced to the top
+    (``split``: an int, or a [...] tensor of one split per row)."""
+    if not (sinks or recent):
+        return scores
+    positions = torch.arange(scores.shape[-1])
+    split = torch.as_tensor(split)[..., None]
+    protected = (positions < sinks) | ((positions >= split - recent) & (positions < split))
+    return scores.masked_fill(protected, torch.inf)
 
 
 class KVEvictEnv(gym.Env):
@@ -215,9 +217,8 @@ class KVEvictEnv(gym.Env):
         n = episode.key.split
         scores = protect(torch.from_numpy(action[:n]), n, self.config["sinks"], self.config["recent"])
         importance = episode.importance
-        cost = holistic_cost(importance, scores)
-        oracle = holistic_cost(importance, oracle_ranking(importance))
-        reward = float(-cost / oracle) if oracle > 0 else -1.0
+        cost, oracle, reward = holistic_costs(importance, scores)
+        reward = float(reward)
         info = {
             "holistic_score": -1.0 / reward,
             "retained_fraction": retained_fraction(importance, scores, self.budgets).numpy(),

@@ -18,7 +18,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from kvp_gym.envs.evict import Observations, episode_source, protect, resolve_config
-from kvp_gym.utility import holistic_cost, oracle_ranking, retained_fraction
+from kvp_gym.utility import holistic_costs, retained_fraction
 
 
 class KVEvictVectorEnv(VectorEnv):
@@ -57,17 +57,9 @@ class KVEvictVectorEnv(VectorEnv):
         splits = [key.split for key in self._keys]
         valid = torch.from_numpy(self._observation["mask"]).bool()
         scores = torch.from_numpy(actions)
-        if self.config["sinks"] or self.config["recent"]:
-            scores = torch.stack(
-                [
-                    protect(s, n, self.config["sinks"], self.config["recent"])
-                    for s, n in zip(scores, splits, strict=True)
-                ]
-            )
+        scores = protect(scores, torch.tensor(splits), self.config["sinks"], self.config["recent"])
         importance = self._importance
-        cost = holistic_cost(importance, scores, valid)
-        oracle = holistic_cost(importance, oracle_ranking(importance))
-        reward = torch.where(oracle > 0, -cost / oracle.clamp_min(torch.finfo(torch.float32).tiny), -1.0)
+        cost, oracle, reward = holistic_costs(importance, scores, valid)
         final_info = {
             "holistic_score": (-1.0 / reward).numpy(),
             "retained_fraction": retained_fraction(importance, scores, self.budgets, valid).numpy(),
