@@ -8,7 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := traces/demo
 
-.PHONY: install test demo lint clean
+KVP := traces/kvp
+KVP_TRAIN_TASKS := niah_single niah_multikey niah_multivalue variable_tracking
+KVP_TEST_TASKS := $(KVP_TRAIN_TASKS) niah_multiquery
+KVP_TRAIN := $(foreach t,$(KVP_TRAIN_TASKS) essay,$(KVP)/train-$(t).h5)
+KVP_TEST := $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/test-$(t).h5)
+
+.PHONY: install test demo lint clean kvp-traces kvp-agents kvp-eval
 
 install: $(STAMP)
 
@@ -33,6 +39,26 @@ demo: $(STAMP)
 	$(BIN)/kvp-gym traces info $(DEMO)/essay.h5
 	$(BIN)/kvp-gym evaluate --traces $(DEMO)/niah_single.h5 $(DEMO)/essay.h5 --policies all --split all \
 		--out runs/demo-eval
+
+# The shipped KVP agents (docs/agents.md): training traces from the "train" text pool (seed 0), test traces from
+# the disjoint "heldout" pool (seed 1000) with one task (niah_multiquery) never trained on.
+kvp-traces: $(STAMP)
+	for t in $(KVP_TRAIN_TASKS); do $(BIN)/kvp-gym collect --task $$t --samples 10 --context 1024 --future 32 \
+		--text train --splits 0.8,0.2,0 --out $(KVP)/train-$$t.h5 --resume || exit 1; done
+	$(BIN)/kvp-gym collect --task essay --samples 12 --context 1024 --future 64 \
+		--text train --splits 0.75,0.25,0 --out $(KVP)/train-essay.h5 --resume
+	for t in $(KVP_TEST_TASKS); do $(BIN)/kvp-gym collect --task $$t --samples 4 --context 1024 --future 32 \
+		--text heldout --seed 1000 --splits 0,0,1 --out $(KVP)/test-$$t.h5 --resume || exit 1; done
+	$(BIN)/kvp-gym collect --task essay --samples 6 --context 1024 --future 64 \
+		--text heldout --seed 1000 --splits 0,0,1 --out $(KVP)/test-essay.h5 --resume
+
+kvp-agents: kvp-traces
+	$(BIN)/kvp-gym train --traces $(KVP_TRAIN) --heads all --out runs/kvp-smollm2 --preset demo
+	mkdir -p agents/checkpoints
+	cp runs/kvp-smollm2/agents.safetensors agents/checkpoints/smollm2-135m.safetensors
+
+kvp-eval: kvp-traces
+	$(BIN)/kvp-gym evaluate --traces $(KVP_TEST) --policies all --split test --out runs/kvp-eval
 
 clean:
 	rm -rf $(VENV) traces/demo .pytest_cache .ruff_cache

@@ -4,6 +4,9 @@ Metadata (the safetensors header's ``kvp_gym`` entry): format, package version, 
 (layer, KV head) of each network row, the network's configuration, the training configuration, the trace-set
 hash and each head's validation score. :func:`load` returns a scorer usable by the environment's callers,
 ``kvp-gym evaluate`` and the evicting cache; :class:`KVPScorer` is registered as ``kvp``.
+
+Trained agents ship with the package in ``agents/checkpoints/`` (``SHIPPED``, by model id; docs/agents.md says how
+each was made); ``kvp`` without a checkpoint uses them.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from agents.kvp import KVPNetwork
+from agents.kvp import KVPNetwork, ages_of
 from kvp_gym import __version__
 from kvp_gym.scorers import HeadView, ScorerError
 from kvp_gym.storage import atomic_path
 
 CHECKPOINT_FORMAT = "kvp-gym/kvp-agents-v1"
+SHIPPED = {"smollm2-135m": Path(__file__).parent / "checkpoints" / "smollm2-135m.safetensors"}
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def save_checkpoint(path: str | Path, network: KVPNetwork, heads: list[tuple[int, int]], metadata: dict) -> Path:
@@ -71,8 +76,9 @@ def _cached(path: str) -> tuple[KVPNetwork, dict]:
 class KVPScorer:
     """The learned KVP scorer: each head's own network scores its tokens from key, value and position.
 
-    checkpoint: a file written by :func:`save_checkpoint`. keys, values [B..., n, D], positions [B..., n] and the
-    view's layer / kv_head ids [B...] -> scores [B..., n]; a head the checkpoint has no agent for is an error.
+    checkpoint: a file written by :func:`save_checkpoint`; empty = the agents shipped for smollm2-135m. keys,
+    values [B..., n, D], positions [B..., n], mask [B..., n] and the view's layer / kv_head ids [B...] -> scores
+    [B..., n]; a head the checkpoint has no agent for is an error.
     """
 
     checkpoint: str = ""
@@ -81,50 +87,58 @@ class KVPScorer:
     needs_future: ClassVar[bool] = False
 
     def __post_init__(self):
-        if not self.checkpoint:
+        if not self.checkpoint and not SHIPPED[DEFAULT_MODEL].exists():
             raise ScorerError(
-                "the kvp scorer needs a checkpoint: get_scorer('kvp', checkpoint='path/agents.safetensors')"
+                f"no shipped KVP agents at {SHIPPED[DEFAULT_MODEL]}; pass checkpoint='path/agents.safetensors'"
             )
-        _cached(str(self.checkpoint))  # fail early on a bad file
+        _cached(self.path)  # fail early on a bad file
+
+    @property
+    def path(self) -> str:
+        return str(self.checkpoint or SHIPPED[DEFAULT_MODEL])
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return _cached(str(self.checkpoint))[1]
+        return _cached(self.path)[1]
 
     def check_geometry(self, model: str, head_dim: int, num_layers: int, num_kv_heads: int) -> None:
-        """Raise ScorerError naming both sides if the checkpoint was trained for another model geometry."""
+        """Raise ScorerError naming both sides if the checkpoint was trained for another model geometry (or, with
+        the shipped agents, for another model)."""
         trained = self.metadata["geometry"]
         used = {"head_dim": head_dim, "num_layers": num_layers, "num_kv_heads": num_kv_heads}
         differs = {k: (trained.get(k), v) for k, v in used.items() if trained.get(k) != v}
         if differs:
             raise ScorerError(
-                f"{self.checkpoint} was trained for {self.metadata['model']} {trained}, but is used with {model} "
+                f"{self.path} was trained for {self.metadata['model']} {trained}, but is used with {model} "
                 f"{used}: differs in {sorted(differs)}"
+            )
+        if not self.checkpoint and model != DEFAULT_MODEL:
+            raise ScorerError(
+                f"kvp ships agents for {', '.join(SHIPPED)} only, not for {model}: train some (kvp-gym train) and "
+                "pass checkpoint=PATH"
             )
 
     @torch.no_grad()
     def score(self, view: HeadView) -> torch.Tensor:
         if view.layer is None or view.kv_head is None:
             raise ScorerError("the kvp scorer needs the view's layer and kv_head ids")
-        network, metadata = _cached(str(self.checkpoint))
+        network, metadata = _cached(self.path)
         if view.keys.shape[-1] != network.head_dim:
-            raise ScorerError(
-                f"{self.checkpoint}: trained for head_dim {network.head_dim}, view has {view.keys.shape[-1]}"
-            )
+            raise ScorerError(f"{self.path}: trained for head_dim {network.head_dim}, view has {view.keys.shape[-1]}")
         row_of = {tuple(h): i for i, h in enumerate(metadata["heads"])}
         pairs = zip(view.layer.reshape(-1).tolist(), view.kv_head.reshape(-1).tolist(), strict=True)
         try:
             select = torch.tensor([row_of[pair] for pair in pairs])
         except KeyError as missing:
-            raise ScorerError(f"{self.checkpoint} has no agent for (layer, kv_head) {missing.args[0]}") from None
+            raise ScorerError(f"{self.path} has no agent for (layer, kv_head) {missing.args[0]}") from None
         n, d = view.num_tokens, view.keys.shape[-1]
         flat = (len(select), 1, n)
-        scores = network(
-            view.keys.reshape(*flat, d), view.values.reshape(*flat, d), view.positions.reshape(flat), select
-        )
+        positions = view.positions.reshape(flat)
+        ages = ages_of(positions, view.mask.reshape(flat))
+        scores = network(view.keys.reshape(*flat, d), view.values.reshape(*flat, d), positions, ages, select)
         return scores.reshape(view.mask.shape)
 
 
-def load(path: str | Path) -> KVPScorer:
-    """The scorer of a KVP checkpoint."""
-    return KVPScorer(str(path))
+def load(path: str | Path | None = None) -> KVPScorer:
+    """The scorer of a KVP checkpoint (default: the agents shipped for smollm2-135m)."""
+    return KVPScorer(str(path or ""))

@@ -1,10 +1,19 @@
 """The KVP per-head scorer network (paper-notes.md section 3), batched over many heads with grouped weights.
 
-Per token: key -> Linear(D, W) + LayerNorm; value -> Linear(D, W) + LayerNorm; position -> learned embedding
-(``position_dim`` dims, positions clamped to the table's last row) + LayerNorm; concatenated, then two hidden
-layers of W with LayerNorm + SiLU, then Linear(W, 1): one score per token, higher = keep. Tokens are scored
-independently. :class:`KVPNetwork` holds H such networks as [H, ...] parameter tensors and scores all of them in
-one batched call (no Python loop over heads).
+Per token: key -> Linear(D, W) + LayerNorm; value -> Linear(D, W) + LayerNorm; position -> two learned
+embeddings (``position_dim`` dims each) + LayerNorm: one of the token's index in the cache, one of its age
+(newest position - position); concatenated, then two hidden layers of W with LayerNorm + SiLU, then Linear(W, 1):
+one score per token, higher = keep. Tokens are scored independently.
+
+Our choices beyond the paper: the age embedding (with free text split at random points the index alone cannot
+express recency), and bucketed embedding tables: positions below ``buckets / 2`` have their own row, larger ones
+share log-spaced rows up to ``max_position``, beyond which the last row is used (the paper's clamping). This keeps
+a head's tables at ``buckets`` rows whatever the context length.
+
+:class:`KVPNetwork` holds H such networks as [H, ...] parameter tensors and scores all of them in one batched call
+(no Python loop over heads). Its forward pass computes exactly the function above, arranged for speed: the
+LayerNorm affines before the first hidden layer are folded into its weight, and the position branch is evaluated
+on the embedding tables (``buckets`` rows) and gathered, instead of per token.
 """
 
 from __future__ import annotations
@@ -13,11 +22,11 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.functional import layer_norm, silu
 
 
 class GroupedLinear(nn.Module):
-    """H independent Linear(in, out) layers: x [H', ..., in] -> [H', ..., out]; ``select`` [H'] picks the layers
-    (default all H, in order)."""
+    """H independent Linear(in, out) layers: weight [H, in, out], bias [H, out]."""
 
     def __init__(self, heads: int, features_in: int, features_out: int):
         super().__init__()
@@ -25,45 +34,57 @@ class GroupedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(heads, features_in, features_out).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(heads, features_out).uniform_(-bound, bound))
 
-    def forward(self, x: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-        weight, bias = (self.weight, self.bias) if select is None else (self.weight[select], self.bias[select])
-        shape = x.shape
-        flat = x.reshape(shape[0], -1, shape[-1])
-        out = torch.baddbmm(bias[:, None, :], flat, weight)
-        return out.reshape(*shape[:-1], -1)
-
 
 class GroupedLayerNorm(nn.Module):
-    """H independent LayerNorms over the last dimension: x [H', ..., F]; ``select`` as for GroupedLinear."""
+    """H independent LayerNorm affines over the last dimension: weight, bias [H, F]."""
 
     def __init__(self, heads: int, features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(heads, features))
         self.bias = nn.Parameter(torch.zeros(heads, features))
 
-    def forward(self, x: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-        weight, bias = (self.weight, self.bias) if select is None else (self.weight[select], self.bias[select])
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        normed = torch.nn.functional.layer_norm(x, x.shape[-1:])
-        return normed * weight.reshape(shape) + bias.reshape(shape)
+
+def bucket(positions: torch.Tensor, buckets: int, max_position: int) -> torch.Tensor:
+    """Embedding row of each position >= 0 (int tensor, any shape): itself below ``buckets // 2``, then log-spaced
+    rows up to ``max_position``; every position from ``max_position`` on uses the last row."""
+    exact = buckets // 2
+    positions = positions.clamp(min=0)
+    scale = (buckets - exact) / math.log(max_position / exact)
+    logged = exact + (torch.log(positions.clamp(min=exact).float() / exact) * scale).long()
+    return torch.where(positions < exact, positions, logged.clamp(max=buckets - 1))
 
 
 class KVPNetwork(nn.Module):
-    """H per-head KVP scorers. forward(keys, values, positions, select) with keys/values [H', B, n, D] and
-    positions [H', B, n] (int) -> scores [H', B, n] float32; ``select`` [H'] says which of the H networks scores
-    each leading row (default: all H in order)."""
+    """H per-head KVP scorers; see the module docstring.
 
-    def __init__(self, heads: int, head_dim: int, width: int = 256, position_dim: int = 32, max_position: int = 8192):
+    forward(keys, values, positions, ages, select): keys, values [H', B, n, D]; positions and ages [H', B, n] int
+    (or broadcastable to it, e.g. [H', 1, n]); ``select`` [H'] says which of the H networks scores each leading row
+    (default: all H in order). Returns scores [H', B, n] float32.
+    """
+
+    def __init__(
+        self,
+        heads: int,
+        head_dim: int,
+        width: int = 256,
+        position_dim: int = 32,
+        buckets: int = 64,
+        max_position: int = 8192,
+    ):
         super().__init__()
+        if not 2 <= buckets <= max_position or max_position <= buckets // 2:
+            raise ValueError(f"need 2 <= buckets <= max_position, got buckets {buckets}, max_position {max_position}")
         self.heads, self.head_dim, self.width = heads, head_dim, width
-        self.position_dim, self.max_position = position_dim, max_position
+        self.position_dim, self.buckets, self.max_position = position_dim, buckets, max_position
         self.key = GroupedLinear(heads, head_dim, width)
         self.key_norm = GroupedLayerNorm(heads, width)
         self.value = GroupedLinear(heads, head_dim, width)
         self.value_norm = GroupedLayerNorm(heads, width)
-        self.position = nn.Parameter(torch.randn(heads, max_position, position_dim) * 0.02)
-        self.position_norm = GroupedLayerNorm(heads, position_dim)
-        self.hidden1 = GroupedLinear(heads, 2 * width + position_dim, width)
+        self.index_table = nn.Parameter(torch.randn(heads, buckets, position_dim) * 0.02)
+        self.index_norm = GroupedLayerNorm(heads, position_dim)
+        self.age_table = nn.Parameter(torch.randn(heads, buckets, position_dim) * 0.02)
+        self.age_norm = GroupedLayerNorm(heads, position_dim)
+        self.hidden1 = GroupedLinear(heads, 2 * width + 2 * position_dim, width)
         self.norm1 = GroupedLayerNorm(heads, width)
         self.hidden2 = GroupedLinear(heads, width, width)
         self.norm2 = GroupedLayerNorm(heads, width)
@@ -75,27 +96,70 @@ class KVPNetwork(nn.Module):
             "head_dim": self.head_dim,
             "width": self.width,
             "position_dim": self.position_dim,
+            "buckets": self.buckets,
             "max_position": self.max_position,
         }
 
     def forward(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, select: torch.Tensor | None = None
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        ages: torch.Tensor,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        table = self.position if select is None else self.position[select]
-        index = positions.clamp(0, self.max_position - 1).reshape(keys.shape[0], -1)
-        embedded = torch.gather(table, 1, index[..., None].expand(-1, -1, self.position_dim))
-        embedded = embedded.reshape(*positions.shape, self.position_dim)
-        x = torch.cat(
-            [
-                self.key_norm(self.key(keys.float(), select), select),
-                self.value_norm(self.value(values.float(), select), select),
-                self.position_norm(embedded, select),
-            ],
-            dim=-1,
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if select is None else t[select]
+
+        heads, batch, n, dim = keys.shape
+        width, pos = self.width, self.position_dim
+        w1 = rows(self.hidden1.weight)
+        w1_key, w1_value = w1[:, :width], w1[:, width : 2 * width]
+        w1_index, w1_age = w1[:, 2 * width : 2 * width + pos], w1[:, 2 * width + pos :]
+
+        # Key and value branches, their LayerNorm affines folded into the first hidden layer.
+        def branch(x: torch.Tensor, linear: GroupedLinear) -> torch.Tensor:
+            projected = torch.baddbmm(
+                rows(linear.bias)[:, None], x.reshape(heads, batch * n, dim).float(), rows(linear.weight)
+            )
+            return layer_norm(projected, (width,))
+
+        def folded(norm: GroupedLayerNorm, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return rows(norm.weight)[:, :, None] * w, torch.bmm(rows(norm.bias)[:, None], w)
+
+        key_weight, key_bias = folded(self.key_norm, w1_key)
+        value_weight, value_bias = folded(self.value_norm, w1_value)
+        bias = rows(self.hidden1.bias)[:, None] + key_bias + value_bias
+        x = torch.baddbmm(bias, branch(keys, self.key), key_weight)
+        x = torch.baddbmm(x, branch(values, self.value), value_weight).reshape(heads, batch, n, width)
+
+        # Position branches: the first hidden layer's share of every table row, then one gather per token.
+        def table(t: torch.Tensor, norm: GroupedLayerNorm, w: torch.Tensor) -> torch.Tensor:
+            normed = layer_norm(rows(t), (pos,)) * rows(norm.weight)[:, None] + rows(norm.bias)[:, None]
+            return torch.bmm(normed, w)  # [H', buckets, W]
+
+        head = torch.arange(heads).reshape(heads, 1, 1)
+        index_rows = table(self.index_table, self.index_norm, w1_index)
+        age_rows = table(self.age_table, self.age_norm, w1_age)
+        x = x + index_rows[head, bucket(positions, self.buckets, self.max_position)]
+        x = x + age_rows[head, bucket(ages, self.buckets, self.max_position)]
+
+        x = x.reshape(heads, batch * n, width)
+        x = silu(
+            torch.addcmul(rows(self.norm1.bias)[:, None], layer_norm(x, (width,)), rows(self.norm1.weight)[:, None])
         )
-        x = torch.nn.functional.silu(self.norm1(self.hidden1(x, select), select))
-        x = torch.nn.functional.silu(self.norm2(self.hidden2(x, select), select))
-        return self.out(x, select).squeeze(-1)
+        x = torch.baddbmm(rows(self.hidden2.bias)[:, None], x, rows(self.hidden2.weight))
+        x = silu(
+            torch.addcmul(rows(self.norm2.bias)[:, None], layer_norm(x, (width,)), rows(self.norm2.weight)[:, None])
+        )
+        scores = torch.baddbmm(rows(self.out.bias)[:, None], x, rows(self.out.weight))
+        return scores.reshape(heads, batch, n)
+
+
+def ages_of(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each token's age: the newest valid position minus its position. positions, valid [..., n] -> [..., n]."""
+    newest = positions.masked_fill(~valid, -1).amax(-1, keepdim=True)
+    return newest - positions
 
 
 def plackett_luce_log_prob(scores: torch.Tensor, ranking: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

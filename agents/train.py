@@ -1,9 +1,15 @@
 """RLOO trainer for KVP agents (paper-notes.md section 4), readable top to bottom.
 
 Each KV head has its own network (all heads train together as one grouped network, each head's gradient its own).
-A step samples ``batch`` episodes per head from the training traces, samples one ranking per episode from the
-Plackett-Luce policy by Gumbel-sort, scores it with the holistic reward (the environment's utility code), and
-takes a REINFORCE step with the leave-one-out baseline. No Gym step loop: batches come straight from the traces.
+A step samples ``batch`` episodes per head from the training traces, samples ``rankings`` rankings per episode
+from the Plackett-Luce policy by Gumbel-sort, scores them with the holistic reward (the environment's utility
+code), and takes a REINFORCE step with the leave-one-out baseline. No Gym step loop: batches come straight from
+the traces.
+
+The paper samples one ranking per episode and takes the leave-one-out mean over the batch (``rankings=1``, the
+default). With ``rankings=K > 1`` (our choice, used by the demo preset) the baseline of a ranking is the mean reward
+of the other K - 1 rankings of the same episode, which removes the spread of difficulty between episodes from the
+advantage; the K rankings share one network pass, so they cost little more than one.
 
     kvp-gym train --traces traces/demo/niah_single.h5 traces/demo/essay.h5 --heads all --out runs/kvp --preset demo
 
@@ -46,9 +52,11 @@ class TrainConfig:
     heads: str = "all"  # "all" or "layer:head,layer:head"
     steps: int = 4000
     batch: int = 128  # episodes per head per step
+    rankings: int = 1  # sampled rankings per episode (> 1: leave-one-out baseline within each episode)
     width: int = 256
     position_dim: int = 32
-    max_position: int = 8192
+    buckets: int = 64  # rows of each position table (exact below buckets / 2, then log-spaced)
+    max_position: int = 8192  # positions from here on share the tables' last row
     lr: float = 5e-5
     min_lr: float = 1e-6
     weight_decay: float = 1e-3
@@ -67,9 +75,9 @@ PRESETS = {
     "demo": dict(
         steps=200,
         batch=8,
+        rankings=8,
         width=32,
         position_dim=16,
-        max_position=2048,
         lr=3e-3,
         min_lr=1e-5,
         warmup=20,
@@ -146,18 +154,19 @@ class EpisodePool:
         self.positions = torch.arange(length)
 
     def batch(self, episodes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """episodes [H, B] -> keys, values [H, B, n, D], positions [H, B, n], valid [H, B, n], importance [H, B, n]
-        with n = the longest split in the batch."""
+        """episodes [H, B] -> keys, values [H, B, n, D], positions [1, 1, n], ages [H, B, n], valid [H, B, n],
+        importance [H, B, n], with n = the longest split in the batch."""
         splits = self.split[episodes]
         n = int(splits.max())
         rows = torch.arange(episodes.shape[0])[:, None]
         samples = self.sample[episodes]
-        valid = self.positions[:n] < splits[..., None]
+        positions = self.positions[:n]
         return (
             self.keys[rows, samples, :n],
             self.values[rows, samples, :n],
-            self.positions[:n].expand(valid.shape),
-            valid,
+            positions.reshape(1, 1, n),
+            splits[..., None] - 1 - positions,
+            positions < splits[..., None],
             self.importance[rows, episodes, :n],
         )
 
@@ -177,8 +186,8 @@ def evaluate_heads(network: torch.nn.Module, pool: EpisodePool) -> torch.Tensor:
     """Mean holistic score per head over every episode of ``pool``, ranking by the scores (argsort). [H]."""
     heads, episodes = pool.importance.shape[:2]
     index = torch.arange(episodes).expand(heads, episodes)
-    keys, values, positions, valid, importance = pool.batch(index)
-    scores = network(keys, values, positions).masked_fill(~valid, float("-inf"))
+    keys, values, positions, ages, valid, importance = pool.batch(index)
+    scores = network(keys, values, positions, ages).masked_fill(~valid, float("-inf"))
     return (-1.0 / holistic_reward(importance, as_ranking(scores))).mean(1)
 
 
@@ -204,7 +213,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     val_pool = EpisodePool(config.traces, "val", heads, 0, config.min_prompt, rng)
 
     # Model, EMA copy, optimiser, schedule.
-    network = KVPNetwork(len(heads), header.geometry.head_dim, config.width, config.position_dim, config.max_position)
+    network = KVPNetwork(
+        len(heads), header.geometry.head_dim, config.width, config.position_dim, config.buckets, config.max_position
+    )
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema))
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -244,26 +255,30 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "training": dataclasses.asdict(config),
     }
     episodes = len(train_pool.sample)
-    started = time.perf_counter()
+    started = warm = time.perf_counter()
     bar = tqdm(
         range(start, config.steps), desc="train kvp", disable=not (progress and main), initial=start, total=config.steps
     )
     for step in bar:
-        # 1. A batch of episodes per head, and one sampled ranking per episode.
+        # 1. A batch of episodes per head, and K sampled rankings per episode: [H, B, K, n].
         index = torch.randint(episodes, (len(heads), config.batch), generator=generator)
-        keys, values, positions, valid, importance = train_pool.batch(index)
-        scores = model(keys, values, positions)
+        keys, values, positions, ages, valid, importance = train_pool.batch(index)
+        scores = model(keys, values, positions, ages)[:, :, None].expand(-1, -1, config.rankings, -1)
+        valid, importance = valid[:, :, None].expand_as(scores), importance[:, :, None].expand_as(scores)
         ranking = gumbel_ranking(scores.detach(), valid, generator)
-        reward = holistic_reward(importance, ranking)  # [H, B], <= -1
+        reward = holistic_reward(importance, ranking)  # [H, B, K], <= -1
 
-        # 2. Leave-one-out baseline, normalised and clamped advantages.
-        baseline = (reward.sum(1, keepdim=True) - reward) / (config.batch - 1)
-        advantage = reward - baseline
+        # 2. Leave-one-out baseline (over the episode's other rankings, or over the batch when K = 1), then
+        # advantages normalised per head and clamped.
+        group = reward if config.rankings > 1 else reward.transpose(1, 2)
+        baseline = (group.sum(-1, keepdim=True) - group) / (group.shape[-1] - 1)
+        advantage = (group - baseline).reshape(len(heads), -1)
         advantage = (advantage - advantage.mean(1, keepdim=True)) / (advantage.std(1, keepdim=True) + 1e-8)
         advantage = advantage.clamp(-config.advantage_clip, config.advantage_clip)
 
         # 3. REINFORCE: - advantage * log P(ranking); heads sum, so each head's gradient is its own.
         log_prob = plackett_luce_log_prob(scores, ranking, valid)
+        log_prob = (log_prob if config.rankings > 1 else log_prob.transpose(1, 2)).reshape(len(heads), -1)
         loss = -(advantage * log_prob).mean(1).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -271,12 +286,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         optimizer.step()
         schedule.step()
         ema.update_parameters(network)
+        if step == start:  # speeds are measured from the second step on (the first one warms caches up)
+            warm = time.perf_counter()
 
         if not main:
             continue
         writer.add_scalar("train/reward", reward.mean().item(), step)
         writer.add_scalar("train/holistic_score", (-1 / reward).mean().item(), step)
-        writer.add_scalar("train/advantage_std", (reward - baseline).std().item(), step)
+        writer.add_scalar("train/advantage_std", (group - baseline).std().item(), step)
         writer.add_scalar("train/log_prob", log_prob.mean().item(), step)
         writer.add_scalar("train/grad_norm", grad_norm.mean().item(), step)
         writer.add_scalar("train/lr", schedule.get_last_lr()[0], step)
@@ -308,6 +325,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "heads": len(heads),
         "steps": config.steps,
         "seconds": time.perf_counter() - started,
+        "steps_per_second": (config.steps - start - 1) / max(time.perf_counter() - warm, 1e-9),
         "best_validation_score": best["score"],
         "best_step": best["step"],
         "checkpoint": str(out / "agents.safetensors"),

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--seed", type=int, default=0)
     collect.add_argument("--layers", type=_layers, default=None, help="layers to record, e.g. 0-29 (default all)")
     collect.add_argument("--splits", type=_floats, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
+    collect.add_argument(
+        "--text",
+        default="all",
+        help="essays and words to draw from: all (default), or train / heldout, which are disjoint (training vs "
+        "test sets)",
+    )
     collect.add_argument("--shard", type=_shard, default=(0, 1), help="collect every N-th sample from i: i/N")
     state = collect.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true", help="keep the samples already written and add the rest")
@@ -112,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    evaluate.add_argument(
+        "--versus", metavar="POLICY", help="add a column: the share of heads on which POLICY beats each other policy"
+    )
 
     tasks = commands.add_parser("tasks", help="list the tasks, or measure a model's full-cache accuracy on them")
     tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
@@ -165,6 +174,7 @@ def _collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         layers=args.layers,
         splits=args.splits,
+        text=args.text,
     )
     summary = collect(config, args.out, resume=args.resume, overwrite=args.overwrite, shard=args.shard)
     print(summary)
@@ -175,9 +185,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from kvp_gym.evaluate import evaluate, format_table, write_results
 
     policies = "all" if args.policies == "all" else args.policies.split(",")
+    if args.versus and policies != "all" and args.versus not in [p.partition(":")[0] for p in policies]:
+        raise ValueError(f"--versus {args.versus!r} is not among --policies {args.policies!r}")
     record = evaluate(args.traces, policies, split=args.split, seed=args.seed, bootstrap=args.bootstrap)
     written = write_results(record, args.out)
-    print(format_table(record))
+    print(format_table(record, versus=args.versus))
     for name, reason in record["skipped"].items():
         print(f"skipped {name}: {reason}")
     timing = record["timing"]

@@ -26,6 +26,7 @@ from kvp_gym import __version__, models
 from kvp_gym.capture import capture_qkv
 from kvp_gym.generation import greedy, sample_seed
 from kvp_gym.tasks import encode, get_task, make_sample
+from kvp_gym.tasks.text import TEXT_POOLS
 from kvp_gym.traces import (
     SPLITS,
     SampleInfo,
@@ -41,7 +42,9 @@ from kvp_gym.traces import (
 
 @dataclass(frozen=True)
 class CollectConfig:
-    """What to collect. ``layers=None`` records every layer; ``splits`` are the train/val/test fractions."""
+    """What to collect. ``layers=None`` records every layer; ``splits`` are the train/val/test fractions;
+    ``text`` is the pool of essays and words the prompts draw from (``train`` / ``heldout`` keep training and test
+    sets apart; kvp_gym.tasks.text.TEXT_POOLS)."""
 
     model: str = models.DEFAULT_MODEL
     task: str = "niah_single"
@@ -51,9 +54,12 @@ class CollectConfig:
     seed: int = 0
     layers: tuple[int, ...] | None = None
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    text: str = "all"
 
     def __post_init__(self):
         get_task(self.task)  # fails early, listing the tasks, on an unknown name
+        if self.text not in TEXT_POOLS:
+            raise ValueError(f"text must be one of {', '.join(TEXT_POOLS)}, got {self.text!r}")
         if self.samples < 1 or self.context < 1 or self.future < 1:
             raise ValueError("samples, context and future must be positive")
         if len(self.splits) != 3 or min(self.splits) < 0 or abs(sum(self.splits) - 1) > 1e-6:
@@ -61,13 +67,22 @@ class CollectConfig:
 
     def sample_identity(self) -> dict:
         """The settings that determine a sample's content (its name is derived from them)."""
-        return {
+        identity = {
             "model": self.model,
             "task": self.task,
             "context": self.context,
             "future": self.future,
             "seed": self.seed,
         }
+        return identity | self._text_setting()
+
+    def settings(self) -> dict:
+        """Every setting, as recorded in the trace header."""
+        return {k: v for k, v in asdict(self).items() if k != "text"} | self._text_setting()
+
+    def _text_setting(self) -> dict:
+        # Omitted when "all" (the default) so that files collected before the option existed still resume.
+        return {} if self.text == "all" else {"text": self.text}
 
     def split_by_index(self) -> list[str]:
         """The split of every sample index: a seeded permutation cut at the split fractions."""
@@ -124,7 +139,7 @@ def collect(
     layers = tuple(range(geometry.num_layers)) if config.layers is None else tuple(config.layers)
     if not layers or not all(0 <= layer < geometry.num_layers for layer in layers):
         raise ValueError(f"layers must lie in [0, {geometry.num_layers}) for {config.model}, got {list(layers)}")
-    settings = {**asdict(config), "layers": list(layers), "splits": list(config.splits)}
+    settings = {**config.settings(), "layers": list(layers), "splits": list(config.splits)}
     header = TraceHeader(
         model=config.model,
         geometry=geometry,
@@ -174,7 +189,7 @@ def _record(model, tokenizer, config: CollectConfig, layers: tuple[int, ...], na
     values [H_kv, S, D])`` as float16 arrays.
     """
     task = get_task(config.task)
-    sample = make_sample(task, tokenizer, config.context, sample_seed(config.seed, index))
+    sample = make_sample(task, tokenizer, config.context, sample_seed(config.seed, index), config.text)
     encoded = encode(tokenizer, sample)
     if sample.chat:
         future, source = greedy(model, encoded.ids, config.future), "greedy"

@@ -6,10 +6,12 @@ The numbers come from the same utility code as the environment (:mod:`kvp_gym.ut
 results.json, schema ``kvp-gym/trace-evaluation`` version 1::
 
     {"schema", "schema_version", "kvp_gym_version", "created_by",
-     "traces": [{"path", "sha256"}], "model", "layers", "num_kv_heads", "split", "samples": [names], "seed",
+     "traces": [{"path", "sha256"}], "model", "layers", "num_kv_heads", "split", "samples": [names],
+     "tasks": [task of each sample], "seed",
      "bootstrap_resamples", "budgets": {"absolute": [...], "fractions": [...]}, "skipped": {name: reason},
      "policies": {name: {"parameters", "needs_queries", "privileged",
                          "holistic_score": {"mean", "ci95": [low, high]},   # bootstrap over samples
+                         "per_task": {task: mean},
                          "per_layer": [L], "per_head": [L][H],                # means over samples
                          "retained_fraction": {"absolute": {"16": ...}, "fractions": {"0.05": ...}},
                          "seconds"}},
@@ -53,7 +55,7 @@ def resolve_policies(policies: str | Sequence[str]) -> tuple[dict[str, Scorer], 
     """Instantiate scorers from ``'all'`` or specs ``name`` / ``name:param=value,...``.
 
     Returns (scorers by name, skipped): with ``'all'``, a registered scorer that cannot be built with default
-    parameters (``kvp`` without a checkpoint) is skipped with its reason instead of failing the run. An unknown
+    parameters is skipped with its reason instead of failing the run. An unknown
     name is a ValueError listing the available ones.
     """
     if policies == "all":
@@ -98,12 +100,23 @@ def evaluate(
     if split not in (*SPLITS, "all"):
         raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, 'all')}")
     scorers, skipped = resolve_policies(policies)
-    names = list(scorers)
     paths = [traces] if isinstance(traces, str | Path) else list(traces)
     started = time.perf_counter()
     files = open_compatible(paths)
     try:
         header = files[0].header
+        for name in list(scorers):  # a scorer trained for another model: an error, or skipped under 'all'
+            try:
+                check = getattr(scorers[name], "check_geometry", None)
+                if check is not None:
+                    g = header.geometry
+                    check(header.model, g.head_dim, g.num_layers, g.num_kv_heads)
+            except ScorerError as err:
+                if policies != "all":
+                    raise
+                skipped[name] = str(err)
+                del scorers[name]
+        names = list(scorers)
         samples = [(t, s) for t in files for s in t.samples.values() if split == "all" or s.split == split]
         if not samples:
             present = sorted({s.split for t in files for s in t.samples.values()})
@@ -140,6 +153,7 @@ def evaluate(
             "num_kv_heads": heads,
             "split": split,
             "samples": [s.name for _, s in samples],
+            "tasks": [s.task for _, s in samples],
             "seed": seed,
             "bootstrap_resamples": bootstrap,
             "budgets": {"absolute": list(ABSOLUTE_BUDGETS), "fractions": list(FRACTION_BUDGETS)},
@@ -161,6 +175,10 @@ def evaluate(
             "holistic_score": {
                 "mean": float(per_sample.mean()),
                 "ci95": [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))],
+            },
+            "per_task": {
+                task: float(per_sample[[t == task for t in record["tasks"]]].mean())
+                for task in sorted(set(record["tasks"]))
             },
             "per_layer": scores[name].mean((0, 2)).tolist(),
             "per_head": scores[name].mean(0).tolist(),
@@ -210,23 +228,47 @@ def write_results(record: dict[str, Any], out: str | Path) -> list[Path]:
     return [out / "results.json", *plot_results(record, out)]
 
 
-def format_table(record: dict[str, Any]) -> str:
-    """A plain-text table: policy, mean holistic score, 95% interval, retained fraction at 64 and 256 tokens."""
+def heads_won(record: dict[str, Any], name: str) -> dict[str, float]:
+    """For every other policy: the fraction of (layer, KV head) pairs on which ``name``'s mean holistic score is
+    higher than that policy's."""
+    if name not in record["policies"]:
+        raise ValueError(f"--versus {name!r}: not among the evaluated policies {sorted(record['policies'])}")
+    mine = np.array(record["policies"][name]["per_head"])
+    return {
+        other: float((mine > np.array(p["per_head"])).mean())
+        for other, p in record["policies"].items()
+        if other != name
+    }
+
+
+def format_table(record: dict[str, Any], versus: str | None = None) -> str:
+    """A plain-text table: policy, mean holistic score, 95% interval, retained fraction at 64 and 256 tokens, the
+    mean per task when there are several, and with ``versus`` the share of heads on which that policy wins."""
     files = ", ".join(t["path"] for t in record["traces"])
+    tasks = sorted(set(record.get("tasks", []))) if len(set(record.get("tasks", []))) > 1 else []
+    won = heads_won(record, versus) if versus else {}
+    header = f"{'policy':16s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} {'kept@256':>9s}"
+    header += "".join(f" {t[:12]:>12s}" for t in tasks) + (f" {versus[:7] + ' wins':>12s}" if versus else "")
     lines = [
         f"{files} ({record['model']}), split {record['split']}, {len(record['samples'])} samples x "
         f"{len(record['layers'])} layers x {record['num_kv_heads']} KV heads",
-        f"{'policy':16s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} {'kept@256':>9s}  sees",
+        header + "  sees",
     ]
     ranked = sorted(record["policies"].items(), key=lambda kv: -kv[1]["holistic_score"]["mean"])
     for name, p in ranked:
         low, high = p["holistic_score"]["ci95"]
         sees = "future (upper bound)" if p["privileged"] else ("queries" if p["needs_queries"] else "K/V")
         kept = p["retained_fraction"]["absolute"]
-        lines.append(
+        line = (
             f"{name:16s} {p['holistic_score']['mean']:14.3f} {f'[{low:.3f}, {high:.3f}]':>16s} "
-            f"{kept['64']:8.3f} {kept['256']:9.3f}  {sees}"
+            f"{kept['64']:8.3f} {kept['256']:9.3f}"
         )
+        line += "".join(f" {p['per_task'][t]:12.3f}" for t in tasks)
+        if versus:
+            line += f" {won[name]:12.0%}" if name in won else f" {'':12s}"
+        lines.append(line + f"  {sees}")
+    if versus:
+        lines.append(f"'{versus} wins': share of the (layer, KV head) pairs on which {versus} scores higher")
     return "\n".join(lines)
 
 

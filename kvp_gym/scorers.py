@@ -51,7 +51,11 @@ class HeadView:
 
 @runtime_checkable
 class Scorer(Protocol):
-    """score(view) -> [B..., n] float scores, higher = keep."""
+    """score(view) -> [B..., n] float scores, higher = keep.
+
+    A scorer trained for one model may also define ``check_geometry(model, head_dim, num_layers, num_kv_heads)``,
+    raising ScorerError when used with another: callers that know the model call it before scoring.
+    """
 
     name: ClassVar[str]
     needs_queries: ClassVar[bool]

@@ -59,6 +59,20 @@ def test_same_seed_same_episodes(config):
     assert episodes(5) != episodes(6)
 
 
+def test_reset_replays_a_chosen_episode(config):
+    env = gym.make("KVEvict-v0", config=config)
+    first, info = env.reset(seed=3)
+    assert isinstance(info["episode"], EpisodeKey)
+    env.step(np.zeros(env.action_space.shape, np.float32))
+    env.reset()  # another episode in between
+    again, replay_info = env.reset(options={"episode": info["episode"]})
+    assert replay_info["episode"] == info["episode"]
+    for name in first:
+        np.testing.assert_array_equal(again[name], first[name])
+    with pytest.raises(TypeError, match="must be an EpisodeKey"):
+        env.reset(options={"episode": ("tiny", 0)})
+
+
 def test_observation_and_reward_match_the_trace(config, tiny_trace):
     env = gym.make("KVEvict-v0", config={**config, "observe_queries": "window:4"})
     obs, _ = env.reset(seed=1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvp_gym.cli import main
-from kvp_gym.evaluate import evaluate, format_table, write_results
+from kvp_gym.evaluate import evaluate, format_table, heads_won, write_results
 from kvp_gym.scorers import HeadView, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import future_importance, holistic_score
@@ -49,6 +49,17 @@ def test_record_matches_a_direct_computation(tiny_trace, tmp_path):
     assert json.loads(written[0].read_text())["policies"].keys() == record["policies"].keys()
     table = format_table(record)
     assert table.splitlines()[2].startswith("oracle") and "future (upper bound)" in table
+    assert set(record["tasks"]) == {"niah_single"} and len(record["tasks"]) == len(record["samples"])
+    assert record["policies"]["knorm"]["per_task"]["niah_single"] == pytest.approx(sum(expected) / len(expected))
+    # heads_won: the share of the 4 (layer, head) pairs with a higher per-head mean.
+    knorm, rand = (torch.tensor(record["policies"][n]["per_head"]) for n in ("knorm", "random"))
+    won = heads_won(record, "knorm")
+    assert won["random"] == pytest.approx((knorm > rand).float().mean().item()) and won["oracle"] == 0.0
+    assert heads_won(record, "oracle")["random"] == 1.0 and "knorm" not in won
+    versus = format_table(record, versus="knorm")
+    assert "knorm wins" in versus.splitlines()[1] and f"{won['random']:.0%}" in versus
+    with pytest.raises(ValueError, match="--versus 'kvp': not among the evaluated policies"):
+        heads_won(record, "kvp")
 
 
 def test_cli_errors_list_what_is_available(tiny_trace, tmp_path, capsys):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import kvp_gym  # noqa: F401
-from agents.checkpoint import read_checkpoint, save_checkpoint
-from agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
+from agents.checkpoint import SHIPPED, read_checkpoint, save_checkpoint
+from agents.kvp import KVPNetwork, bucket, gumbel_ranking, plackett_luce_log_prob
 from agents.train import EpisodePool, TrainConfig, train
 from kvp_gym.envs.episodes import EpisodeKey
 from kvp_gym.evaluate import evaluate
@@ -20,21 +20,73 @@ from kvp_gym.scorers import HeadView, ScorerError, get_scorer, score
 from kvp_gym.utility import holistic_reward
 
 
-def test_grouped_heads_are_independent_networks():
-    torch.manual_seed(0)
-    network = KVPNetwork(heads=3, head_dim=8, width=16, position_dim=4, max_position=64)
+def small_network(seed: int = 0) -> KVPNetwork:
+    torch.manual_seed(seed)
+    network = KVPNetwork(heads=3, head_dim=8, width=16, position_dim=4, buckets=8, max_position=64)
+    with torch.no_grad():  # move the affines off their identity initialisation so that folding them is tested
+        for name, p in network.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return network
+
+
+def reference_scores(network: KVPNetwork, h: int, keys, values, positions, ages) -> torch.Tensor:
+    """Head h's scores computed literally from the architecture (no folding, no tables): keys [n, D] -> [n]."""
+    p = dict(network.named_parameters())
+
+    def linear(name, x):
+        return x @ p[f"{name}.weight"][h] + p[f"{name}.bias"][h]
+
+    def norm(name, x):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], p[f"{name}.weight"][h], p[f"{name}.bias"][h])
+
+    def embed(table, at):
+        return p[table][h][bucket(at, network.buckets, network.max_position)]
+
+    x = torch.cat(
+        [
+            norm("key_norm", linear("key", keys)),
+            norm("value_norm", linear("value", values)),
+            norm("index_norm", embed("index_table", positions)),
+            norm("age_norm", embed("age_table", ages)),
+        ],
+        -1,
+    )
+    x = torch.nn.functional.silu(norm("norm1", linear("hidden1", x)))
+    x = torch.nn.functional.silu(norm("norm2", linear("hidden2", x)))
+    return linear("out", x)[:, 0]
+
+
+def test_network_computes_the_architecture_per_head():
+    network = small_network()
     keys, values = torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
-    positions = torch.arange(10).expand(3, 2, 10)
-    together = network(keys, values, positions)
-    alone = network(keys[[1]], values[[1]], positions[[1]], select=torch.tensor([1]))
+    positions = torch.arange(10).expand(3, 2, 10) * 5  # reaches the log-spaced and the clamped buckets
+    ages = positions.flip(-1)
+    together = network(keys, values, positions, ages)
+    for h in range(3):
+        for b in range(2):
+            expected = reference_scores(network, h, keys[h, b], values[h, b], positions[h, b], ages[h, b])
+            torch.testing.assert_close(together[h, b], expected, rtol=1e-4, atol=1e-5)
+    alone = network(keys[[1]], values[[1]], positions[[1]], ages[[1]], select=torch.tensor([1]))
     torch.testing.assert_close(together[1], alone[0])
+    # Shared positions broadcast over the batch.
+    torch.testing.assert_close(network(keys, values, positions[:, :1], ages), together)
     # A head's scores do not depend on the other heads' inputs, nor on the other tokens.
     keys2 = keys.clone()
     keys2[0] += 1
     keys2[1, :, 5:] += 1
-    changed = network(keys2, values, positions)
+    changed = network(keys2, values, positions, ages)
     torch.testing.assert_close(changed[1, :, :5], together[1, :, :5])
     torch.testing.assert_close(changed[2], together[2])
+
+
+def test_position_buckets():
+    positions = torch.tensor([0, 1, 31, 32, 33, 100, 1000, 8191, 8192, 10**6])
+    rows = bucket(positions, buckets=64, max_position=8192)
+    assert rows[:3].tolist() == [0, 1, 31] and rows[3].item() == 32  # exact below 32
+    assert (rows.diff() >= 0).all() and rows.max().item() == 63 and rows[-3:].tolist() == [63, 63, 63]
+    # 1000: 32 + floor(ln(1000 / 32) / ln(8192 / 32) * 32) = 32 + floor(19.87) = 51.
+    assert rows[-4].item() == 51
 
 
 def test_plackett_luce_is_a_distribution_sampled_by_gumbel_sort():
@@ -65,7 +117,6 @@ def trained(tiny_trace, tmp_path_factory):
         batch=8,
         width=16,
         position_dim=4,
-        max_position=1024,
         lr=1e-3,
         warmup=2,
         eval_every=3,
@@ -99,7 +150,8 @@ def test_kvp_scorer_from_a_checkpoint(trained, tiny_trace, tmp_path):
         kv_head=torch.tensor([1, 0]),
     )
     network, _ = read_checkpoint(summary["checkpoint"])
-    expected = network(keys[:, None], keys[:, None], torch.arange(30).expand(2, 1, 30), torch.tensor([3, 0]))
+    positions = torch.arange(30).expand(2, 1, 30)
+    expected = network(keys[:, None], keys[:, None], positions, 29 - positions, torch.tensor([3, 0]))
     torch.testing.assert_close(score(scorer, view), expected[:, 0])
     with pytest.raises(ScorerError, match=r"has no agent for \(layer, kv_head\) \(5, 0\)"):
         score(
@@ -115,8 +167,6 @@ def test_kvp_scorer_from_a_checkpoint(trained, tiny_trace, tmp_path):
         )
     with pytest.raises(ScorerError, match="trained for tiny-random .* but is used with smollm2-135m"):
         scorer.check_geometry("smollm2-135m", head_dim=64, num_layers=30, num_kv_heads=3)
-    with pytest.raises(ScorerError, match="needs a checkpoint"):
-        get_scorer("kvp")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nonsense")
     with pytest.raises(ScorerError, match="bad.safetensors: not a readable safetensors checkpoint"):
@@ -133,7 +183,7 @@ def test_trainer_rewards_equal_the_environments(tiny_trace):
     )
     env = gym.make("KVEvict-v0", config={"traces": str(tiny_trace)}).unwrapped
     names = [s.name for s in env.episodes.traces[0].split("train")]
-    keys, values, positions, valid, importance = pool.batch(torch.arange(len(names))[None])
+    keys, values, positions, ages, valid, importance = pool.batch(torch.arange(len(names))[None])
     rng = np.random.default_rng(1)
     for e, name in enumerate(names):
         n = int(valid[0, e].sum())
@@ -152,6 +202,21 @@ def test_kvp_in_evaluate(trained, tiny_trace):
         tiny_trace, [f"kvp:checkpoint={summary['checkpoint']}", "random"], split="val", bootstrap=50, progress=False
     )
     assert 0 < record["policies"]["kvp"]["holistic_score"]["mean"] <= 1
+    # The shipped agents are for smollm2-135m: on another model they are an error, or skipped under "all".
+    with pytest.raises(ScorerError, match="trained for smollm2-135m .* but is used with tiny-random"):
+        evaluate(tiny_trace, ["kvp"], split="val", bootstrap=10, progress=False)
+    record = evaluate(tiny_trace, "all", split="val", bootstrap=10, progress=False)
+    assert "kvp" not in record["policies"] and "used with tiny-random" in record["skipped"]["kvp"]
+
+
+def test_shipped_agents_cover_smollm2():
+    path = SHIPPED["smollm2-135m"]
+    assert path.stat().st_size < 5 * 2**20  # a few MB in the repository
+    network, metadata = read_checkpoint(path)
+    assert metadata["model"] == "smollm2-135m" and metadata["network"]["heads"] == 90
+    assert sorted(map(tuple, metadata["heads"])) == [(layer, h) for layer in range(30) for h in range(3)]
+    assert metadata["geometry"] == {"head_dim": 64, "num_layers": 30, "num_kv_heads": 3}
+    get_scorer("kvp").check_geometry("smollm2-135m", 64, 30, 3)  # the default: no error
 
 
 def test_distributed_training_with_two_processes(tiny_trace, tmp_path):
@@ -185,8 +250,6 @@ def test_distributed_training_with_two_processes(tiny_trace, tmp_path):
         "8",
         "--position-dim",
         "4",
-        "--max-position",
-        "1024",
         "--eval-every",
         "2",
         "--random-splits",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from kvp_gym.envs.episodes import Episode, TraceEpisodes
+from kvp_gym.envs.episodes import Episode, EpisodeKey, TraceEpisodes
 from kvp_gym.storage import cache_dir
 from kvp_gym.utility import holistic_costs, retained_fraction
 
@@ -199,13 +199,18 @@ class KVEvictEnv(gym.Env):
         self._observation: dict[str, Any] = {}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Draw an episode, or replay ``options["episode"]`` (the EpisodeKey that ``info["episode"]`` reported),
+        e.g. to score several rankings of one episode."""
         super().reset(seed=seed)
-        self._episode = self.episodes.load(self.episodes.draw(self.np_random))
+        key = (options or {}).get("episode") or self.episodes.draw(self.np_random)
+        if not isinstance(key, EpisodeKey):
+            raise TypeError(f"options['episode'] must be an EpisodeKey (from info['episode']), got {key!r}")
+        self._episode = self.episodes.load(key)
         observation = self.observations.empty()  # fresh arrays: nothing the caller holds is ever overwritten
         self.observations.write(observation, self._episode)
         # Discrete fields (layer, head) are 0-d arrays here; observations carry them as numpy integers.
         self._observation = {name: value if value.ndim else value[()] for name, value in observation.items()}
-        return self._observation, {}
+        return self._observation, {"episode": key}
 
     def step(self, action):
         if self._episode is None:

@@ -52,8 +52,9 @@ class Task:
     answer_tokens: int = 16  # how many tokens an answer needs when generating
     has_answers: bool = True  # False for free text, which is scored by perplexity instead
 
-    def build(self, seed: int, size: int) -> TaskSample:
-        """The sample for ``seed`` with ``size`` filler units (sentences, words...); deterministic."""
+    def build(self, seed: int, size: int, pool: str = "all") -> TaskSample:
+        """The sample for ``seed`` with ``size`` filler units (sentences, words...), drawing essays and words from
+        the text ``pool`` (``all``, ``train`` or ``heldout``: kvp_gym.tasks.text.TEXT_POOLS); deterministic."""
         raise NotImplementedError
 
     def score(self, output: str, answers: tuple[str, ...]) -> float:
@@ -101,16 +102,19 @@ def encode(tokenizer: PreTrainedTokenizerBase, sample: TaskSample) -> EncodedPro
     return EncodedPrompt(ids=list(enc["input_ids"]), needle_spans=spans, continuation_ids=list(continuation))
 
 
-def make_sample(task: Task, tokenizer: PreTrainedTokenizerBase, context: int, seed: int) -> TaskSample:
-    """The largest instance of ``task`` (for ``seed``) whose encoded prompt has at most ``context`` tokens."""
+def make_sample(
+    task: Task, tokenizer: PreTrainedTokenizerBase, context: int, seed: int, pool: str = "all"
+) -> TaskSample:
+    """The largest instance of ``task`` (for ``seed``, text ``pool``) whose encoded prompt has at most ``context``
+    tokens."""
 
     def length(size: int) -> int:
-        return len(tokenizer(render(tokenizer, task.build(seed, size)), add_special_tokens=False)["input_ids"])
+        return len(tokenizer(render(tokenizer, task.build(seed, size, pool)), add_special_tokens=False)["input_ids"])
 
     best = _largest_fitting(length, context)
     if best is None:
         raise ValueError(f"task {task.name}: even the smallest prompt exceeds {context} tokens")
-    return task.build(seed, best)
+    return task.build(seed, best, pool)
 
 
 def _largest_fitting(length: Callable[[int], int], budget: int) -> int | None:

@@ -20,8 +20,8 @@ class Essay(Task):
     description = "free essay text, no question; scored by perplexity of the real continuation"
     has_answers = False
 
-    def build(self, seed: int, size: int) -> TaskSample:
-        sentences = essay_sentences()
+    def build(self, seed: int, size: int, pool: str = "all") -> TaskSample:
+        sentences = essay_sentences(pool)
         start = random.Random(seed).randrange(len(sentences))
         run = [sentences[(start + i) % len(sentences)] for i in range(size + _CONTINUATION_SENTENCES)]
         return TaskSample(

@@ -30,8 +30,8 @@ _NIAH_INTRO = (
 )
 
 
-def _key(rng: random.Random) -> str:
-    return f"{rng.choice(words('adjective'))}-{rng.choice(words('noun'))}"
+def _key(rng: random.Random, pool: str) -> str:
+    return f"{rng.choice(words('adjective', pool))}-{rng.choice(words('noun', pool))}"
 
 
 def _number(rng: random.Random) -> str:
@@ -47,8 +47,8 @@ def _distinct(draw, count: int) -> list[str]:
     return found
 
 
-def _haystack(rng: random.Random, size: int, kind: str) -> list[str]:
-    source = essay_sentences() if kind == "essay" else NOISE_SENTENCES
+def _haystack(rng: random.Random, size: int, kind: str, pool: str) -> list[str]:
+    source = essay_sentences(pool) if kind == "essay" else NOISE_SENTENCES
     start = rng.randrange(len(source)) if kind == "essay" else 0
     return [source[(start + i) % len(source)] for i in range(size)]
 
@@ -95,14 +95,14 @@ class NeedleInAHaystack(Task):
     haystack: str = "essay"
     answer_tokens: int = 16
 
-    def build(self, seed: int, size: int) -> TaskSample:
+    def build(self, seed: int, size: int, pool: str = "all") -> TaskSample:
         rng = random.Random(seed)
-        keys = _distinct(lambda: _key(rng), self.num_keys)
+        keys = _distinct(lambda: _key(rng, pool), self.num_keys)
         values = {key: [_number(rng) for _ in range(self.num_values)] for key in keys}
         needles = [
             (rng.random(), f"The special magic number for {key} is {value}.") for key in keys for value in values[key]
         ]
-        body, spans = _hide(_haystack(rng, size, self.haystack), needles)
+        body, spans = _hide(_haystack(rng, size, self.haystack, pool), needles)
         queried = keys[: self.num_queries]
         answers = tuple(v for key in queried for v in values[key])
         if self.num_values > 1:
@@ -134,7 +134,7 @@ class VariableTracking(Task):
     hops: int = 4
     answer_tokens: int = 32
 
-    def build(self, seed: int, size: int) -> TaskSample:
+    def build(self, seed: int, size: int, pool: str = "all") -> TaskSample:
         rng = random.Random(seed)
         value = str(rng.randint(10_000, 99_999))
         names = _distinct(lambda: "".join(rng.choices(string.ascii_uppercase, k=5)), self.hops + 1)
@@ -142,7 +142,7 @@ class VariableTracking(Task):
             f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))
         ]
         depths = sorted(rng.random() for _ in statements)  # a chain reads in order
-        body, spans = _hide(_haystack(rng, size, "noise"), list(zip(depths, statements, strict=True)))
+        body, spans = _hide(_haystack(rng, size, "noise", pool), list(zip(depths, statements, strict=True)))
         head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
         return TaskSample(
             prompt=f"{head}{body}\nQuestion: Find all variables that are assigned the value {value} in the text above.",
@@ -166,9 +166,9 @@ class CommonWords(Task):
     num_common: int = 10
     answer_tokens: int = 64
 
-    def build(self, seed: int, size: int) -> TaskSample:
+    def build(self, seed: int, size: int, pool: str = "all") -> TaskSample:
         rng = random.Random(seed)
-        vocabulary = rng.sample(words("noun"), 2048)
+        vocabulary = rng.sample(words("noun", pool), 2048)
         common, rare = vocabulary[: self.num_common], vocabulary[self.num_common :]
         repeats = max(3, size // 20)
         items = [w for w in common for _ in range(repeats)] + rare[: max(0, size - repeats * self.num_common)]
@@ -198,7 +198,7 @@ class FrequentWords(Task):
     alpha: float = 2.0
     answer_tokens: int = 24
 
-    def build(self, seed: int, size: int) -> TaskSample:
+    def build(self, seed: int, size: int, pool: str = "all") -> TaskSample:
         rng = random.Random(seed)
         coded = _distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 6))), self.vocabulary)
         weights = [1 / (rank + 1) ** self.alpha for rank in range(self.vocabulary)]

