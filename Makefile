@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(BIN)/kvp-gym traces info $(DEMO)/niah_single.h5
 	$(BIN)/kvp-gym traces info $(DEMO)/essay.h5
 	$(BIN)/kvp-gym evaluate --traces $(DEMO)/niah_single.h5 $(DEMO)/essay.h5 --policies all --split all \
-		--out runs/demo-eval
+		--out runs/demo-eval --versus kvp
 
 # The shipped KVP agents (docs/agents.md): training traces from the "train" text pool (seed 0), test traces from
 # the disjoint "heldout" pool (seed 1000) with one task (niah_multiquery) never trained on.
@@ -58,7 +58,7 @@ kvp-agents: kvp-traces
 	cp runs/kvp-smollm2/agents.safetensors agents/checkpoints/smollm2-135m.safetensors
 
 kvp-eval: kvp-traces
-	$(BIN)/kvp-gym evaluate --traces $(KVP_TEST) --policies all --split test --out runs/kvp-eval
+	$(BIN)/kvp-gym evaluate --traces $(KVP_TEST) --policies all --split test --out runs/kvp-eval --versus kvp
 
 clean:
 	rm -rf $(VENV) traces/demo .pytest_cache .ruff_cache

@@ -325,7 +325,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "heads": len(heads),
         "steps": config.steps,
         "seconds": time.perf_counter() - started,
-        "steps_per_second": (config.steps - start - 1) / max(time.perf_counter() - warm, 1e-9),
+        "steps_per_second": (config.steps - start - 1) / (time.perf_counter() - warm)
+        if config.steps - start > 1
+        else None,
         "best_validation_score": best["score"],
         "best_step": best["step"],
         "checkpoint": str(out / "agents.safetensors"),

@@ -7,7 +7,7 @@ from one network pass. The reference is a plain Gymnasium loop, one env per head
 ``step`` for the reward. Timed twice: with the demo preset's K = 8 rankings per episode and with the paper's
 K = 1. Trainer speeds are measured from its second step on.
 
-    python benchmarks/train.py [--traces traces/demo/niah_single.h5 traces/demo/essay.h5] [--heads 3] [--steps 10]
+    python benchmarks/train.py [--traces traces/demo/niah_single.h5 traces/demo/essay.h5] [--heads 3] [--steps 40]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traces", nargs="+", default=["traces/demo/niah_single.h5", "traces/demo/essay.h5"])
     parser.add_argument("--heads", type=int, default=3, help="the first N (layer, head) pairs")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     with open_traces(args.traces[0]) as trace:
         heads = parse_heads("all", trace.header.layers, trace.header.geometry.num_kv_heads)[: args.heads]

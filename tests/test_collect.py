@@ -81,6 +81,14 @@ def test_shards_merge_to_the_single_run(tmp_path, tiny_trace, tiny_config):
     assert content(tmp_path / "merged.h5") == content(tiny_trace)
 
 
+def test_text_pool_is_part_of_the_identity_only_when_chosen(tiny_config):
+    assert "text" not in tiny_config.sample_identity() and "text" not in tiny_config.settings()
+    heldout = dataclasses.replace(tiny_config, text="heldout")
+    assert heldout.sample_identity()["text"] == "heldout" and heldout.settings()["text"] == "heldout"
+    with pytest.raises(ValueError, match="text must be one of all, train, heldout"):
+        dataclasses.replace(tiny_config, text="test")
+
+
 def test_refuses_to_clobber_and_to_mix_settings(tmp_path, tiny_config):
     out = tmp_path / "t.h5"
     small = dataclasses.replace(tiny_config, samples=2, layers=(1,))

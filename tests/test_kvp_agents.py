@@ -135,6 +135,8 @@ def test_trainer_writes_a_checkpoint_and_resumes(trained):
     assert state["step"] == 6
     resumed = train(TrainConfig(**{**config.__dict__, "steps": 9}), progress=False)  # continues from step 6
     assert torch.load(f"{config.out}/last.pt", weights_only=False)["step"] == 9 and resumed["steps"] == 9
+    finished = train(TrainConfig(**{**config.__dict__, "steps": 9}), progress=False)  # nothing left to do
+    assert finished["steps_per_second"] is None and finished["best_step"] == resumed["best_step"]
 
 
 def test_kvp_scorer_from_a_checkpoint(trained, tiny_trace, tmp_path):

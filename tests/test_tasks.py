@@ -76,3 +76,25 @@ def test_prompts_fit_with_the_real_tokenizer(smollm2, name):
     assert 0.9 * 1024 <= len(encoded.ids) <= 1024
     for (start, end), (a, b) in zip(encoded.needle_spans, sample.needle_spans, strict=True):
         assert sample.prompt[a:b] in tokenizer.decode(encoded.ids[start:end])
+
+
+def test_text_pools_split_essays_and_words(tiny):
+    from kvp_gym.tasks.text import essay_sentences, words
+
+    for kind in ("noun", "adjective"):
+        train, heldout = set(words(kind, "train")), set(words(kind, "heldout"))
+        assert not train & heldout and train | heldout == set(words(kind))
+        assert len(heldout) == pytest.approx(len(words(kind)) / 5, abs=1)
+    train, heldout = essay_sentences("train"), essay_sentences("heldout")
+    assert len(heldout) > 0.1 * len(essay_sentences()) and len(train) + len(heldout) == len(essay_sentences())
+    with pytest.raises(ValueError, match="unknown text pool 'test'"):
+        words("noun", "test")
+    # A held-out needle uses held-out words and a held-out haystack.
+    _, tokenizer = tiny
+    sample = make_sample(get_task("niah_single"), tokenizer, 3000, seed=3, pool="heldout")
+    adjective, noun = sample.metadata["keys"][0].split("-")
+    assert adjective in words("adjective", "heldout") and noun in words("noun", "heldout")
+    only_train = set(train) - set(heldout)
+    assert any(s in sample.prompt for s in heldout if len(s) > 40)
+    assert not any(s in sample.prompt for s in only_train if len(s) > 40)
+    assert sample != make_sample(get_task("niah_single"), tokenizer, 3000, seed=3, pool="train")
