@@ -262,3 +262,18 @@ def test_distributed_training_with_two_processes(tiny_trace, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_in_sync"] is True
     assert (out / "agents.safetensors").exists() and result.stdout.count('"world_size"') == 1
+
+
+@pytest.mark.slow
+def test_shipped_agents_rank_a_fresh_smollm2_trace(smollm2, tmp_path):
+    """End to end on a new SmolLM2 sample (held-out text): the shipped agents beat recency and random."""
+    from kvp_gym.collect import CollectConfig, collect
+
+    path = tmp_path / "essay.h5"
+    config = CollectConfig(
+        model="smollm2-135m", task="essay", samples=1, context=384, future=32, seed=7, splits=(0, 0, 1), text="heldout"
+    )
+    collect(config, path, progress=False)
+    record = evaluate(path, ["kvp", "streaming_llm", "random"], split="test", bootstrap=10, progress=False)
+    score = {name: p["holistic_score"]["mean"] for name, p in record["policies"].items()}
+    assert score["kvp"] > score["streaming_llm"] > score["random"]
