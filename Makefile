@@ -13,6 +13,7 @@ KVP_TRAIN_TASKS := niah_single niah_multikey niah_multivalue variable_tracking
 KVP_TEST_TASKS := $(KVP_TRAIN_TASKS) niah_multiquery
 KVP_TRAIN := $(foreach t,$(KVP_TRAIN_TASKS) essay,$(KVP)/train-$(t).h5)
 KVP_TEST := $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/test-$(t).h5)
+KVP_LENGTHS := 512 2048
 
 .PHONY: install test demo lint clean kvp-traces kvp-agents kvp-eval
 
@@ -41,7 +42,8 @@ demo: $(STAMP)
 		--out runs/demo-eval --versus kvp
 
 # The shipped KVP agents (docs/agents.md): training traces from the "train" text pool (seed 0), test traces from
-# the disjoint "heldout" pool (seed 1000) with one task (niah_multiquery) never trained on.
+# the disjoint "heldout" pool (seed 1000) with one task (niah_multiquery) never trained on, and shorter and longer
+# prompts than the training ones (KVP_LENGTHS, seed 2000).
 kvp-traces: $(STAMP)
 	for t in $(KVP_TRAIN_TASKS); do $(BIN)/kvp-gym collect --task $$t --samples 10 --context 1024 --future 32 \
 		--text train --splits 0.8,0.2,0 --out $(KVP)/train-$$t.h5 --resume || exit 1; done
@@ -51,6 +53,11 @@ kvp-traces: $(STAMP)
 		--text heldout --seed 1000 --splits 0,0,1 --out $(KVP)/test-$$t.h5 --resume || exit 1; done
 	$(BIN)/kvp-gym collect --task essay --samples 6 --context 1024 --future 64 \
 		--text heldout --seed 1000 --splits 0,0,1 --out $(KVP)/test-essay.h5 --resume
+	for c in $(KVP_LENGTHS); do \
+		$(BIN)/kvp-gym collect --task niah_single --samples 3 --context $$c --future 32 \
+			--text heldout --seed 2000 --splits 0,0,1 --out $(KVP)/length-$$c-niah_single.h5 --resume && \
+		$(BIN)/kvp-gym collect --task essay --samples 3 --context $$c --future 64 \
+			--text heldout --seed 2000 --splits 0,0,1 --out $(KVP)/length-$$c-essay.h5 --resume || exit 1; done
 
 kvp-agents: kvp-traces
 	$(BIN)/kvp-gym train --traces $(KVP_TRAIN) --heads all --out runs/kvp-smollm2 --preset demo
@@ -59,6 +66,8 @@ kvp-agents: kvp-traces
 
 kvp-eval: kvp-traces
 	$(BIN)/kvp-gym evaluate --traces $(KVP_TEST) --policies all --split test --out runs/kvp-eval --versus kvp
+	for c in $(KVP_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP)/length-$$c-*.h5 --policies all \
+		--split test --out runs/kvp-eval-$$c --versus kvp || exit 1; done
 
 clean:
 	rm -rf $(VENV) traces/demo .pytest_cache .ruff_cache

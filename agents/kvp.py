@@ -5,10 +5,12 @@ embeddings (``position_dim`` dims each) + LayerNorm: one of the token's index in
 (newest position - position); concatenated, then two hidden layers of W with LayerNorm + SiLU, then Linear(W, 1):
 one score per token, higher = keep. Tokens are scored independently.
 
-Our choices beyond the paper: the age embedding (with free text split at random points the index alone cannot
-express recency), and bucketed embedding tables: positions below ``buckets / 2`` have their own row, larger ones
-share log-spaced rows up to ``max_position``, beyond which the last row is used (the paper's clamping). This keeps
-a head's tables at ``buckets`` rows whatever the context length.
+The index table is the paper's clamped embedding, kept short: the first ``buckets - 1`` positions have their own
+row (attention sinks, the chat template's opening), every later one shares the last row. The age embedding is our
+choice: the index cannot tell which tokens are recent once prompts vary in length, the age can. Its table is
+bucketed: ages below ``buckets / 2`` have their own row, larger ones share log-spaced rows up to ``max_age``
+(which the trainer sets to the longest cache it trains on), and older tokens share the last row, so every row is
+trained and any context length maps into the table.
 
 :class:`KVPNetwork` holds H such networks as [H, ...] parameter tensors and scores all of them in one batched call
 (no Python loop over heads). Its forward pass computes exactly the function above, arranged for speed: the
@@ -44,14 +46,14 @@ class GroupedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, features))
 
 
-def bucket(positions: torch.Tensor, buckets: int, max_position: int) -> torch.Tensor:
-    """Embedding row of each position >= 0 (int tensor, any shape): itself below ``buckets // 2``, then log-spaced
-    rows up to ``max_position``; every position from ``max_position`` on uses the last row."""
+def age_bucket(ages: torch.Tensor, buckets: int, max_age: int) -> torch.Tensor:
+    """Age-table row of each age >= 0 (int tensor, any shape): the age itself below ``buckets // 2``, then
+    log-spaced rows up to ``max_age``; every age from ``max_age`` on uses the last row."""
     exact = buckets // 2
-    positions = positions.clamp(min=0)
-    scale = (buckets - exact) / math.log(max_position / exact)
-    logged = exact + (torch.log(positions.clamp(min=exact).float() / exact) * scale).long()
-    return torch.where(positions < exact, positions, logged.clamp(max=buckets - 1))
+    ages = ages.clamp(min=0)
+    scale = (buckets - exact) / math.log(max_age / exact)
+    logged = exact + (torch.log(ages.clamp(min=exact).float() / exact) * scale).long()
+    return torch.where(ages < exact, ages, logged.clamp(max=buckets - 1))
 
 
 class KVPNetwork(nn.Module):
@@ -69,13 +71,13 @@ class KVPNetwork(nn.Module):
         width: int = 256,
         position_dim: int = 32,
         buckets: int = 64,
-        max_position: int = 8192,
+        max_age: int = 8192,
     ):
         super().__init__()
-        if not 2 <= buckets <= max_position or max_position <= buckets // 2:
-            raise ValueError(f"need 2 <= buckets <= max_position, got buckets {buckets}, max_position {max_position}")
+        if not 2 <= buckets <= max_age:
+            raise ValueError(f"need 2 <= buckets <= max_age, got buckets {buckets}, max_age {max_age}")
         self.heads, self.head_dim, self.width = heads, head_dim, width
-        self.position_dim, self.buckets, self.max_position = position_dim, buckets, max_position
+        self.position_dim, self.buckets, self.max_age = position_dim, buckets, max_age
         self.key = GroupedLinear(heads, head_dim, width)
         self.key_norm = GroupedLayerNorm(heads, width)
         self.value = GroupedLinear(heads, head_dim, width)
@@ -97,7 +99,7 @@ class KVPNetwork(nn.Module):
             "width": self.width,
             "position_dim": self.position_dim,
             "buckets": self.buckets,
-            "max_position": self.max_position,
+            "max_age": self.max_age,
         }
 
     def forward(
@@ -110,6 +112,9 @@ class KVPNetwork(nn.Module):
     ) -> torch.Tensor:
         def rows(t: torch.Tensor) -> torch.Tensor:
             return t if select is None else t[select]
+
+        def normed(x: torch.Tensor, norm: GroupedLayerNorm) -> torch.Tensor:  # x [H', N, F], per-head affine
+            return torch.addcmul(rows(norm.bias)[:, None], layer_norm(x, x.shape[-1:]), rows(norm.weight)[:, None])
 
         heads, batch, n, dim = keys.shape
         width, pos = self.width, self.position_dim
@@ -135,23 +140,16 @@ class KVPNetwork(nn.Module):
 
         # Position branches: the first hidden layer's share of every table row, then one gather per token.
         def table(t: torch.Tensor, norm: GroupedLayerNorm, w: torch.Tensor) -> torch.Tensor:
-            normed = layer_norm(rows(t), (pos,)) * rows(norm.weight)[:, None] + rows(norm.bias)[:, None]
-            return torch.bmm(normed, w)  # [H', buckets, W]
+            return torch.bmm(normed(rows(t), norm), w)  # [H', buckets, W]
 
         head = torch.arange(heads).reshape(heads, 1, 1)
         index_rows = table(self.index_table, self.index_norm, w1_index)
         age_rows = table(self.age_table, self.age_norm, w1_age)
-        x = x + index_rows[head, bucket(positions, self.buckets, self.max_position)]
-        x = x + age_rows[head, bucket(ages, self.buckets, self.max_position)]
+        x = x + index_rows[head, positions.clamp(0, self.buckets - 1)]
+        x = x + age_rows[head, age_bucket(ages, self.buckets, self.max_age)]
 
-        x = x.reshape(heads, batch * n, width)
-        x = silu(
-            torch.addcmul(rows(self.norm1.bias)[:, None], layer_norm(x, (width,)), rows(self.norm1.weight)[:, None])
-        )
-        x = torch.baddbmm(rows(self.hidden2.bias)[:, None], x, rows(self.hidden2.weight))
-        x = silu(
-            torch.addcmul(rows(self.norm2.bias)[:, None], layer_norm(x, (width,)), rows(self.norm2.weight)[:, None])
-        )
+        x = silu(normed(x.reshape(heads, batch * n, width), self.norm1))
+        x = silu(normed(torch.baddbmm(rows(self.hidden2.bias)[:, None], x, rows(self.hidden2.weight)), self.norm2))
         scores = torch.baddbmm(rows(self.out.bias)[:, None], x, rows(self.out.weight))
         return scores.reshape(heads, batch, n)
 

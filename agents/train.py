@@ -55,8 +55,8 @@ class TrainConfig:
     rankings: int = 1  # sampled rankings per episode (> 1: leave-one-out baseline within each episode)
     width: int = 256
     position_dim: int = 32
-    buckets: int = 64  # rows of each position table (exact below buckets / 2, then log-spaced)
-    max_position: int = 8192  # positions from here on share the tables' last row
+    buckets: int = 64  # rows of each position table (agents/kvp.py)
+    max_age: int = 0  # ages from here on share the age table's last row; 0 = the longest training cache
     lr: float = 5e-5
     min_lr: float = 1e-6
     weight_decay: float = 1e-3
@@ -213,8 +213,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     val_pool = EpisodePool(config.traces, "val", heads, 0, config.min_prompt, rng)
 
     # Model, EMA copy, optimiser, schedule.
+    max_age = config.max_age or int(train_pool.split.max())
     network = KVPNetwork(
-        len(heads), header.geometry.head_dim, config.width, config.position_dim, config.buckets, config.max_position
+        len(heads), header.geometry.head_dim, config.width, config.position_dim, config.buckets, max_age
     )
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema))
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -277,8 +278,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         advantage = advantage.clamp(-config.advantage_clip, config.advantage_clip)
 
         # 3. REINFORCE: - advantage * log P(ranking); heads sum, so each head's gradient is its own.
-        log_prob = plackett_luce_log_prob(scores, ranking, valid)
-        log_prob = (log_prob if config.rankings > 1 else log_prob.transpose(1, 2)).reshape(len(heads), -1)
+        log_prob = plackett_luce_log_prob(scores, ranking, valid).reshape(len(heads), -1)  # the advantages' order
         loss = -(advantage * log_prob).mean(1).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -35,7 +35,7 @@ def gym_loop_seconds_per_step(traces, heads, config: TrainConfig, steps: int) ->
     for i, env in enumerate(envs):
         env.reset(seed=i)
     head_dim = envs[0].observation_space["key"].shape[1]
-    network = KVPNetwork(len(heads), head_dim, config.width, config.position_dim, config.buckets, config.max_position)
+    network = KVPNetwork(len(heads), head_dim, config.width, config.position_dim, config.buckets, 1024)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     started = time.perf_counter()
     for _ in range(steps):

@@ -12,17 +12,18 @@ import torch
 
 import kvp_gym  # noqa: F401
 from agents.checkpoint import SHIPPED, read_checkpoint, save_checkpoint
-from agents.kvp import KVPNetwork, bucket, gumbel_ranking, plackett_luce_log_prob
+from agents.kvp import KVPNetwork, age_bucket, gumbel_ranking, plackett_luce_log_prob
 from agents.train import EpisodePool, TrainConfig, train
 from kvp_gym.envs.episodes import EpisodeKey
 from kvp_gym.evaluate import evaluate
 from kvp_gym.scorers import HeadView, ScorerError, get_scorer, score
+from kvp_gym.traces import open_traces
 from kvp_gym.utility import holistic_reward
 
 
 def small_network(seed: int = 0) -> KVPNetwork:
     torch.manual_seed(seed)
-    network = KVPNetwork(heads=3, head_dim=8, width=16, position_dim=4, buckets=8, max_position=64)
+    network = KVPNetwork(heads=3, head_dim=8, width=16, position_dim=4, buckets=8, max_age=64)
     with torch.no_grad():  # move the affines off their identity initialisation so that folding them is tested
         for name, p in network.named_parameters():
             if "norm" in name:
@@ -40,15 +41,15 @@ def reference_scores(network: KVPNetwork, h: int, keys, values, positions, ages)
     def norm(name, x):
         return torch.nn.functional.layer_norm(x, x.shape[-1:], p[f"{name}.weight"][h], p[f"{name}.bias"][h])
 
-    def embed(table, at):
-        return p[table][h][bucket(at, network.buckets, network.max_position)]
+    def embed(table, row):
+        return p[table][h][row]
 
     x = torch.cat(
         [
             norm("key_norm", linear("key", keys)),
             norm("value_norm", linear("value", values)),
-            norm("index_norm", embed("index_table", positions)),
-            norm("age_norm", embed("age_table", ages)),
+            norm("index_norm", embed("index_table", positions.clamp(max=network.buckets - 1))),
+            norm("age_norm", embed("age_table", age_bucket(ages, network.buckets, network.max_age))),
         ],
         -1,
     )
@@ -80,9 +81,9 @@ def test_network_computes_the_architecture_per_head():
     torch.testing.assert_close(changed[2], together[2])
 
 
-def test_position_buckets():
+def test_age_buckets():
     positions = torch.tensor([0, 1, 31, 32, 33, 100, 1000, 8191, 8192, 10**6])
-    rows = bucket(positions, buckets=64, max_position=8192)
+    rows = age_bucket(positions, buckets=64, max_age=8192)
     assert rows[:3].tolist() == [0, 1, 31] and rows[3].item() == 32  # exact below 32
     assert (rows.diff() >= 0).all() and rows.max().item() == 63 and rows[-3:].tolist() == [63, 63, 63]
     # 1000: 32 + floor(ln(1000 / 32) / ln(8192 / 32) * 32) = 32 + floor(19.87) = 51.
@@ -131,6 +132,8 @@ def test_trainer_writes_a_checkpoint_and_resumes(trained):
     network, metadata = read_checkpoint(summary["checkpoint"])
     assert metadata["heads"] == [[0, 0], [0, 1], [1, 0], [1, 1]] and metadata["model"] == "tiny-random"
     assert len(metadata["validation"]["per_head"]) == 4 and metadata["training"]["steps"] == 6
+    with open_traces(config.traces[0]) as trace:  # max_age 0 = the longest cache trained on
+        assert network.max_age == max(s.prompt_length for s in trace.split("train"))
     state = torch.load(f"{config.out}/last.pt", weights_only=False)
     assert state["step"] == 6
     resumed = train(TrainConfig(**{**config.__dict__, "steps": 9}), progress=False)  # continues from step 6
