@@ -11,7 +11,7 @@ DEMO := traces/demo
 KVP := traces/kvp
 KVP_TRAIN_TASKS := niah_single niah_multikey niah_multivalue variable_tracking
 KVP_TEST_TASKS := $(KVP_TRAIN_TASKS) niah_multiquery
-KVP_TRAIN := $(foreach t,$(KVP_TRAIN_TASKS) essay,$(KVP)/train-$(t).h5)
+KVP_TRAIN := $(foreach t,$(KVP_TRAIN_TASKS) essay,$(KVP)/train-$(t).h5 $(KVP)/train2k-$(t).h5)
 KVP_TEST := $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/test-$(t).h5)
 KVP_LENGTHS := 512 2048
 
@@ -41,7 +41,8 @@ demo: $(STAMP)
 	$(BIN)/kvp-gym evaluate --traces $(DEMO)/niah_single.h5 $(DEMO)/essay.h5 --policies all --split all \
 		--out runs/demo-eval --versus kvp
 
-# The shipped KVP agents (docs/agents.md): training traces from the "train" text pool (seed 0), test traces from
+# The shipped KVP agents (docs/agents.md): training traces from the "train" text pool (1k prompts with seed 0, 2k
+# prompts with seed 100), test traces from
 # the disjoint "heldout" pool (seed 1000) with one task (niah_multiquery) never trained on, and shorter and longer
 # prompts than the training ones (KVP_LENGTHS, seed 2000).
 kvp-traces: $(STAMP)
@@ -49,6 +50,10 @@ kvp-traces: $(STAMP)
 		--text train --splits 0.8,0.2,0 --out $(KVP)/train-$$t.h5 --resume || exit 1; done
 	$(BIN)/kvp-gym collect --task essay --samples 12 --context 1024 --future 64 \
 		--text train --splits 0.75,0.25,0 --out $(KVP)/train-essay.h5 --resume
+	for t in $(KVP_TRAIN_TASKS); do $(BIN)/kvp-gym collect --task $$t --samples 4 --context 2048 --future 32 \
+		--text train --seed 100 --splits 0.75,0.25,0 --out $(KVP)/train2k-$$t.h5 --resume || exit 1; done
+	$(BIN)/kvp-gym collect --task essay --samples 4 --context 2048 --future 64 \
+		--text train --seed 100 --splits 0.75,0.25,0 --out $(KVP)/train2k-essay.h5 --resume
 	for t in $(KVP_TEST_TASKS); do $(BIN)/kvp-gym collect --task $$t --samples 4 --context 1024 --future 32 \
 		--text heldout --seed 1000 --splits 0,0,1 --out $(KVP)/test-$$t.h5 --resume || exit 1; done
 	$(BIN)/kvp-gym collect --task essay --samples 6 --context 1024 --future 64 \

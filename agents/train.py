@@ -124,7 +124,7 @@ class EpisodePool:
         head_dim = files[0].header.geometry.head_dim
         self.keys = torch.zeros(len(heads), len(samples), length, head_dim, dtype=torch.float16)
         self.values = torch.zeros_like(self.keys)
-        queries = []
+        importance = []  # per sample [H, splits, S], computed as each sample is read (its queries are then dropped)
         episode_sample, episode_split = [], []
         for i, (trace, sample) in enumerate(samples):
             splits = [sample.prompt_length]
@@ -138,20 +138,22 @@ class EpisodePool:
             for h, read in enumerate(per_head):
                 self.keys[h, i, : sample.num_tokens] = read.keys
                 self.values[h, i, : sample.num_tokens] = read.values
-            queries.append(
-                (torch.stack([r.queries for r in per_head]), torch.stack([r.keys for r in per_head]), splits)
-            )
+            queries, keys = torch.stack([r.queries for r in per_head]), torch.stack([r.keys for r in per_head])
+            importance.append(torch.zeros(len(heads), len(splits), length))
+            for j, n in enumerate(splits):
+                importance[-1][:, j, :n] = future_importance(queries, keys, n)
         for f in files:
             f.close()
         self.sample = torch.tensor(episode_sample)
         self.split = torch.tensor(episode_split)
-        self.importance = torch.zeros(len(heads), len(self.sample), length)
-        e = 0
-        for q, k, splits in queries:
-            for n in splits:
-                self.importance[:, e, :n] = future_importance(q, k, n)
-                e += 1
+        self.importance = torch.cat(importance, 1)
         self.positions = torch.arange(length)
+
+    def length_groups(self) -> list[torch.Tensor]:
+        """Episode indices grouped by split point, one group per power of two, so that a batch drawn from one group
+        pads little (a batch is as long as its longest episode)."""
+        octave = torch.ceil(torch.log2(self.split.float())).long()
+        return [torch.nonzero(octave == o).flatten() for o in octave.unique()]
 
     def batch(self, episodes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """episodes [H, B] -> keys, values [H, B, n, D], positions [1, 1, n], ages [H, B, n], valid [H, B, n],
@@ -185,10 +187,12 @@ def clip_per_head(network: KVPNetwork, max_norm: float) -> torch.Tensor:
 def evaluate_heads(network: torch.nn.Module, pool: EpisodePool) -> torch.Tensor:
     """Mean holistic score per head over every episode of ``pool``, ranking by the scores (argsort). [H]."""
     heads, episodes = pool.importance.shape[:2]
-    index = torch.arange(episodes).expand(heads, episodes)
-    keys, values, positions, ages, valid, importance = pool.batch(index)
-    scores = network(keys, values, positions, ages).masked_fill(~valid, float("-inf"))
-    return (-1.0 / holistic_reward(importance, as_ranking(scores))).mean(1)
+    total = torch.zeros(heads)
+    for group in pool.length_groups():
+        keys, values, positions, ages, valid, importance = pool.batch(group.expand(heads, -1))
+        scores = network(keys, values, positions, ages).masked_fill(~valid, float("-inf"))
+        total += (-1.0 / holistic_reward(importance, as_ranking(scores))).sum(1)
+    return total / episodes
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
@@ -255,14 +259,17 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "trace_hash": trace_hash,
         "training": dataclasses.asdict(config),
     }
-    episodes = len(train_pool.sample)
+    groups = train_pool.length_groups()
+    group_sizes = torch.tensor([len(g) for g in groups], dtype=torch.float)
     started = warm = time.perf_counter()
     bar = tqdm(
         range(start, config.steps), desc="train kvp", disable=not (progress and main), initial=start, total=config.steps
     )
     for step in bar:
-        # 1. A batch of episodes per head, and K sampled rankings per episode: [H, B, K, n].
-        index = torch.randint(episodes, (len(heads), config.batch), generator=generator)
+        # 1. A batch of episodes per head, all from one length group (picked with probability proportional to its
+        # size, so every episode is equally likely), and K sampled rankings per episode: [H, B, K, n].
+        group = groups[int(torch.multinomial(group_sizes, 1, generator=generator))]
+        index = group[torch.randint(len(group), (len(heads), config.batch), generator=generator)]
         keys, values, positions, ages, valid, importance = train_pool.batch(index)
         scores = model(keys, values, positions, ages)[:, :, None].expand(-1, -1, config.rankings, -1)
         valid, importance = valid[:, :, None].expand_as(scores), importance[:, :, None].expand_as(scores)

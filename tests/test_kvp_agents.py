@@ -201,6 +201,16 @@ def test_trainer_rewards_equal_the_environments(tiny_trace):
         assert holistic_reward(importance[0, e], scores).item() == pytest.approx(env_reward, rel=1e-6)
 
 
+def test_length_groups_partition_the_episodes(tiny_trace):
+    pool = EpisodePool(
+        [str(tiny_trace)], "train", [(0, 0)], random_splits=0, min_prompt=4, rng=np.random.default_rng(0)
+    )
+    pool.split = torch.tensor([5, 8, 9, 16, 17, 100, 128, 129])  # split points of every octave boundary case
+    pool.sample = torch.zeros(8, dtype=torch.long)
+    groups = [g.tolist() for g in pool.length_groups()]
+    assert groups == [[0, 1], [2, 3], [4], [5, 6], [7]]  # (4, 8], (8, 16], (16, 32], (64, 128], (128, 256]
+
+
 def test_kvp_in_evaluate(trained, tiny_trace):
     _, summary = trained
     record = evaluate(
