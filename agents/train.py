@@ -367,7 +367,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="smaller settings (demo: 2 CPU cores)")
     for f in dataclasses.fields(TrainConfig):
         if f.name not in ("traces", "heads", "out"):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+            demo = f"; demo preset {PRESETS['demo'][f.name]}" if f.name in PRESETS["demo"] else ""
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default {f.default}{demo}"
+            )
     parser.set_defaults(handler=_run)
 
 
