@@ -11,7 +11,6 @@ DEMO := traces/demo
 KVP := traces/kvp
 KVP_TRAIN_TASKS := niah_single niah_multikey niah_multivalue variable_tracking
 KVP_TEST_TASKS := $(KVP_TRAIN_TASKS) niah_multiquery
-KVP_TRAIN := $(foreach t,$(KVP_TRAIN_TASKS) essay,$(KVP)/train-$(t).h5 $(KVP)/train2k-$(t).h5)
 KVP_TEST := $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/test-$(t).h5)
 KVP_LENGTHS := 512 2048
 
@@ -65,7 +64,8 @@ kvp-traces: $(STAMP)
 			--text heldout --seed 2000 --splits 0,0,1 --out $(KVP)/length-$$c-essay.h5 --resume || exit 1; done
 
 kvp-agents: kvp-traces
-	$(BIN)/kvp-gym train --traces $(KVP_TRAIN) --heads all --out runs/kvp-smollm2 --preset demo
+	$(BIN)/kvp-gym train --traces $(KVP)/train-*.h5 $(KVP)/train2k-*.h5 --heads all --out runs/kvp-smollm2 \
+		--preset demo --steps 600 --eval-every 100
 	mkdir -p agents/checkpoints
 	cp runs/kvp-smollm2/agents.safetensors agents/checkpoints/smollm2-135m.safetensors
 
