@@ -105,17 +105,11 @@ def evaluate(
     files = open_compatible(paths)
     try:
         header = files[0].header
-        for name in list(scorers):  # a scorer trained for another model: an error, or skipped under 'all'
-            try:
-                check = getattr(scorers[name], "check_geometry", None)
-                if check is not None:
-                    g = header.geometry
-                    check(header.model, g.head_dim, g.num_layers, g.num_kv_heads)
-            except ScorerError as err:
-                if policies != "all":
-                    raise
-                skipped[name] = str(err)
-                del scorers[name]
+        for name, reason in _model_mismatches(scorers, header).items():  # an error, or skipped under 'all'
+            if policies != "all":
+                raise ScorerError(reason)
+            skipped[name] = reason
+            del scorers[name]
         names = list(scorers)
         samples = [(t, s) for t in files for s in t.samples.values() if split == "all" or s.split == split]
         if not samples:
@@ -196,6 +190,20 @@ def evaluate(
         "importance_seconds": importance_seconds,
     }
     return record
+
+
+def _model_mismatches(scorers: dict[str, Scorer], header) -> dict[str, str]:
+    """Scorers trained for another model than the traces' (their optional ``check_geometry``), with the reason."""
+    found = {}
+    g = header.geometry
+    for name, scorer in scorers.items():
+        check = getattr(scorer, "check_geometry", None)
+        try:
+            if check is not None:
+                check(header.model, g.head_dim, g.num_layers, g.num_kv_heads)
+        except ScorerError as err:
+            found[name] = str(err)
+    return found
 
 
 def _layer_view(trace, sample, layer: int, heads: int) -> tuple[HeadView, torch.Tensor, float]:
