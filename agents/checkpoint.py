@@ -27,8 +27,8 @@ from kvp_gym.scorers import HeadView, ScorerError
 from kvp_gym.storage import atomic_path
 
 CHECKPOINT_FORMAT = "kvp-gym/kvp-agents-v1"
-SHIPPED = {"smollm2-135m": Path(__file__).parent / "checkpoints" / "smollm2-135m.safetensors"}
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "smollm2-135m"  # kvp_gym.models.DEFAULT_MODEL, not imported here: that module loads transformers
+SHIPPED = {DEFAULT_MODEL: Path(__file__).parent / "checkpoints" / f"{DEFAULT_MODEL}.safetensors"}
 
 
 def save_checkpoint(path: str | Path, network: KVPNetwork, heads: list[tuple[int, int]], metadata: dict) -> Path:

@@ -183,6 +183,20 @@ def clip_per_head(network: KVPNetwork, max_norm: float) -> torch.Tensor:
     return norms
 
 
+def leave_one_out(reward: torch.Tensor) -> torch.Tensor:
+    """reward [H, B, K] (B episodes x K rankings per head) -> reward minus the leave-one-out baseline, [H, B * K]
+    in the same order. The baseline is the mean of the episode's other rankings, or of the batch when K = 1."""
+    group = reward if reward.shape[-1] > 1 else reward.transpose(1, 2)
+    baseline = (group.sum(-1, keepdim=True) - group) / (group.shape[-1] - 1)
+    return (group - baseline).reshape(reward.shape[0], -1)
+
+
+def normalised(advantage: torch.Tensor, clip: float) -> torch.Tensor:
+    """Advantages [H, N] normalised per head (mean 0, std 1), then clamped to [-clip, clip]."""
+    advantage = (advantage - advantage.mean(1, keepdim=True)) / (advantage.std(1, keepdim=True) + 1e-8)
+    return advantage.clamp(-clip, clip)
+
+
 @torch.no_grad()
 def evaluate_heads(network: torch.nn.Module, pool: EpisodePool) -> torch.Tensor:
     """Mean holistic score per head over every episode of ``pool``, ranking by the scores (argsort). [H]."""
@@ -268,8 +282,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     for step in bar:
         # 1. A batch of episodes per head, all from one length group (picked with probability proportional to its
         # size, so every episode is equally likely), and K sampled rankings per episode: [H, B, K, n].
-        group = groups[int(torch.multinomial(group_sizes, 1, generator=generator))]
-        index = group[torch.randint(len(group), (len(heads), config.batch), generator=generator)]
+        same_length = groups[int(torch.multinomial(group_sizes, 1, generator=generator))]
+        index = same_length[torch.randint(len(same_length), (len(heads), config.batch), generator=generator)]
         keys, values, positions, ages, valid, importance = train_pool.batch(index)
         scores = model(keys, values, positions, ages)[:, :, None].expand(-1, -1, config.rankings, -1)
         valid, importance = valid[:, :, None].expand_as(scores), importance[:, :, None].expand_as(scores)
@@ -278,11 +292,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
         # 2. Leave-one-out baseline (over the episode's other rankings, or over the batch when K = 1), then
         # advantages normalised per head and clamped.
-        group = reward if config.rankings > 1 else reward.transpose(1, 2)
-        baseline = (group.sum(-1, keepdim=True) - group) / (group.shape[-1] - 1)
-        advantage = (group - baseline).reshape(len(heads), -1)
-        advantage = (advantage - advantage.mean(1, keepdim=True)) / (advantage.std(1, keepdim=True) + 1e-8)
-        advantage = advantage.clamp(-config.advantage_clip, config.advantage_clip)
+        raw_advantage = leave_one_out(reward)
+        advantage = normalised(raw_advantage, config.advantage_clip)
 
         # 3. REINFORCE: - advantage * log P(ranking); heads sum, so each head's gradient is its own.
         log_prob = plackett_luce_log_prob(scores, ranking, valid).reshape(len(heads), -1)  # the advantages' order
@@ -300,7 +311,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             continue
         writer.add_scalar("train/reward", reward.mean().item(), step)
         writer.add_scalar("train/holistic_score", (-1 / reward).mean().item(), step)
-        writer.add_scalar("train/advantage_std", (group - baseline).std().item(), step)
+        writer.add_scalar("train/advantage_std", raw_advantage.std().item(), step)
         writer.add_scalar("train/log_prob", log_prob.mean().item(), step)
         writer.add_scalar("train/grad_norm", grad_norm.mean().item(), step)
         writer.add_scalar("train/lr", schedule.get_last_lr()[0], step)
@@ -327,14 +338,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                     },
                     tmp,
                 )
+    now = time.perf_counter()
     summary = {
         "world_size": world,
         "heads": len(heads),
         "steps": config.steps,
-        "seconds": time.perf_counter() - started,
-        "steps_per_second": (config.steps - start - 1) / (time.perf_counter() - warm)
-        if config.steps - start > 1
-        else None,
+        "seconds": now - started,
+        "steps_per_second": (config.steps - start - 1) / (now - warm) if config.steps - start > 1 else None,
         "best_validation_score": best["score"],
         "best_step": best["step"],
         "checkpoint": str(out / "agents.safetensors"),

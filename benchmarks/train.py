@@ -22,7 +22,7 @@ import torch
 
 import kvp_gym  # noqa: F401
 from agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
-from agents.train import PRESETS, TrainConfig, parse_heads, train
+from agents.train import PRESETS, TrainConfig, leave_one_out, normalised, parse_heads, train
 from kvp_gym.envs.wrappers import ranking_to_scores
 from kvp_gym.traces import open_traces
 
@@ -59,15 +59,8 @@ def gym_loop_seconds_per_step(traces, heads, config: TrainConfig, steps: int) ->
                     rewards.append(reward)
                     log_probs.append(plackett_luce_log_prob(scores, ranking, valid))
         reward = torch.tensor(rewards).reshape(len(envs), config.batch, config.rankings)
-        log_prob = torch.stack(log_probs).reshape(len(envs), config.batch, config.rankings)
-        if config.rankings == 1:  # leave-one-out over the batch
-            reward, log_prob = reward.transpose(1, 2), log_prob.transpose(1, 2)
-        baseline = (reward.sum(-1, keepdim=True) - reward) / (reward.shape[-1] - 1)
-        advantage = (reward - baseline).reshape(len(envs), -1)
-        advantage = ((advantage - advantage.mean(1, keepdim=True)) / (advantage.std(1, keepdim=True) + 1e-8)).clamp(
-            -2, 2
-        )
-        loss = -(advantage * log_prob.reshape(len(envs), -1)).mean(1).sum()
+        advantage = normalised(leave_one_out(reward), config.advantage_clip)
+        loss = -(advantage * torch.stack(log_probs).reshape(len(envs), -1)).mean(1).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
