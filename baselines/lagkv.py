@@ -7,23 +7,28 @@ from typing import ClassVar
 
 import torch
 
-from baselines.common import keep_where
-from kvp_gym.scorers import HeadView
+from baselines.common import keep_first
+from kvp_gym.scorers import HeadView, ScorerError
 
 
-def _lag_scores(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """softmax over a partition's tokens of the channel std of x [L, D] min-max normalised by ``reference``."""
-    low, high = reference.amin(0), reference.amax(0)
-    normalised = (x - low) / (high - low).clamp_min(1e-6)
+def _lag_scores(x: torch.Tensor) -> torch.Tensor:
+    """x [P + 1, L, D]: partitions 0..P, each min-max normalised per channel by the next one (its lag reference);
+    returns [P, L]: softmax over each partition's tokens of the channel std of the normalised rows."""
+    reference = x[1:]
+    low, high = reference.amin(-2, keepdim=True), reference.amax(-2, keepdim=True)
+    normalised = (x[:-1] - low) / (high - low).clamp_min(1e-6)  # clamp: a constant channel would divide by 0
     return normalised.std(-1).softmax(-1)
 
 
 @dataclass(frozen=True)
 class LagKV:
-    """Tokens after the ``sinks`` are cut into partitions of ``partition`` tokens. Partition p's keys and values
-    are min-max normalised per channel with the statistics of partition p + 1 (the lag reference); a token's
-    score is softmax_p(std over channels of its normalised key) + softmax_p(same for its value). The sinks and
-    the last, reference-less partition (the tail) are kept. keys, values [B..., n, D] -> [B..., n].
+    """As NVIDIA kvpress's LagKVPress (default, no cross-scoring). After the ``sinks``, the prompt is cut into
+    partitions of ``partition`` tokens; partition p is scored with the statistics of partition p + 1: the mean of
+    the key and value lag scores (:func:`_lag_scores`), turned into the token's rank within its partition /
+    ``partition`` (so partitions compete by rank; equal ranks tie across partitions, earlier token first). The
+    sinks and the tail (the last full partition, which has no reference, plus the remainder) are kept: sinks
+    first, then the tail newest first. A prompt shorter than sinks + 2 partitions keeps the sinks and ranks the
+    rest by recency, as the reference does. keys, values [B..., n, D] -> [B..., n].
     """
 
     partition: int = 128
@@ -32,19 +37,32 @@ class LagKV:
     needs_queries: ClassVar[bool] = False
     needs_future: ClassVar[bool] = False
 
+    def __post_init__(self):
+        if self.partition < 1 or self.sinks < 0:
+            raise ScorerError(f"lagkv: need partition >= 1 and sinks >= 0, got {self.partition}, {self.sinks}")
+
     def score(self, view: HeadView) -> torch.Tensor:
-        keys = view.keys.float().reshape(-1, *view.keys.shape[-2:])
-        values = view.values.float().reshape(-1, *view.values.shape[-2:])
-        lengths = view.mask.reshape(-1, view.num_tokens).sum(-1).tolist()
-        scores = torch.zeros(keys.shape[:2])
-        protected = torch.ones(keys.shape[:2], dtype=torch.bool)
+        n = view.num_tokens
+        keys = view.keys.float().reshape(-1, n, view.keys.shape[-1])
+        values = view.values.float().reshape(-1, n, view.values.shape[-1])
+        lengths = view.mask.reshape(-1, n).sum(-1).tolist()
+        positions = torch.arange(n, dtype=torch.float32)
+        # Defaults for every row: sinks first (oldest first), everything else by recency (newest first).
+        scores = torch.where(positions < self.sinks, 2 * n - positions, positions).expand(len(lengths), n).clone()
+        protected = (positions < self.sinks).expand(len(lengths), n).clone()
+        size = self.partition
         for b, length in enumerate(lengths):
-            start, size = self.sinks, self.partition
-            while start + 2 * size <= length:  # partition [start, start + size) has a full reference after it
-                part, ref = slice(start, start + size), slice(start + size, start + 2 * size)
-                scores[b, part] = _lag_scores(keys[b, part], keys[b, ref]) + _lag_scores(
-                    values[b, part], values[b, ref]
-                )
-                protected[b, part] = False
-                start += size
-        return keep_where(scores, protected).reshape(view.mask.shape)
+            if length < self.sinks + 2 * size:
+                continue  # too short to score: sinks + recency
+            count = (length - self.sinks) // size  # full partitions; the last one is only a reference
+            end = self.sinks + count * size
+            block = slice(self.sinks, end)
+            lag = (
+                _lag_scores(keys[b, block].reshape(count, size, -1))
+                + _lag_scores(values[b, block].reshape(count, size, -1))
+            ) / 2
+            rank = lag.argsort(-1).argsort(-1).float() / size  # [count - 1, size]
+            scored = slice(self.sinks, end - size)
+            scores[b, scored] = rank.reshape(-1)
+            protected[b, end - size : length] = True  # the tail: reference-less partition + remainder
+        return keep_first(scores, protected).reshape(view.mask.shape)

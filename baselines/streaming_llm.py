@@ -7,18 +7,25 @@ from typing import ClassVar
 
 import torch
 
-from baselines.common import keep_where
-from kvp_gym.scorers import HeadView
+from baselines.common import keep_first
+from kvp_gym.scorers import HeadView, ScorerError
 
 
 @dataclass(frozen=True)
 class StreamingLLM:
-    """The first ``sinks`` positions are kept; the rest rank by recency: score_i = position_i. [B..., n]."""
+    """The first ``sinks`` positions are kept (oldest first: position 0 is the strongest sink); the rest rank by
+    recency, newest first (NVIDIA kvpress's StreamingLLMPress keeps the same sets). [B..., n] -> [B..., n]."""
 
     sinks: int = 4
     name: ClassVar[str] = "streaming_llm"
     needs_queries: ClassVar[bool] = False
     needs_future: ClassVar[bool] = False
 
+    def __post_init__(self):
+        if self.sinks < 0:
+            raise ScorerError(f"streaming_llm: sinks must be >= 0, got {self.sinks}")
+
     def score(self, view: HeadView) -> torch.Tensor:
-        return keep_where(view.positions.float(), view.positions < self.sinks)
+        sink = view.positions < self.sinks
+        position = view.positions.float()
+        return keep_first(torch.where(sink, -position, position), sink)

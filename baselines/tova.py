@@ -7,20 +7,38 @@ from typing import ClassVar
 
 import torch
 
-from baselines.common import keep_where, last_real
-from kvp_gym.scorers import HeadView
+from baselines.common import keep_first, last_real
+from kvp_gym.scorers import HeadView, ScorerError
 from kvp_gym.utility import attention_received
 
 
 @dataclass(frozen=True)
 class TOVA:
-    """score_i = attention of the last prompt query to token i, averaged over the GQA group's query heads; the last
-    token is kept. queries [B..., G, n, D], keys [B..., n, D] -> [B..., n]."""
+    """score_i = attention of the last prompt query to token i, averaged over query heads; the last token is kept.
 
+    ``heads="layer"`` (default, the published method and NVIDIA kvpress's TOVAPress): the mean over every query
+    head of the layer, the same ranking for all its KV heads. ``heads="group"``: the mean over the KV head's own
+    GQA group only (a variant of ours, labelled ``tova:heads=group`` in tables).
+    queries [B..., H, G, n, D], keys [B..., H, n, D] -> [B..., H, n] (``heads="layer"`` needs one whole layer).
+    """
+
+    heads: str = "layer"
     name: ClassVar[str] = "tova"
     needs_queries: ClassVar[bool] = True
     needs_future: ClassVar[bool] = False
+    variants: ClassVar[tuple[str, ...]] = ("heads=group",)
+
+    def __post_init__(self):
+        if self.heads not in ("layer", "group"):
+            raise ScorerError(f"tova: heads must be 'layer' or 'group', got {self.heads!r}")
+
+    @property
+    def scope(self) -> str:
+        return "layer" if self.heads == "layer" else "head"
 
     def score(self, view: HeadView) -> torch.Tensor:
-        attention = attention_received(view.queries, view.keys, view.mask, window=1).mean(-2)
-        return keep_where(attention, last_real(view.mask, 1))
+        received = attention_received(view.queries, view.keys, view.mask, window=1, attention=view.attention)
+        attention = received.mean(-2)  # over the GQA group: [B..., H, n]
+        if self.heads == "layer":
+            attention = attention.mean(-2, keepdim=True).expand_as(attention)
+        return keep_first(attention, last_real(view.mask, 1))

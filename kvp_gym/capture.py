@@ -18,10 +18,20 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvp_gym.attention import AttentionSpec, Rotary
+
 _PREFIX = "kvp_capture:"
 # layer index -> (queries [B, H_q, T, D], keys [B, H_kv, T, D], values [B, H_kv, T, D]), float16, on the CPU
 Captured = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-_active: ContextVar[tuple[Captured, frozenset[int]] | None] = ContextVar("kvp_capture", default=None)
+# layer index -> the keyword arguments the attention function received, other than tensors
+Semantics = dict[int, dict]
+_active: ContextVar[tuple[Captured, frozenset[int], Semantics] | None] = ContextVar("kvp_capture", default=None)
+
+# Attention-function keyword arguments that do not change which probabilities the attention computes.
+_NEUTRAL_KWARGS = {"dropout", "position_ids", "use_cache", "output_attentions", "cache_position", "is_causal"}
+# The ones AttentionSpec reproduces.
+_SPEC_KWARGS = {"scaling", "sliding_window", "softcap"}
+_SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 class CaptureError(RuntimeError):
@@ -33,6 +43,7 @@ def _recording(base: str):
         state = _active.get()
         if state is not None and module.layer_idx in state[1]:
             state[0][module.layer_idx] = tuple(t.detach().to("cpu", torch.float16) for t in (query, key, value))
+            state[2][module.layer_idx] = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
         if base == "eager":  # each model family defines its own eager function beside its attention module
             function = sys.modules[type(module).__module__].eager_attention_forward
         else:
@@ -51,6 +62,13 @@ def capture_qkv(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[Captu
     pass with a cache, keys and values span the whole cache). Raises :class:`CaptureError` at the end of the
     block if a requested layer never recorded anything.
     """
+    with _recording_into(model, layers) as (captured, _):
+        yield captured
+
+
+@contextlib.contextmanager
+def _recording_into(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[tuple[Captured, Semantics]]:
+    """Switch ``model`` to the recording attention; yield (captured tensors, attention keyword arguments)."""
     config = model.config
     base = config._attn_implementation
     if base not in ("sdpa", "eager"):
@@ -61,10 +79,11 @@ def capture_qkv(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[Captu
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     layers = frozenset(layers)
     captured: Captured = {}
-    token = _active.set((captured, layers))
+    semantics: Semantics = {}
+    token = _active.set((captured, layers, semantics))
     config._attn_implementation = name
     try:
-        yield captured
+        yield captured, semantics
     finally:
         config._attn_implementation = base
         _active.reset(token)
@@ -74,3 +93,50 @@ def capture_qkv(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[Captu
             f"no attention inputs recorded for layers {missing}: this model's attention does not use "
             "transformers' AttentionInterface, or the layers do not exist"
         )
+
+
+def probe_attention(model: PreTrainedModel) -> tuple[tuple[AttentionSpec, ...], Rotary | None]:
+    """Each layer's attention semantics and the model's RoPE, read from one short forward pass.
+
+    Returns (one AttentionSpec per layer, the Rotary of the model's single rotary embedding or None when it has
+    none or several). Raises :class:`CaptureError` for attention the importance cannot reproduce: layer types
+    other than full and sliding-window attention, or attention-function arguments such as learned sinks
+    (``s_aux``) or position biases.
+    """
+    config = model.config.get_text_config()
+    unsupported_types = sorted(set(getattr(config, "layer_types", None) or ()) - _SUPPORTED_LAYER_TYPES)
+    if unsupported_types:
+        raise CaptureError(
+            f"{type(model).__name__} has layer types {unsupported_types}; kvp-gym reproduces "
+            f"{sorted(_SUPPORTED_LAYER_TYPES)} only"
+        )
+    layers = range(config.num_hidden_layers)
+    with torch.inference_mode(), _recording_into(model, layers) as (captured, semantics):
+        model(torch.zeros(1, 4, dtype=torch.long), use_cache=False)
+    specs = []
+    for layer in layers:
+        kwargs = semantics[layer]
+        odd = sorted(k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_KWARGS | _SPEC_KWARGS)
+        if odd:
+            raise CaptureError(
+                f"layer {layer}: the attention function receives {odd}, which kvp-gym cannot reproduce in the "
+                f"importance and attention statistics (supported: {sorted(_SPEC_KWARGS)})"
+            )
+        head_dim = captured[layer][0].shape[-1]
+        specs.append(
+            AttentionSpec(
+                scale=float(kwargs.get("scaling") or head_dim**-0.5),
+                sliding_window=int(kwargs.get("sliding_window") or 0),
+                softcap=float(kwargs.get("softcap") or 0.0),
+            )
+        )
+    return tuple(specs), _rotary(model)
+
+
+def _rotary(model: PreTrainedModel) -> Rotary | None:
+    """The Rotary of the model's one rotary embedding module (None when there are none or several)."""
+    found = [m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "attention_scaling")]
+    if len(found) != 1:
+        return None
+    module = found[0]
+    return Rotary(tuple(float(f) for f in module.inv_freq.float()), float(module.attention_scaling))

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--policies",
         default="all",
-        help="'all' or comma-separated scorer specs: name or name:param=value;param=value "
+        help="'all' (every registered scorer with its defaults, plus the variants it declares) or comma-separated "
+        "scorer specs: name or name:param=value;param=value "
         "(e.g. snapkv:window=32,kvp:checkpoint=runs/kvp/agents.safetensors)",
     )
     evaluate.add_argument("--split", default="test", help="train, val, test or all (default test)")
@@ -119,7 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     evaluate.add_argument(
-        "--versus", metavar="POLICY", help="add a column: the share of heads on which POLICY beats each other policy"
+        "--protocol",
+        default="paper",
+        choices=("paper", "raw"),
+        help="paper (default): 4 sink + 16 recent prompt tokens kept for every method, the score measures the "
+        "ranking of the rest; raw: nothing protected, the whole ranking is scored (the training signal)",
+    )
+    evaluate.add_argument(
+        "--versus",
+        metavar="POLICY",
+        help="paired comparisons of POLICY (a label among --policies) with every other policy: mean difference with "
+        "a 95%% paired bootstrap interval, and the share of heads won",
     )
 
     tasks = commands.add_parser("tasks", help="list the tasks, or measure a model's full-cache accuracy on them")
@@ -140,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from kvp_gym.capture import CaptureError
     from kvp_gym.models import ModelNotFoundError
     from kvp_gym.traces import TraceFormatError
 
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             }[args.command]
         )
         return handler(args)
-    except (TraceFormatError, ModelNotFoundError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (TraceFormatError, ModelNotFoundError, CaptureError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"kvp-gym: error: {err}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown task names and the like: the message lists what exists
@@ -185,11 +197,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     from kvp_gym.evaluate import evaluate, format_table, write_results
 
     policies = "all" if args.policies == "all" else args.policies.split(",")
-    if args.versus and policies != "all" and args.versus not in [p.partition(":")[0] for p in policies]:
-        raise ValueError(f"--versus {args.versus!r} is not among --policies {args.policies!r}")
-    record = evaluate(args.traces, policies, split=args.split, seed=args.seed, bootstrap=args.bootstrap)
+    record = evaluate(
+        args.traces,
+        policies,
+        split=args.split,
+        seed=args.seed,
+        bootstrap=args.bootstrap,
+        protocol=args.protocol,
+        versus=args.versus,
+    )
     written = write_results(record, args.out)
-    print(format_table(record, versus=args.versus))
+    print(format_table(record))
     for name, reason in record["skipped"].items():
         print(f"skipped {name}: {reason}")
     timing = record["timing"]

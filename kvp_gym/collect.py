@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvp_gym import __version__, models
-from kvp_gym.capture import capture_qkv
+from kvp_gym.capture import capture_qkv, probe_attention
 from kvp_gym.generation import greedy, sample_seed
 from kvp_gym.tasks import encode, get_task, make_sample
 from kvp_gym.tasks.text import TEXT_POOLS
@@ -140,12 +140,15 @@ def collect(
     if not layers or not all(0 <= layer < geometry.num_layers for layer in layers):
         raise ValueError(f"layers must lie in [0, {geometry.num_layers}) for {config.model}, got {list(layers)}")
     settings = {**config.settings(), "layers": list(layers), "splits": list(config.splits)}
+    attention, rotary = probe_attention(model)  # refuses attention the importance cannot reproduce
     header = TraceHeader(
         model=config.model,
         geometry=geometry,
         layers=layers,
         collection=(settings,),
         kvp_gym_version=__version__,
+        attention=attention,
+        rotary=rotary,
     )
 
     digest = collection_digest(config.sample_identity())

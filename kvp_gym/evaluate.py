@@ -3,19 +3,31 @@
 The numbers come from the same utility code as the environment (:mod:`kvp_gym.utility`). Results go to
 ``DIR/results.json`` (schema below, versioned) and three PNG plots; :func:`format_table` renders the summary.
 
-results.json, schema ``kvp-gym/trace-evaluation`` version 1::
+Protocols (:data:`PROTOCOLS`): ``paper`` (the default for published numbers) keeps the same 4 sink and 16 recent
+prompt tokens for every method at every budget, as the KVP paper's inference does, and measures only the method's
+ranking of the other tokens: the holistic score is computed over the unprotected tokens, and the retained fraction
+at budget b counts the protected tokens plus the top b - 20 of the ranking. ``raw`` protects nothing and scores
+the whole ranking (the training signal).
+
+results.json, schema ``kvp-gym/trace-evaluation`` version 2::
 
     {"schema", "schema_version", "kvp_gym_version", "created_by",
      "traces": [{"path", "sha256"}], "model", "layers", "num_kv_heads", "split", "samples": [names],
-     "tasks": [task of each sample], "seed",
-     "bootstrap_resamples", "budgets": {"absolute": [...], "fractions": [...]}, "skipped": {name: reason},
-     "policies": {name: {"parameters", "needs_queries", "privileged",
-                         "holistic_score": {"mean", "ci95": [low, high]},   # bootstrap over samples
-                         "per_task": {task: mean},
-                         "per_layer": [L], "per_head": [L][H],                # means over samples
-                         "retained_fraction": {"absolute": {"16": ...}, "fractions": {"0.05": ...}},
-                         "seconds"}},
+     "tasks": [task of each sample], "seed", "protocol": {"name", "sinks", "recent", "description"},
+     "bootstrap_resamples", "budgets": {"absolute": [...], "fractions": [...]}, "skipped": {label: reason},
+     "policies": {label: {"name", "parameters", "variant", "needs_queries", "privileged",
+                          "holistic_score": {"mean", "ci95": [low, high]},   # bootstrap over samples
+                          "per_task": {task: mean},
+                          "per_layer": [L], "per_head": [L][H],                # means over samples
+                          "per_sample_head": [S][L][H],                        # every score, for paired statistics
+                          "retained_fraction": {"absolute": {"16": ...}, "fractions": {"0.05": ...}},  # null: budget
+                          "seconds"}},                                         #   below the protected tokens
+     "paired": {"versus": label, "policies": {label: {"mean_difference", "ci95", "share_of_heads_won",
+                                                       "share_ci95", "interval_includes_zero"}}},  # with versus
      "timing": {"total_seconds", "attention_scorer_seconds", "importance_seconds"}}
+
+A policy's label is its spec (``tova``, ``tova:heads=group``); with ``--policies all`` every registered scorer runs
+with its defaults, plus the variants it declares (marked ``"variant": true``).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +46,40 @@ import torch
 from tqdm.auto import tqdm
 
 from kvp_gym import __version__
-from kvp_gym.scorers import HeadView, Scorer, ScorerError, available_scorers, get_scorer, parameters, score
+from kvp_gym.scorers import (
+    HeadView,
+    Scorer,
+    ScorerError,
+    available_scorers,
+    get_scorer,
+    parameters,
+    score,
+)
 from kvp_gym.storage import atomic_path
 from kvp_gym.traces import SPLITS, open_compatible
-from kvp_gym.utility import future_importance, holistic_score, retained_fraction
+from kvp_gym.utility import future_importance, holistic_score, protected_tokens, retained_fraction
 
-SCHEMA, SCHEMA_VERSION = "kvp-gym/trace-evaluation", 1
+SCHEMA, SCHEMA_VERSION = "kvp-gym/trace-evaluation", 2
 ABSOLUTE_BUDGETS = (16, 32, 64, 128, 256, 512)
 FRACTION_BUDGETS = (0.05, 0.10, 0.25, 0.50)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which prompt tokens every method keeps at every budget (and so are left out of its ranking's score)."""
+
+    name: str
+    sinks: int
+    recent: int
+    description: str
+
+
+PROTOCOLS = {
+    "paper": Protocol(
+        "paper", 4, 16, "4 sink + 16 recent prompt tokens kept for every method; the score measures the rest"
+    ),
+    "raw": Protocol("raw", 0, 0, "nothing protected; the score measures the whole ranking (the training signal)"),
+}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -51,29 +90,44 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_policies(policies: str | Sequence[str]) -> tuple[dict[str, Scorer], dict[str, str]]:
-    """Instantiate scorers from ``'all'`` or specs ``name`` / ``name:param=value,...``.
+def resolve_policies(policies: str | Sequence[str]) -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
+    """Instantiate scorers from ``'all'`` or specs ``name`` / ``name:param=value;...``.
 
-    Returns (scorers by name, skipped): with ``'all'``, a registered scorer that cannot be built with default
-    parameters is skipped with its reason instead of failing the run. An unknown
-    name is a ValueError listing the available ones.
+    Returns (scorers by label, skipped labels with their reason, the labels that are declared variants). A label
+    is the spec as written. With ``'all'``: every registered scorer with its defaults plus the variants it
+    declares; one that cannot be built is skipped with its reason instead of failing the run. An unknown name is
+    a ValueError listing the available ones; the same label twice is an error.
     """
     if policies == "all":
-        scorers, skipped = {}, {}
+        scorers, skipped, variants = {}, {}, set()
         for name in available_scorers():
             try:
                 scorers[name] = get_scorer(name)
             except ScorerError as err:
                 skipped[name] = str(err)
-        return scorers, skipped
+                continue
+            for spec in getattr(type(scorers[name]), "variants", ()):
+                label = f"{name}:{spec}"
+                scorers[label] = _from_spec(label)
+                variants.add(label)
+        return scorers, skipped, variants
     scorers = {}
     for spec in policies:
-        name, _, arguments = spec.partition(":")
-        if name not in available_scorers():
-            raise ValueError(f"unknown policies [{name!r}]; available: {', '.join(available_scorers())}")
+        if spec in scorers:
+            raise ValueError(f"policy {spec!r} is given twice")
+        scorers[spec] = _from_spec(spec)
+    return scorers, {}, set()
+
+
+def _from_spec(spec: str) -> Scorer:
+    name, _, arguments = spec.partition(":")
+    if name not in available_scorers():
+        raise ValueError(f"unknown policies [{name!r}]; available: {', '.join(available_scorers())}")
+    try:
         params = dict(pair.split("=", 1) for pair in arguments.split(";") if pair)
-        scorers[name] = get_scorer(name, **{k: _number(v) for k, v in params.items()})
-    return scorers, {}
+    except ValueError:
+        raise ValueError(f"policy {spec!r}: parameters must be written name:param=value;param=value") from None
+    return get_scorer(name, **{k: _number(v) for k, v in params.items()})
 
 
 def _number(text: str) -> int | float | str:
@@ -92,50 +146,62 @@ def evaluate(
     seed: int = 0,
     bootstrap: int = 1000,
     progress: bool = True,
+    protocol: str = "paper",
+    versus: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate scorers on a split (``all`` = every sample) of one or more trace files of the same model.
 
-    Returns the results record (see the module docstring).
+    ``protocol`` is a key of :data:`PROTOCOLS`; ``versus`` (a policy label) adds the paired comparisons of that
+    policy with every other one. Returns the results record (see the module docstring).
     """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, 'all')}")
-    scorers, skipped = resolve_policies(policies)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
+    if bootstrap < 1:
+        raise ValueError(f"bootstrap resamples must be >= 1, got {bootstrap}")
+    rules = PROTOCOLS[protocol]
+    scorers, skipped, variants = resolve_policies(policies)
+    if versus is not None and versus not in scorers:
+        raise ValueError(f"--versus {versus!r}: not among the evaluated policies {sorted(scorers)}")
     paths = [traces] if isinstance(traces, str | Path) else list(traces)
     started = time.perf_counter()
     files = open_compatible(paths)
     try:
         header = files[0].header
-        for name, reason in _model_mismatches(scorers, header).items():  # an error, or skipped under 'all'
+        for label, reason in _model_mismatches(scorers, header).items():  # an error, or skipped under 'all'
             if policies != "all":
                 raise ScorerError(reason)
-            skipped[name] = reason
-            del scorers[name]
-        names = list(scorers)
+            skipped[label] = reason
+            del scorers[label]
+        labels = list(scorers)
         samples = [(t, s) for t in files for s in t.samples.values() if split == "all" or s.split == split]
         if not samples:
             present = sorted({s.split for t in files for s in t.samples.values()})
             raise ValueError(f"{', '.join(str(p) for p in paths)}: no {split!r} samples; splits present: {present}")
         layers, heads = header.layers, header.geometry.num_kv_heads
         budgets = len(ABSOLUTE_BUDGETS) + len(FRACTION_BUDGETS)
-        scores = {name: np.zeros((len(samples), len(layers), heads)) for name in names}
-        kept = {name: np.zeros((len(samples), len(layers), heads, budgets)) for name in names}
-        seconds = dict.fromkeys(names, 0.0)
+        scores = {label: np.zeros((len(samples), len(layers), heads)) for label in labels}
+        kept = {label: np.zeros((len(samples), len(layers), heads, budgets)) for label in labels}
+        seconds = dict.fromkeys(labels, 0.0)
         importance_seconds = 0.0
         work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
         for i, trace, sample, j, layer in tqdm(work, desc=f"evaluate {split}", unit="layer", disable=not progress):
             view, importance, tick = _layer_view(trace, sample, layer, heads)
             importance_seconds += tick
             n = sample.prompt_length
+            protected = protected_tokens(n, n, rules.sinks, rules.recent)
+            ranked = ~protected
             at = list(ABSOLUTE_BUDGETS) + [max(1, round(f * n)) for f in FRACTION_BUDGETS]
-            for name, scorer in scorers.items():
+            for label, scorer in scorers.items():
                 tick = time.perf_counter()
                 given = view if not scorer.needs_future else dataclasses.replace(view, future_importance=importance)
                 if not scorer.needs_queries:
                     given = dataclasses.replace(given, queries=None)  # a scorer sees only what it declares
                 s = score(scorer, given)
-                seconds[name] += time.perf_counter() - tick
-                scores[name][i, j] = holistic_score(importance, s).numpy()
-                kept[name][i, j] = retained_fraction(importance, s, at).numpy()
+                seconds[label] += time.perf_counter() - tick
+                scores[label][i, j] = holistic_score(importance * ranked, s, ranked).numpy()
+                kept[label][i, j] = retained_fraction(importance, s, at, protected=protected).numpy()
         record = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -149,6 +215,7 @@ def evaluate(
             "samples": [s.name for _, s in samples],
             "tasks": [s.task for _, s in samples],
             "seed": seed,
+            "protocol": dataclasses.asdict(rules),
             "bootstrap_resamples": bootstrap,
             "budgets": {"absolute": list(ABSOLUTE_BUDGETS), "fractions": list(FRACTION_BUDGETS)},
             "policies": {},
@@ -158,12 +225,14 @@ def evaluate(
         for trace in files:
             trace.close()
     rng = np.random.default_rng(seed)
-    for name, scorer in scorers.items():
-        per_sample = scores[name].mean((1, 2))
+    for label, scorer in scorers.items():
+        per_sample = scores[label].mean((1, 2))
         resampled = rng.choice(per_sample, size=(bootstrap, len(per_sample))).mean(1)
-        mean_kept = kept[name].mean((0, 1, 2))
-        record["policies"][name] = {
+        mean_kept = kept[label].mean((0, 1, 2))
+        record["policies"][label] = {
+            "name": scorer.name,
             "parameters": parameters(scorer),
+            "variant": label in variants,
             "needs_queries": scorer.needs_queries,
             "privileged": scorer.needs_future,
             "holistic_score": {
@@ -174,35 +243,82 @@ def evaluate(
                 task: float(per_sample[[t == task for t in record["tasks"]]].mean())
                 for task in sorted(set(record["tasks"]))
             },
-            "per_layer": scores[name].mean((0, 2)).tolist(),
-            "per_head": scores[name].mean(0).tolist(),
+            "per_layer": scores[label].mean((0, 2)).tolist(),
+            "per_head": scores[label].mean(0).tolist(),
+            "per_sample_head": np.round(scores[label], 6).tolist(),
             "retained_fraction": {
-                "absolute": {str(b): float(v) for b, v in zip(ABSOLUTE_BUDGETS, mean_kept, strict=False)},
+                "absolute": {str(b): _finite(v) for b, v in zip(ABSOLUTE_BUDGETS, mean_kept, strict=False)},
                 "fractions": {
-                    str(f): float(v) for f, v in zip(FRACTION_BUDGETS, mean_kept[len(ABSOLUTE_BUDGETS) :], strict=True)
+                    str(f): _finite(v)
+                    for f, v in zip(FRACTION_BUDGETS, mean_kept[len(ABSOLUTE_BUDGETS) :], strict=True)
                 },
             },
-            "seconds": seconds[name],
+            "seconds": seconds[label],
         }
+    if versus is not None:
+        record["paired"] = {"versus": versus, "policies": paired_comparison(record, versus, bootstrap, seed)}
     record["timing"] = {
         "total_seconds": time.perf_counter() - started,
-        "attention_scorer_seconds": sum(seconds[n] for n in names if scorers[n].needs_queries),
+        "attention_scorer_seconds": sum(seconds[n] for n in labels if scorers[n].needs_queries),
         "importance_seconds": importance_seconds,
     }
     return record
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a budget below the protected tokens is reported as null."""
+    return float(value) if np.isfinite(value) else None
+
+
+def paired_comparison(
+    record: dict[str, Any], versus: str, resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """``versus`` against every other policy of ``record``, on the same samples and heads.
+
+    For each other policy: the mean paired difference of the holistic score (versus - other, per sample averaged
+    over heads) with a 95% paired bootstrap interval (resampling samples, the same resample for both policies),
+    and the share of (layer, KV head) pairs on which ``versus``'s mean over samples is higher, with its interval
+    from the same resamples. ``interval_includes_zero`` marks a difference the data cannot tell from none.
+    """
+    policies = record["policies"]
+    if versus not in policies:
+        raise ValueError(f"--versus {versus!r}: not among the evaluated policies {sorted(policies)}")
+    mine = np.asarray(policies[versus]["per_sample_head"])  # [S, L, H]
+    count = mine.shape[0]
+    draws = np.random.default_rng(seed).integers(0, count, size=(resamples, count))
+    found = {}
+    for label, policy in policies.items():
+        if label == versus:
+            continue
+        other = np.asarray(policy["per_sample_head"])
+        difference = (mine - other).mean((1, 2))  # [S]
+        boot_difference = difference[draws].mean(1)
+        boot_share = np.empty(resamples)
+        for start in range(0, resamples, 64):  # bounded memory: 64 resamples x S x L x H at a time
+            rows = draws[start : start + 64]
+            boot_share[start : start + 64] = (mine[rows].mean(1) > other[rows].mean(1)).mean((1, 2))
+        low, high = np.percentile(boot_difference, [2.5, 97.5])
+        found[label] = {
+            "mean_difference": float(difference.mean()),
+            "ci95": [float(low), float(high)],
+            "share_of_heads_won": float((mine.mean(0) > other.mean(0)).mean()),
+            "share_ci95": [float(v) for v in np.percentile(boot_share, [2.5, 97.5])],
+            "interval_includes_zero": bool(low <= 0 <= high),
+        }
+    return found
 
 
 def _model_mismatches(scorers: dict[str, Scorer], header) -> dict[str, str]:
     """Scorers trained for another model than the traces' (their optional ``check_geometry``), with the reason."""
     found = {}
     g = header.geometry
-    for name, scorer in scorers.items():
+    for label, scorer in scorers.items():
         check = getattr(scorer, "check_geometry", None)
         try:
             if check is not None:
                 check(header.model, g.head_dim, g.num_layers, g.num_kv_heads)
         except ScorerError as err:
-            found[name] = str(err)
+            found[label] = str(err)
     return found
 
 
@@ -210,10 +326,11 @@ def _layer_view(trace, sample, layer: int, heads: int) -> tuple[HeadView, torch.
     """All KV heads of one layer of one sample, cut at the prompt boundary, and their future importance."""
     reads = [trace.head(sample, layer, h) for h in range(heads)]
     n = sample.prompt_length
+    attention = trace.header.attention_of(layer)
     queries = torch.stack([r.queries for r in reads])  # [H, G, S, D]
     keys = torch.stack([r.keys for r in reads])  # [H, S, D]
     tick = time.perf_counter()
-    importance = future_importance(queries, keys, n)  # [H, n]
+    importance = future_importance(queries, keys, n, attention=attention)  # [H, n]
     tick = time.perf_counter() - tick
     view = HeadView(
         keys=keys[:, :n],
@@ -223,6 +340,8 @@ def _layer_view(trace, sample, layer: int, heads: int) -> tuple[HeadView, torch.
         queries=queries[:, :, :n],
         layer=torch.full((heads,), layer),
         kv_head=torch.arange(heads),
+        attention=attention,
+        rotary=trace.header.rotary,
     )
     return view, importance, tick
 
@@ -236,52 +355,63 @@ def write_results(record: dict[str, Any], out: str | Path) -> list[Path]:
     return [out / "results.json", *plot_results(record, out)]
 
 
-def heads_won(record: dict[str, Any], name: str) -> dict[str, float]:
-    """For every other policy: the fraction of (layer, KV head) pairs on which ``name``'s mean holistic score is
-    higher than that policy's."""
-    if name not in record["policies"]:
-        raise ValueError(f"--versus {name!r}: not among the evaluated policies {sorted(record['policies'])}")
-    mine = np.array(record["policies"][name]["per_head"])
-    return {
-        other: float((mine > np.array(p["per_head"])).mean())
-        for other, p in record["policies"].items()
-        if other != name
-    }
-
-
-def format_table(record: dict[str, Any], versus: str | None = None) -> str:
+def format_table(record: dict[str, Any]) -> str:
     """A plain-text table: policy, mean holistic score, 95% interval, retained fraction at 64 and 256 tokens, the
-    mean per task when there are several, and with ``versus`` the share of heads on which that policy wins."""
+    mean per task when there are several, and, when the record has paired comparisons, the mean paired difference
+    of the ``versus`` policy with each other one (its 95% interval; ``~`` = the interval includes 0) and the share
+    of heads the ``versus`` policy wins."""
     files = ", ".join(t["path"] for t in record["traces"])
     tasks = sorted(set(record.get("tasks", []))) if len(set(record.get("tasks", []))) > 1 else []
-    won = heads_won(record, versus) if versus else {}
-    header = f"{'policy':16s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} {'kept@256':>9s}"
-    header += "".join(f" {t[:12]:>12s}" for t in tasks) + (f" {versus[:7] + ' wins':>12s}" if versus else "")
+    paired = record.get("paired")
+    versus = paired["versus"] if paired else None
+    width = max(16, *(len(label) for label in record["policies"]))
+    header = f"{'policy':{width}s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} {'kept@256':>9s}"
+    header += "".join(f" {t[:12]:>12s}" for t in tasks)
+    if versus:
+        header += f" {versus[:14] + ' - policy':>33s} {versus[:9] + ' wins':>14s}"
+    protocol = record["protocol"]
     lines = [
         f"{files} ({record['model']}), split {record['split']}, {len(record['samples'])} samples x "
-        f"{len(record['layers'])} layers x {record['num_kv_heads']} KV heads",
+        f"{len(record['layers'])} layers x {record['num_kv_heads']} KV heads; protocol {protocol['name']}: "
+        f"{protocol['description']}",
         header + "  sees",
     ]
     ranked = sorted(record["policies"].items(), key=lambda kv: -kv[1]["holistic_score"]["mean"])
-    for name, p in ranked:
+    for label, p in ranked:
         low, high = p["holistic_score"]["ci95"]
         sees = "future (upper bound)" if p["privileged"] else ("queries" if p["needs_queries"] else "K/V")
+        sees += ", variant of ours" if p.get("variant") else ""
         kept = p["retained_fraction"]["absolute"]
         line = (
-            f"{name:16s} {p['holistic_score']['mean']:14.3f} {f'[{low:.3f}, {high:.3f}]':>16s} "
-            f"{kept['64']:8.3f} {kept['256']:9.3f}"
+            f"{label:{width}s} {p['holistic_score']['mean']:14.3f} {f'[{low:.3f}, {high:.3f}]':>16s} "
+            f"{_cell(kept['64']):>8s} {_cell(kept['256']):>9s}"
         )
         line += "".join(f" {p['per_task'][t]:12.3f}" for t in tasks)
         if versus:
-            line += f" {won[name]:12.0%}" if name in won else f" {'':12s}"
+            c = paired["policies"].get(label)
+            if c is None:
+                line += f" {'':33s} {'':14s}"
+            else:
+                d, (a, b) = c["mean_difference"], c["ci95"]
+                mark = "~" if c["interval_includes_zero"] else " "
+                line += f" {f'{d:+.3f} [{a:+.3f}, {b:+.3f}]{mark}':>33s} {c['share_of_heads_won']:14.0%}"
         lines.append(line + f"  {sees}")
     if versus:
-        lines.append(f"'{versus} wins': share of the (layer, KV head) pairs on which {versus} scores higher")
+        lines.append(
+            f"'{versus} - policy': mean paired difference of the holistic score (same samples and heads) with its 95% "
+            f"paired bootstrap interval, ~ = the interval includes 0; '{versus} wins': share of (layer, KV head) "
+            f"pairs on which {versus} scores higher"
+        )
     return "\n".join(lines)
 
 
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def plot_results(record: dict[str, Any], out: Path) -> list[Path]:
-    """holistic_score.png, retained_fraction.png and layer_head_scores.png in ``out``."""
+    """holistic_score.png, retained_fraction.png, layer_head_scores.png and, with paired comparisons,
+    paired_differences.png in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,18 +428,20 @@ def plot_results(record: dict[str, Any], out: Path) -> list[Path]:
     ax.barh(names, means, xerr=np.abs(intervals.T - means), color=colors, capsize=3)
     ax.set_xlabel("holistic score (oracle cost / cost), 95% bootstrap interval over samples")
     ax.set_xlim(0, 1.05)
-    ax.set_title(f"{record['model']}, split {record['split']} (orange: sees queries)")
+    protocol = record["protocol"]["name"]
+    ax.set_title(f"{record['model']}, split {record['split']}, protocol {protocol} (orange: sees queries)", fontsize=10)
     fig.tight_layout()
     written.append(_save(fig, out / "holistic_score.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budgets = record["budgets"]["absolute"]
     for (_, p), label in zip(policies[::-1], names[::-1], strict=True):
-        values = [p["retained_fraction"]["absolute"][str(b)] for b in budgets]
+        values = [_nan(p["retained_fraction"]["absolute"][str(b)]) for b in budgets]
         ax.plot(budgets, values, marker="o", label=label, linestyle="--" if p["privileged"] else "-")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("budget (tokens kept per head)")
     ax.set_ylabel("share of future attention retained")
+    ax.set_title(f"protocol {protocol}: {record['protocol']['description']}", fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -333,7 +465,28 @@ def plot_results(record: dict[str, Any], out: Path) -> list[Path]:
             ax.set_ylabel("layer")
     fig.colorbar(image, ax=axes.ravel().tolist(), label="holistic score (oracle = 1)")
     written.append(_save(fig, out / "layer_head_scores.png"))
+
+    if record.get("paired"):
+        versus, compared = record["paired"]["versus"], record["paired"]["policies"]
+        order = sorted(compared, key=lambda label: compared[label]["mean_difference"])
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(order) + 1.6))
+        for row, label in enumerate(order):
+            c = compared[label]
+            low, high = c["ci95"]
+            color = "0.6" if c["interval_includes_zero"] else "tab:green" if c["mean_difference"] > 0 else "tab:red"
+            ax.plot([low, high], [row, row], color=color, linewidth=2)
+            ax.plot(c["mean_difference"], row, "o", color=color)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(order)), order)
+        ax.set_xlabel(f"holistic score of {versus} minus policy (paired, 95% bootstrap interval over samples)")
+        ax.set_title(f"{versus} versus each policy, protocol {protocol} (grey: interval includes 0)", fontsize=10)
+        fig.tight_layout()
+        written.append(_save(fig, out / "paired_differences.png"))
     return written
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _save(fig, path: Path) -> Path:

@@ -9,7 +9,11 @@ them (``baselines``, ``agents``) and a third-party package can add its own::
     my_method = "my_package.module:MyScorer"
 
 A scorer class is a dataclass whose fields are its parameters; it declares ``needs_queries`` (it reads the
-prefill queries) and ``needs_future`` (privileged: it reads the true future importance; only the oracle).
+prefill queries) and ``needs_future`` (privileged: it reads the true future importance; only the oracle). Two
+optional class attributes: ``scope = "layer"`` for a scorer that pools evidence over every KV head of a layer (its
+views must hold exactly one layer's KV heads along the last batch dimension, in order; default ``"head"``), and
+``variants``, parameter specs (``"heads=group"``) that ``kvp-gym evaluate --policies all`` also runs, labelled
+``name:spec`` (variants of ours beside the published method).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+
+from kvp_gym.attention import AttentionSpec, Rotary
 
 ENTRY_POINT_GROUP = "kvp_gym.scorers"
 
@@ -32,7 +38,9 @@ class HeadView:
     queries: [B..., G, n, D] the prefill queries of each head's GQA group at the cached positions, or None when
     the caller does not allow them. future_importance: [B..., n] float32, the true future attention; only given
     to scorers that declare ``needs_future`` (the oracle). layer, kv_head: [B...] int64, which layer and KV head
-    each view is (per-head learned scorers need them; None when unknown).
+    each view is (per-head learned scorers need them; None when unknown). attention: the layer's attention
+    semantics (scale, sliding window, soft-cap) for scorers that compute attention; None = standard (full causal,
+    1/sqrt(D)). rotary: the model's RoPE, for scorers that reason about future query positions; None when unknown.
     """
 
     keys: torch.Tensor
@@ -43,6 +51,8 @@ class HeadView:
     future_importance: torch.Tensor | None = None
     layer: torch.Tensor | None = None
     kv_head: torch.Tensor | None = None
+    attention: AttentionSpec | None = None
+    rotary: Rotary | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -97,9 +107,22 @@ def score(scorer: Scorer, view: HeadView) -> torch.Tensor:
         raise ScorerError(f"scorer {scorer.name!r} needs the prefill queries, but this view has none")
     if scorer.needs_future and view.future_importance is None:
         raise ScorerError(f"scorer {scorer.name!r} needs the future importance (privileged), but this view has none")
+    if getattr(scorer, "scope", "head") == "layer" and not _holds_one_layer(view):
+        raise ScorerError(
+            f"scorer {scorer.name!r} pools over a layer's KV heads: its view must hold every KV head of one layer "
+            "along the last batch dimension (kv_head = 0..H-1), as the evaluation and the evicting cache build them"
+        )
     scores = scorer.score(view).float()
     if scores.shape != view.mask.shape:
         raise ScorerError(
             f"scorer {scorer.name!r} returned shape {list(scores.shape)}, expected {list(view.mask.shape)}"
         )
     return scores.masked_fill(~view.mask, float("-inf"))
+
+
+def _holds_one_layer(view: HeadView) -> bool:
+    if view.kv_head is None or view.layer is None or view.mask.dim() < 2:
+        return False
+    heads = view.mask.shape[-2]
+    in_order = torch.arange(heads).expand(view.kv_head.shape)
+    return bool((view.kv_head == in_order).all() and (view.layer == view.layer[..., :1]).all())

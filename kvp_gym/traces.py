@@ -2,7 +2,8 @@
 
 Layout (docs/trace-format.md has the full specification)::
 
-    /                          attrs: format_version, model, geometry, layers, dtype, kvp_gym_version, collection
+    /                          attrs: format_version, model, geometry, layers, dtype, kvp_gym_version, collection,
+                               attention (each layer's scale / sliding window / soft-cap, and the RoPE frequencies)
     /samples/<name>/           attrs: index, task, split, prompt_length, answers, metadata, future_source
         tokens                 int32 [S]        token ids: prompt then future
         needle_spans           int32 [N, 2]     token spans [start, end) of the needles inside the prompt
@@ -16,6 +17,7 @@ a :class:`TraceFormatError` naming the file, the path inside it and what was exp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,6 +30,7 @@ import h5py
 import numpy as np
 import torch
 
+from kvp_gym.attention import AttentionSpec, Rotary, rotary_from_json, spec_from_json
 from kvp_gym.storage import atomic_path
 
 FORMAT_VERSION = 1
@@ -52,6 +55,7 @@ _FILE_ATTRS = (
     "dtype",
     "kvp_gym_version",
     "collection",
+    "attention",
 )
 _SAMPLE_ATTRS = ("index", "task", "split", "prompt_length", "answers", "metadata", "future_source")
 _TENSORS = ("queries", "keys", "values")
@@ -103,12 +107,23 @@ class TraceHeader:
     kvp_gym_version: str
     format_version: int = FORMAT_VERSION
     dtype: str = "float16"
+    # One spec per model layer (empty = every layer standard: full causal, 1/sqrt(head_dim), no soft-cap), and the
+    # model's RoPE (None when unknown). Files written before these were recorded read as the defaults.
+    attention: tuple[AttentionSpec, ...] = ()
+    rotary: Rotary | None = None
+
+    def attention_of(self, layer: int) -> AttentionSpec:
+        """What layer ``layer``'s attention computes (see :class:`kvp_gym.attention.AttentionSpec`)."""
+        return self.attention[layer] if self.attention else AttentionSpec.standard(self.geometry.head_dim)
 
     def compatible_with(self, other: TraceHeader) -> str | None:
         """None if samples of ``other`` may live in the same file as ours, else what differs."""
-        for name in ("format_version", "model", "geometry", "layers", "dtype"):
+        for name in ("format_version", "model", "geometry", "layers", "dtype", "rotary"):
             if getattr(self, name) != getattr(other, name):
                 return f"{name} differs ({getattr(self, name)!r} vs {getattr(other, name)!r})"
+        layers = range(self.geometry.num_layers)
+        if [self.attention_of(i) for i in layers] != [other.attention_of(i) for i in layers]:
+            return "attention semantics differ"
         return None
 
 
@@ -323,6 +338,7 @@ class TraceFile:
         collection = self._json_attr(root, "collection")
         if not isinstance(collection, list):
             raise TraceFormatError(self.path, "/@collection", "expected a JSON list of collection settings")
+        attention, rotary = self._read_attention(geometry)
         return TraceHeader(
             model=self._attr(root, "model", str),
             geometry=geometry,
@@ -331,7 +347,33 @@ class TraceFile:
             kvp_gym_version=self._attr(root, "kvp_gym_version", str),
             format_version=version,
             dtype=dtype,
+            attention=attention,
+            rotary=rotary,
         )
+
+    def _read_attention(self, geometry: ModelGeometry) -> tuple[tuple[AttentionSpec, ...], Rotary | None]:
+        """The ``attention`` attribute; files written before it existed read as standard attention (refused when
+        their geometry says the model used a sliding window, which they did not record per layer)."""
+        if "attention" not in self._h5.attrs:
+            if geometry.sliding_window:
+                raise TraceFormatError(
+                    self.path,
+                    "/@attention",
+                    "missing; this file comes from a sliding-window model but does not record which layers slide: "
+                    "collect it again with this kvp-gym",
+                )
+            return (), _default_rotary(geometry)
+        data = self._json_attr(self._h5, "attention")
+        try:
+            if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+                raise ValueError("expected {'layers': [...], 'rotary': ...}")
+            if len(data["layers"]) != geometry.num_layers:
+                raise ValueError(f"expected {geometry.num_layers} layer specs, found {len(data['layers'])}")
+            specs = tuple(spec_from_json(spec, f"layer {i}") for i, spec in enumerate(data["layers"]))
+            rotary = rotary_from_json(data.get("rotary"), "rotary")
+        except ValueError as err:
+            raise TraceFormatError(self.path, "/@attention", str(err)) from None
+        return specs, rotary
 
     def _read_sample(self, name: str) -> SampleInfo:
         group = self._group(f"samples/{name}")
@@ -477,13 +519,7 @@ def merge_traces(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]) ->
                 if name in owner:
                     raise TraceFormatError(trace.path, f"samples/{name}", f"sample also present in {owner[name].path}")
                 owner[name] = trace
-        header = TraceHeader(
-            model=header.model,
-            geometry=header.geometry,
-            layers=header.layers,
-            collection=tuple(collection),
-            kvp_gym_version=header.kvp_gym_version,
-        )
+        header = dataclasses.replace(header, collection=tuple(collection))
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
             _write_header(h5, header)
             samples = h5.create_group("samples")
@@ -505,6 +541,12 @@ def _write_header(h5: h5py.File, header: TraceHeader) -> None:
         "dtype": header.dtype,
         "kvp_gym_version": header.kvp_gym_version,
         "collection": json.dumps(list(header.collection), sort_keys=True),
+        "attention": json.dumps(
+            {
+                "layers": [header.attention_of(i).to_json() for i in range(header.geometry.num_layers)],
+                "rotary": header.rotary.to_json() if header.rotary else None,
+            }
+        ),
     }
     assert set(attrs) == set(_FILE_ATTRS)
     h5.attrs.update(attrs)
@@ -555,6 +597,19 @@ def _attr_path(node: h5py.HLObject, name: str) -> str:
     """How errors name an attribute: ``/@name`` on the file, ``samples/x/@name`` on a group."""
     group = node.name.strip("/")
     return f"{group}/@{name}" if group else f"/@{name}"
+
+
+def _default_rotary(geometry: ModelGeometry) -> Rotary | None:
+    """Plain RoPE from the recorded ``rope`` JSON when it names no scaling (files that predate ``attention``)."""
+    try:
+        rope = json.loads(geometry.rope)
+    except json.JSONDecodeError:
+        return None
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    kind = rope.get("rope_type", "default") if isinstance(rope, dict) else None
+    if kind != "default" or rope.get("rope_scaling") or not isinstance(theta, int | float):
+        return None
+    return Rotary.default(geometry.head_dim, float(theta))
 
 
 def _contiguous(heads: list[int]) -> bool:

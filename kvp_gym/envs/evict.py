@@ -15,7 +15,7 @@ from gymnasium import spaces
 
 from kvp_gym.envs.episodes import Episode, EpisodeKey, TraceEpisodes
 from kvp_gym.storage import cache_dir
-from kvp_gym.utility import holistic_costs, retained_fraction
+from kvp_gym.utility import holistic_costs, protected_tokens, retained_fraction
 
 log = logging.getLogger(__name__)
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # traces store float16: no observed value can exceed it
@@ -29,8 +29,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "min_prompt": 16,
     "max_tokens": None,  # padded length of the observation; None = the longest cache the trace files can produce
     "observe_queries": "none",  # none | window:W (the last W prompt queries of the GQA group) | all
-    "sinks": 0,  # first tokens always kept (ranked first whatever the action)
-    "recent": 0,  # last cached tokens always kept
+    "sinks": 0,  # first cached tokens always kept, left out of the reward (4 with recent=16 = the paper protocol)
+    "recent": 0,  # last cached tokens always kept, left out of the reward
     "budgets": (16, 32, 64, 128, 256, 512),  # budgets whose retained fraction `info` reports
     "cache_size": 1024,  # episodes kept in memory
 }
@@ -133,17 +133,6 @@ class Observations:
             out["query_mask"][index][rows] = 1
 
 
-def protect(scores: torch.Tensor, split: int | torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
-    """Scores [..., T] with the first ``sinks`` and last ``recent`` of ``split`` cached tokens forced to the top
-    (``split``: an int, or a [...] tensor of one split per row)."""
-    if not (sinks or recent):
-        return scores
-    positions = torch.arange(scores.shape[-1])
-    split = torch.as_tensor(split)[..., None]
-    protected = (positions < sinks) | ((positions >= split - recent) & (positions < split))
-    return scores.masked_fill(protected, torch.inf)
-
-
 class KVEvictEnv(gym.Env):
     """Rank the cached tokens of one KV head so that every budget keeps what the future will attend to.
 
@@ -165,19 +154,22 @@ class KVEvictEnv(gym.Env):
 
     ## Action
     ``Box(-1, 1, (T,))``: one score per token, higher = keep. Scores on padding are ignored; ties keep the earlier
-    token first. With ``sinks``/``recent`` protection those tokens are ranked first whatever their scores.
+    token first. With ``sinks``/``recent`` protection those tokens are kept at every budget whatever their scores,
+    and the reward measures the ranking of the other tokens only (``kvp-gym evaluate --protocol paper`` is
+    ``sinks=4, recent=16``).
 
     ## Reward
-    ``-cost / oracle_cost`` with cost = sum_k k * importance[sigma_k] over the ranking sigma, importance = the
-    attention each cached token receives from the trace's future queries (max over the GQA group, summed over
-    queries). It is <= -1, and -1 exactly for the oracle ranking.
+    ``-cost / oracle_cost`` with cost = sum_k k * importance[sigma_k] over the ranking sigma of the unprotected
+    tokens, importance = the attention each cached token receives from the trace's future queries (max over the
+    GQA group, summed over queries). It is <= -1, and -1 exactly for the oracle ranking.
 
     ## Episode end
     Terminates after one step (``terminated=True``); never truncates.
 
     ## Info (after the step)
     ``holistic_score`` (oracle_cost / cost, in (0, 1]), ``retained_fraction`` (float32 [len(budgets)], the share of
-    importance kept at each configured budget), ``budgets``, ``cost``, ``oracle_cost``, ``trace``, ``sample``,
+    importance kept at each configured budget, protected tokens counted in it; NaN for a budget below the
+    protected count), ``budgets``, ``cost``, ``oracle_cost``, ``trace``, ``sample``,
     ``layer``, ``head``, ``split_point``, ``num_tokens``.
 
     ## Arguments
@@ -220,13 +212,14 @@ class KVEvictEnv(gym.Env):
         if action.shape != self.action_space.shape or not np.isfinite(action).all():
             raise ValueError(f"action must be {self.action_space.shape} finite scores, got shape {action.shape}")
         n = episode.key.split
-        scores = protect(torch.from_numpy(action[:n]), n, self.config["sinks"], self.config["recent"])
+        scores = torch.from_numpy(action[:n])
+        protected = protected_tokens(n, n, self.config["sinks"], self.config["recent"])
         importance = episode.importance
-        cost, oracle, reward = holistic_costs(importance, scores)
+        cost, oracle, reward = holistic_costs(importance * ~protected, scores, ~protected)
         reward = float(reward)
         info = {
             "holistic_score": -1.0 / reward,
-            "retained_fraction": retained_fraction(importance, scores, self.budgets).numpy(),
+            "retained_fraction": retained_fraction(importance, scores, self.budgets, protected=protected).numpy(),
             "budgets": np.asarray(self.budgets),
             "cost": float(cost),
             "oracle_cost": float(oracle),

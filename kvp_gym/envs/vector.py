@@ -17,8 +17,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from kvp_gym.envs.evict import Observations, episode_source, protect, resolve_config
-from kvp_gym.utility import holistic_costs, retained_fraction
+from kvp_gym.envs.evict import Observations, episode_source, resolve_config
+from kvp_gym.utility import holistic_costs, protected_tokens, retained_fraction
 
 
 class KVEvictVectorEnv(VectorEnv):
@@ -57,12 +57,13 @@ class KVEvictVectorEnv(VectorEnv):
         splits = [key.split for key in self._keys]
         valid = torch.from_numpy(self._observation["mask"]).bool()
         scores = torch.from_numpy(actions)
-        scores = protect(scores, torch.tensor(splits), self.config["sinks"], self.config["recent"])
+        protected = protected_tokens(torch.tensor(splits), valid.shape[-1], self.config["sinks"], self.config["recent"])
+        ranked = valid & ~protected
         importance = self._importance
-        cost, oracle, reward = holistic_costs(importance, scores, valid)
+        cost, oracle, reward = holistic_costs(importance * ranked, scores, ranked)
         final_info = {
             "holistic_score": (-1.0 / reward).numpy(),
-            "retained_fraction": retained_fraction(importance, scores, self.budgets, valid).numpy(),
+            "retained_fraction": retained_fraction(importance, scores, self.budgets, valid, protected).numpy(),
             "cost": cost.numpy(),
             "oracle_cost": oracle.numpy(),
             "trace": np.array([k.trace for k in self._keys]),
