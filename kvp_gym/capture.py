@@ -23,7 +23,7 @@ from kvp_gym.attention import AttentionSpec, Rotary
 _PREFIX = "kvp_capture:"
 # layer index -> (queries [B, H_q, T, D], keys [B, H_kv, T, D], values [B, H_kv, T, D]), float16, on the CPU
 Captured = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-# layer index -> the keyword arguments the attention function received, other than tensors
+# layer index -> the keyword arguments the attention function received (tensors as the string "tensor")
 Semantics = dict[int, dict]
 _active: ContextVar[tuple[Captured, frozenset[int], Semantics] | None] = ContextVar("kvp_capture", default=None)
 
@@ -43,7 +43,7 @@ def _recording(base: str):
         state = _active.get()
         if state is not None and module.layer_idx in state[1]:
             state[0][module.layer_idx] = tuple(t.detach().to("cpu", torch.float16) for t in (query, key, value))
-            state[2][module.layer_idx] = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+            state[2][module.layer_idx] = {k: "tensor" if torch.is_tensor(v) else v for k, v in kwargs.items()}
         if base == "eager":  # each model family defines its own eager function beside its attention module
             function = sys.modules[type(module).__module__].eager_attention_forward
         else:
@@ -116,7 +116,7 @@ def probe_attention(model: PreTrainedModel) -> tuple[tuple[AttentionSpec, ...], 
     specs = []
     for layer in layers:
         kwargs = semantics[layer]
-        odd = sorted(k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_KWARGS | _SPEC_KWARGS)
+        odd = sorted(k for k, v in kwargs.items() if v not in (None, False) and k not in _NEUTRAL_KWARGS | _SPEC_KWARGS)
         if odd:
             raise CaptureError(
                 f"layer {layer}: the attention function receives {odd}, which kvp-gym cannot reproduce in the "

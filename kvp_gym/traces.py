@@ -107,23 +107,26 @@ class TraceHeader:
     kvp_gym_version: str
     format_version: int = FORMAT_VERSION
     dtype: str = "float16"
-    # One spec per model layer (empty = every layer standard: full causal, 1/sqrt(head_dim), no soft-cap), and the
-    # model's RoPE (None when unknown). Files written before these were recorded read as the defaults.
+    # One spec per model layer (empty when given = every layer standard: full causal, 1/sqrt(head_dim), no
+    # soft-cap), and the model's RoPE (None when unknown). Files written before these were recorded read as the
+    # defaults.
     attention: tuple[AttentionSpec, ...] = ()
     rotary: Rotary | None = None
 
+    def __post_init__(self):
+        if not self.attention:
+            standard = AttentionSpec.standard(self.geometry.head_dim)
+            object.__setattr__(self, "attention", (standard,) * self.geometry.num_layers)
+
     def attention_of(self, layer: int) -> AttentionSpec:
         """What layer ``layer``'s attention computes (see :class:`kvp_gym.attention.AttentionSpec`)."""
-        return self.attention[layer] if self.attention else AttentionSpec.standard(self.geometry.head_dim)
+        return self.attention[layer]
 
     def compatible_with(self, other: TraceHeader) -> str | None:
         """None if samples of ``other`` may live in the same file as ours, else what differs."""
-        for name in ("format_version", "model", "geometry", "layers", "dtype", "rotary"):
+        for name in ("format_version", "model", "geometry", "layers", "dtype", "attention", "rotary"):
             if getattr(self, name) != getattr(other, name):
                 return f"{name} differs ({getattr(self, name)!r} vs {getattr(other, name)!r})"
-        layers = range(self.geometry.num_layers)
-        if [self.attention_of(i) for i in layers] != [other.attention_of(i) for i in layers]:
-            return "attention semantics differ"
         return None
 
 
@@ -543,7 +546,7 @@ def _write_header(h5: h5py.File, header: TraceHeader) -> None:
         "collection": json.dumps(list(header.collection), sort_keys=True),
         "attention": json.dumps(
             {
-                "layers": [header.attention_of(i).to_json() for i in range(header.geometry.num_layers)],
+                "layers": [spec.to_json() for spec in header.attention],
                 "rotary": header.rotary.to_json() if header.rotary else None,
             }
         ),

@@ -108,14 +108,27 @@ def test_oracle_scores_get_minus_one_and_padding_is_ignored(config):
     assert reward == pytest.approx(-1.0) and info["holistic_score"] == pytest.approx(1.0)
 
 
-def test_protected_tokens_rank_first(config):
-    env = gym.make("KVEvict-v0", config={**config, "sinks": 3, "recent": 2, "budgets": (5,)}).unwrapped
+def test_protected_tokens_are_kept_and_left_out_of_the_reward(config):
+    env = gym.make("KVEvict-v0", config={**config, "sinks": 3, "recent": 2, "budgets": (4, 5, 6)}).unwrapped
     env.reset(seed=3)
     episode = env._episode
     n = episode.key.split
-    _, _, _, _, info = env.step(np.zeros(env.action_space.shape, np.float32))
-    protected = torch.cat([episode.importance[:3], episode.importance[n - 2 : n]])
-    assert info["retained_fraction"][0] == pytest.approx((protected.sum() / episode.importance.sum()).item())
+    importance = episode.importance
+    # Scores that rank the protected tokens last: they are kept anyway, and do not enter the reward.
+    action = np.zeros(env.action_space.shape, np.float32)
+    action[:n] = np.linspace(0.5, 1.0, n)
+    action[[0, 1, 2, n - 2, n - 1]] = -1.0
+    _, reward, _, _, info = env.step(action)
+    protected = torch.cat([importance[:3], importance[n - 2 : n]])
+    assert np.isnan(info["retained_fraction"][0])  # budget 4 < 5 protected tokens
+    assert info["retained_fraction"][1] == pytest.approx((protected.sum() / importance.sum()).item())
+    rest = importance[3 : n - 2]
+    expected = holistic_reward(rest, torch.from_numpy(action[3 : n - 2]))
+    assert reward == pytest.approx(expected.item(), rel=1e-5)
+    # The oracle of the unprotected tokens gets exactly -1, whatever it gives the protected ones.
+    env.reset(options={"episode": episode.key})
+    action[3 : n - 2] = (rest / rest.max()).numpy()
+    assert env.step(action)[1] == pytest.approx(-1.0)
 
 
 def test_random_split_points_stay_in_range(config, tiny_trace):
@@ -155,7 +168,9 @@ def test_missing_split_lists_what_exists(tmp_path, tiny_config):
         gym.make("KVEvict-v0", config={"traces": str(path), "split": "test"})
 
 
-def test_native_vector_env_matches_single_envs(config):
+@pytest.mark.parametrize("protection", [{}, {"sinks": 4, "recent": 16, "split_point": "random"}])
+def test_native_vector_env_matches_single_envs(config, protection):
+    config = {**config, **protection}
     vec = gym.make_vec("KVEvict-v0", num_envs=8, config=config)
     assert type(vec).__name__ == "KVEvictVectorEnv"
     obs, _ = vec.reset(seed=7)
@@ -176,8 +191,13 @@ def test_native_vector_env_matches_single_envs(config):
         n = key.split
         np.testing.assert_array_equal(info["final_obs"]["key"][i][:n], episode.keys.float().numpy())
         np.testing.assert_array_equal(obs["key"][i], info["final_obs"]["key"][i])
-        expected = holistic_reward(episode.importance, torch.from_numpy(actions[i][:n])).item()
+        single = gym.make("KVEvict-v0", config=config).unwrapped
+        single.reset(options={"episode": key})
+        _, expected, _, _, single_info = single.step(actions[i])
         assert rewards[i] == pytest.approx(expected, rel=1e-5)
+        np.testing.assert_allclose(final["retained_fraction"][i], single_info["retained_fraction"], rtol=1e-5)
+        if not protection:
+            assert expected == pytest.approx(holistic_reward(episode.importance, torch.from_numpy(actions[i][:n])))
     assert not np.array_equal(next_obs["key"], obs["key"])  # the next episodes were drawn in the same step
 
 

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from kvp_gym.cli import main
-from kvp_gym.evaluate import evaluate, format_table, heads_won, write_results
+from kvp_gym.evaluate import evaluate, format_table, paired_comparison, write_results
 from kvp_gym.scorers import HeadView, get_scorer, score
 from kvp_gym.traces import open_traces
-from kvp_gym.utility import future_importance, holistic_score
+from kvp_gym.utility import future_importance, holistic_score, protected_tokens
 
 
-def test_record_matches_a_direct_computation(tiny_trace, tmp_path):
-    record = evaluate(tiny_trace, ["knorm", "oracle", "tova", "random"], split="train", bootstrap=200, progress=False)
-    assert record["schema"] == "kvp-gym/trace-evaluation" and record["schema_version"] == 1
+@pytest.mark.parametrize("protocol", ["raw", "paper"])
+def test_record_matches_a_direct_computation(tiny_trace, tmp_path, protocol):
+    record = evaluate(
+        tiny_trace,
+        ["knorm", "oracle", "tova", "random"],
+        split="train",
+        bootstrap=200,
+        progress=False,
+        protocol=protocol,
+        versus="knorm",
+    )
+    assert record["schema"] == "kvp-gym/trace-evaluation" and record["schema_version"] == 2
+    assert record["protocol"]["name"] == protocol
     assert len(record["traces"][0]["sha256"]) == 64 and record["model"] == "tiny-random"
     oracle = record["policies"]["oracle"]
     assert oracle["privileged"] and oracle["holistic_score"]["mean"] == pytest.approx(1.0)
@@ -26,7 +37,11 @@ def test_record_matches_a_direct_computation(tiny_trace, tmp_path):
     assert len(tova["per_layer"]) == 2 and len(tova["per_head"][0]) == 2
     assert set(tova["retained_fraction"]["absolute"]) == {"16", "32", "64", "128", "256", "512"}
     assert set(tova["retained_fraction"]["fractions"]) == {"0.05", "0.1", "0.25", "0.5"}
-    # knorm by hand, every (sample, layer, head) of the train split.
+    # Under the paper protocol 20 tokens are always kept: a 16-token budget cannot be honoured.
+    assert (tova["retained_fraction"]["absolute"]["16"] is None) == (protocol == "paper")
+    # knorm by hand, every (sample, layer, head) of the train split; the paper protocol scores the ranking of
+    # the tokens other than the first 4 and the last 16.
+    sinks, recent = (4, 16) if protocol == "paper" else (0, 0)
     expected = []
     with open_traces(tiny_trace) as trace:
         for sample in trace.split("train"):
@@ -36,35 +51,73 @@ def test_record_matches_a_direct_computation(tiny_trace, tmp_path):
                     n = head.prompt_length
                     importance = future_importance(head.queries, head.keys, n)
                     view = HeadView(head.keys[:n], head.values[:n], head.positions[:n], torch.ones(n, dtype=torch.bool))
-                    expected.append(holistic_score(importance, score(get_scorer("knorm"), view)).item())
+                    scores = score(get_scorer("knorm"), view)
+                    rest = ~protected_tokens(n, n, sinks, recent)
+                    expected.append(holistic_score(importance[rest], scores[rest]).item())
     assert record["policies"]["knorm"]["holistic_score"]["mean"] == pytest.approx(sum(expected) / len(expected))
+    assert np.mean(record["policies"]["knorm"]["per_sample_head"]) == pytest.approx(np.mean(expected), abs=1e-6)
     written = write_results(record, tmp_path / "out")
     assert [p.name for p in written] == [
         "results.json",
         "holistic_score.png",
         "retained_fraction.png",
         "layer_head_scores.png",
+        "paired_differences.png",
     ]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written[1:])
     assert json.loads(written[0].read_text())["policies"].keys() == record["policies"].keys()
     table = format_table(record)
+    assert f"protocol {protocol}" in table.splitlines()[0]
     assert table.splitlines()[2].startswith("oracle") and "future (upper bound)" in table
     assert set(record["tasks"]) == {"niah_single"} and len(record["tasks"]) == len(record["samples"])
     assert record["policies"]["knorm"]["per_task"]["niah_single"] == pytest.approx(sum(expected) / len(expected))
-    # heads_won: the share of the 4 (layer, head) pairs with a higher per-head mean.
-    knorm, rand = (torch.tensor(record["policies"][n]["per_head"]) for n in ("knorm", "random"))
-    won = heads_won(record, "knorm")
-    assert won["random"] == pytest.approx((knorm > rand).float().mean().item()) and won["oracle"] == 0.0
-    assert heads_won(record, "oracle")["random"] == 1.0 and "knorm" not in won
-    versus = format_table(record, versus="knorm")
-    assert "knorm wins" in versus.splitlines()[1] and f"{won['random']:.0%}" in versus
+    paired = record["paired"]
+    assert paired["versus"] == "knorm" and set(paired["policies"]) == {"oracle", "tova", "random"}
+    assert "knorm - policy" in table.splitlines()[1] and "knorm wins" in table.splitlines()[1]
     with pytest.raises(ValueError, match="--versus 'kvp': not among the evaluated policies"):
-        heads_won(record, "kvp")
+        evaluate(tiny_trace, ["knorm"], split="train", progress=False, versus="kvp")
+    with pytest.raises(ValueError, match="unknown protocol 'strict'"):
+        evaluate(tiny_trace, ["knorm"], split="train", progress=False, protocol="strict")
+
+
+def _record(per_sample_head: dict[str, list]) -> dict:
+    return {"policies": {name: {"per_sample_head": values} for name, values in per_sample_head.items()}}
+
+
+def test_paired_comparison_by_hand():
+    # 4 samples x 1 layer x 2 heads. a - b per sample (head mean): 0.1, 0.2, 0.1, 0.2 -> mean 0.15, always > 0.
+    a = [[[0.5, 0.7]], [[0.6, 0.6]], [[0.4, 0.6]], [[0.9, 0.5]]]
+    b = [[[0.4, 0.6]], [[0.4, 0.4]], [[0.3, 0.5]], [[0.6, 0.4]]]
+    c = [[[0.6, 0.8]], [[0.4, 0.5]], [[0.5, 0.7]], [[0.8, 0.4]]]  # a - c: -0.1, 0.15, -0.1, 0.1 -> mean 0.0125
+    found = paired_comparison(_record({"a": a, "b": b, "c": c}), "a", resamples=2000, seed=0)
+    assert found["b"]["mean_difference"] == pytest.approx(0.15)
+    low, high = found["b"]["ci95"]
+    assert 0.1 - 1e-9 <= low <= 0.15 <= high <= 0.2 + 1e-9 and not found["b"]["interval_includes_zero"]
+    assert found["b"]["share_of_heads_won"] == 1.0 and found["b"]["share_ci95"] == [1.0, 1.0]
+    assert found["c"]["mean_difference"] == pytest.approx(0.0125) and found["c"]["interval_includes_zero"]
+    # Per-head means over samples: a (0.6, 0.6) vs c (0.575, 0.6): a wins head 0 only.
+    assert found["c"]["share_of_heads_won"] == 0.5
+    # The same resample for both policies: a policy against itself is exactly 0 in every resample.
+    assert paired_comparison(_record({"a": a, "a2": a}), "a")["a2"]["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="not among the evaluated policies"):
+        paired_comparison(_record({"a": a}), "z")
+
+
+def test_variants_are_labelled_and_evaluated_beside_the_published_method(tiny_trace):
+    record = evaluate(tiny_trace, ["tova", "tova:heads=group", "h2o:recent=16"], split="train", progress=False)
+    policies = record["policies"]
+    assert policies["tova:heads=group"]["name"] == "tova" and policies["tova:heads=group"]["parameters"] == {
+        "heads": "group"
+    }
+    assert policies["tova"]["parameters"] == {"heads": "layer"}
+    assert policies["tova"]["holistic_score"] != policies["tova:heads=group"]["holistic_score"]
+    with pytest.raises(ValueError, match="policy 'tova' is given twice"):
+        evaluate(tiny_trace, ["tova", "tova"], split="train", progress=False)
 
 
 def test_cli_errors_list_what_is_available(tiny_trace, tmp_path, capsys):
     assert main(["evaluate", "--traces", str(tiny_trace), "--policies", "knorm,nope", "--out", str(tmp_path)]) == 2
-    assert "unknown policies ['nope']; available: h2o, keydiff" in capsys.readouterr().err
+    assert "unknown policies ['nope']; available: expected_attention, h2o" in capsys.readouterr().err
     assert main(["evaluate", "--traces", str(tiny_trace), "--split", "dev", "--out", str(tmp_path)]) == 2
     assert "unknown split 'dev'" in capsys.readouterr().err
     assert (

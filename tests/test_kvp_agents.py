@@ -213,10 +213,9 @@ def test_length_groups_partition_the_episodes(tiny_trace):
 
 def test_kvp_in_evaluate(trained, tiny_trace):
     _, summary = trained
-    record = evaluate(
-        tiny_trace, [f"kvp:checkpoint={summary['checkpoint']}", "random"], split="val", bootstrap=50, progress=False
-    )
-    assert 0 < record["policies"]["kvp"]["holistic_score"]["mean"] <= 1
+    label = f"kvp:checkpoint={summary['checkpoint']}"  # a policy's label is its spec
+    record = evaluate(tiny_trace, [label, "random"], split="val", bootstrap=50, progress=False)
+    assert 0 < record["policies"][label]["holistic_score"]["mean"] <= 1 and record["policies"][label]["name"] == "kvp"
     # The shipped agents are for smollm2-135m: on another model they are an error, or skipped under "all".
     with pytest.raises(ScorerError, match="trained for smollm2-135m .* but is used with tiny-random"):
         evaluate(tiny_trace, ["kvp"], split="val", bootstrap=10, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import h5py
@@ -178,6 +179,26 @@ CORRUPTIONS = {
         "invalid JSON",
     ),
     "missing samples": (lambda h5: h5.__delitem__("samples"), "samples", "missing group"),
+    "attention not json": (lambda h5: h5.attrs.__setitem__("attention", "{"), "/@attention", "invalid JSON"),
+    "attention layers missing": (
+        lambda h5: h5.attrs.__setitem__("attention", '{"layers": [], "rotary": null}'),
+        "/@attention",
+        "expected 3 layer specs, found 0",
+    ),
+    "attention negative window": (
+        lambda h5: h5.attrs.__setitem__(
+            "attention",
+            '{"layers": [{"scale": 0.3, "sliding_window": -2, "softcap": 0}, '
+            '{"scale": 0.3, "sliding_window": 0, "softcap": 0}, {"scale": 0.3, "sliding_window": 0, "softcap": 0}]}',
+        ),
+        "/@attention",
+        "sliding_window >= 0",
+    ),
+    "sliding-window file without attention": (
+        lambda h5: (h5.attrs.__delitem__("attention"), h5.attrs.__setitem__("sliding_window", 16)),
+        "/@attention",
+        "does not record which layers slide",
+    ),
 }
 
 
@@ -190,6 +211,28 @@ def test_open_names_file_field_and_expectation(written, case):
         open_traces(path)
     assert caught.value.file == str(path) and caught.value.where == where
     assert str(path) in str(caught.value)
+
+
+def test_attention_semantics_round_trip_and_older_files_read_as_standard(tmp_path, written):
+    from kvp_gym.attention import AttentionSpec, Rotary
+
+    header = dataclasses.replace(
+        HEADER,
+        attention=(AttentionSpec(0.25), AttentionSpec(0.25, sliding_window=8), AttentionSpec(0.1, softcap=50.0)),
+        rotary=Rotary.default(8, 10000.0),
+    )
+    rng = np.random.default_rng(1)
+    write_traces(tmp_path / "a.h5", header, [_sample("s0", 12, rng)])
+    with open_traces(tmp_path / "a.h5") as trace:
+        assert trace.header == header and trace.header.attention_of(1).sliding_window == 8
+    # A file written before the attribute existed: standard attention, RoPE from the recorded theta.
+    path, _ = written
+    _edit(path, lambda h5: h5.attrs.__delitem__("attention"))
+    with open_traces(path) as trace:
+        assert trace.header.attention == (AttentionSpec.standard(8),) * 3
+        assert trace.header.rotary == Rotary.default(8, 10000.0)
+    with pytest.raises(TraceFormatError, match="attention"):
+        merge_traces(tmp_path / "m.h5", [path, tmp_path / "a.h5"])
 
 
 def test_nan_is_reported_on_read_and_by_check(written):

@@ -14,6 +14,7 @@ from kvp_gym.utility import (
     holistic_reward,
     holistic_score,
     oracle_ranking,
+    protected_tokens,
     retained_fraction,
 )
 
@@ -32,6 +33,21 @@ def test_hand_computed_costs():
     # Retained fraction of 4.5 total at budgets 1, 2, 10 under the oracle: 3, 4, 4.5.
     kept = retained_fraction(imp, oracle_ranking(imp), [1, 2, 10])
     torch.testing.assert_close(kept, torch.tensor([3 / 4.5, 4 / 4.5, 1.0]))
+
+
+def test_protected_tokens_are_kept_and_count_towards_the_budget():
+    assert protected_tokens(8, 10, 2, 3).tolist() == [1, 1, 0, 0, 0, 1, 1, 1, 0, 0]
+    assert protected_tokens(torch.tensor([4, 6]), 6, 1, 1).tolist() == [[1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1]]
+    imp = torch.tensor([2.0, 0.5, 3.0, 1.0, 0.0, 1.5])  # total 8
+    protected = torch.tensor([True, False, False, False, False, True])  # 3.5 kept at every budget
+    scores = torch.tensor([0.0, 0.9, 0.1, 0.5, 0.2, 0.0])  # the rest ranked 1, 3, 4, 2
+    kept = retained_fraction(imp, scores, [1, 2, 3, 4, 6, 10], protected=protected)
+    # Budget 1 < 2 protected: NaN; 2: 3.5; 3: + imp[1] = 4; 4: + imp[3] = 5; 6: + imp[4] + imp[2] = 8.
+    assert torch.isnan(kept[0])
+    torch.testing.assert_close(kept[1:], torch.tensor([3.5, 4.0, 5.0, 8.0, 8.0]) / 8)
+    # Rows with different splits (batched), and padding: protected_tokens per row, valid masks the padding.
+    batch = retained_fraction(imp.expand(2, 6), scores.expand(2, 6), [3], torch.ones(2, 6, dtype=torch.bool), protected)
+    torch.testing.assert_close(batch, torch.full((2, 1), 0.5))
 
 
 def test_ties_keep_the_earlier_token_first():
