@@ -11,10 +11,11 @@ DEMO := traces/demo
 KVP := traces/kvp
 KVP_TRAIN_TASKS := niah_single niah_multikey niah_multivalue variable_tracking
 KVP_TEST_TASKS := $(KVP_TRAIN_TASKS) niah_multiquery
-KVP_TEST := $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/test-$(t).h5)
+comma := ,
+KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
-.PHONY: install test demo lint clean kvp-traces kvp-agents kvp-eval
+.PHONY: install test demo lint clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval
 
 install: $(STAMP)
 
@@ -41,10 +42,13 @@ demo: $(STAMP)
 		--out runs/demo-eval --versus kvp
 
 # The shipped KVP agents (docs/agents.md): training traces from the "train" text pool (1k prompts with seed 0, 2k
-# prompts with seed 100), test traces from
-# the disjoint "heldout" pool (seed 1000) with one task (niah_multiquery) never trained on, and shorter and longer
-# prompts than the training ones (KVP_LENGTHS, seed 2000).
-kvp-traces: $(STAMP)
+# prompts with seed 100). Held-out sets come from the disjoint "heldout" pool, with one task (niah_multiquery)
+# never trained on, and shorter and longer prompts than the training ones (KVP_LENGTHS). Validation sets (seeds
+# 1000 and 2000) informed design choices; test sets (fresh seeds 3000 and 4000) are evaluated once, for the
+# published numbers.
+kvp-traces: kvp-train-traces kvp-heldout-traces
+
+kvp-train-traces: $(STAMP)
 	for t in $(KVP_TRAIN_TASKS); do $(BIN)/kvp-gym collect --task $$t --samples 10 --context 1024 --future 32 \
 		--text train --splits 0.8,0.2,0 --out $(KVP)/train-$$t.h5 --resume || exit 1; done
 	$(BIN)/kvp-gym collect --task essay --samples 12 --context 1024 --future 64 \
@@ -53,15 +57,23 @@ kvp-traces: $(STAMP)
 		--text train --seed 100 --splits 0.75,0.25,0 --out $(KVP)/train2k-$$t.h5 --resume || exit 1; done
 	$(BIN)/kvp-gym collect --task essay --samples 4 --context 2048 --future 64 \
 		--text train --seed 100 --splits 0.75,0.25,0 --out $(KVP)/train2k-essay.h5 --resume
+
+# $(1): val or test; $(2): seed of the 1k sets; $(3): seed of the length sets; $(4): the split fractions.
+define heldout
 	for t in $(KVP_TEST_TASKS); do $(BIN)/kvp-gym collect --task $$t --samples 4 --context 1024 --future 32 \
-		--text heldout --seed 1000 --splits 0,0,1 --out $(KVP)/test-$$t.h5 --resume || exit 1; done
+		--text heldout --seed $(2) --splits $(4) --out $(KVP)/$(1)-$$t.h5 --resume || exit 1; done
 	$(BIN)/kvp-gym collect --task essay --samples 6 --context 1024 --future 64 \
-		--text heldout --seed 1000 --splits 0,0,1 --out $(KVP)/test-essay.h5 --resume
+		--text heldout --seed $(2) --splits $(4) --out $(KVP)/$(1)-essay.h5 --resume
 	for c in $(KVP_LENGTHS); do \
 		$(BIN)/kvp-gym collect --task niah_single --samples 3 --context $$c --future 32 \
-			--text heldout --seed 2000 --splits 0,0,1 --out $(KVP)/length-$$c-niah_single.h5 --resume && \
+			--text heldout --seed $(3) --splits $(4) --out $(KVP)/$(1)-length-$$c-niah_single.h5 --resume && \
 		$(BIN)/kvp-gym collect --task essay --samples 3 --context $$c --future 64 \
-			--text heldout --seed 2000 --splits 0,0,1 --out $(KVP)/length-$$c-essay.h5 --resume || exit 1; done
+			--text heldout --seed $(3) --splits $(4) --out $(KVP)/$(1)-length-$$c-essay.h5 --resume || exit 1; done
+endef
+
+kvp-heldout-traces: $(STAMP)
+	$(call heldout,val,1000,2000,0$(comma)1$(comma)0)
+	$(call heldout,test,3000,4000,0$(comma)0$(comma)1)
 
 kvp-agents: kvp-traces
 	$(BIN)/kvp-gym train --traces $(KVP)/train-*.h5 $(KVP)/train2k-*.h5 --heads all --out runs/kvp-smollm2 \
@@ -69,10 +81,20 @@ kvp-agents: kvp-traces
 	mkdir -p agents/checkpoints
 	cp runs/kvp-smollm2/agents.safetensors agents/checkpoints/smollm2-135m.safetensors
 
-kvp-eval: kvp-traces
-	$(BIN)/kvp-gym evaluate --traces $(KVP_TEST) --policies all --split test --out runs/kvp-eval --versus kvp
-	for c in $(KVP_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP)/length-$$c-*.h5 --policies all \
-		--split test --out runs/kvp-eval-$$c --versus kvp || exit 1; done
+# kvp-val: the validation sets (design decisions). kvp-eval: the test sets, once, for the published numbers; both
+# protocols, KVP compared (paired) with every other policy.
+kvp-val: kvp-heldout-traces
+	$(call evaluate_heldout,val)
+
+kvp-eval: kvp-heldout-traces
+	$(call evaluate_heldout,test)
+
+define evaluate_heldout
+	for p in paper raw; do $(BIN)/kvp-gym evaluate --traces $(call KVP_HELDOUT,$(1)) --policies all --split $(1) \
+		--protocol $$p --out runs/kvp-$(1)-$$p --versus kvp || exit 1; done
+	for c in $(KVP_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP)/$(1)-length-$$c-*.h5 --policies all \
+		--split $(1) --out runs/kvp-$(1)-$$c --versus kvp || exit 1; done
+endef
 
 clean:
 	rm -rf $(VENV) traces/demo .pytest_cache .ruff_cache

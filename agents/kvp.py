@@ -1,4 +1,4 @@
-"""The KVP per-head scorer network (paper-notes.md section 3), batched over many heads with grouped weights.
+"""The KVP per-head scorer network (the KVP paper, arXiv 2602.10238), batched over many heads with grouped weights.
 
 Per token: key -> Linear(D, W) + LayerNorm; value -> Linear(D, W) + LayerNorm; position -> two learned
 embeddings (``position_dim`` dims each) + LayerNorm: one of the token's index in the cache, one of its age

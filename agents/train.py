@@ -1,4 +1,4 @@
-"""RLOO trainer for KVP agents (paper-notes.md section 4), readable top to bottom.
+"""RLOO trainer for KVP agents (the KVP paper, arXiv 2602.10238), readable top to bottom.
 
 Each KV head has its own network (all heads train together as one grouped network, each head's gradient its own).
 A step samples ``batch`` episodes per head from the training traces, samples ``rankings`` rankings per episode

@@ -1,4 +1,4 @@
-"""Future importance and the holistic (all-budget) utility of a ranking (paper-notes.md section 2).
+"""Future importance and the holistic (all-budget) utility of a ranking (the KVP paper, arXiv 2602.10238).
 
 For one KV head, a trace of S tokens split at n: tokens 0..n-1 are the cache, tokens n..S-1 the future.
 
