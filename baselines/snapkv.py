@@ -31,6 +31,10 @@ class SnapKV:
         if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
             raise ScorerError(f"snapkv: need window >= 1 and an odd kernel >= 1, got {self.window}, {self.kernel}")
 
+    @property
+    def query_window(self) -> int:
+        return self.window
+
     def score(self, view: HeadView) -> torch.Tensor:
         in_window = last_real(view.mask, self.window)
         received = attention_received(view.queries, view.keys, view.mask, window=self.window, attention=view.attention)

@@ -27,6 +27,7 @@ class TOVA:
     needs_queries: ClassVar[bool] = True
     needs_future: ClassVar[bool] = False
     variants: ClassVar[tuple[str, ...]] = ("heads=group",)
+    query_window: ClassVar[int] = 1  # the last prompt query is all it reads
 
     def __post_init__(self):
         if self.heads not in ("layer", "group"):

@@ -12,6 +12,7 @@ import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -25,7 +26,23 @@ _PREFIX = "kvp_capture:"
 Captured = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # layer index -> the keyword arguments the attention function received (tensors as the string "tensor")
 Semantics = dict[int, dict]
-_active: ContextVar[tuple[Captured, frozenset[int], Semantics] | None] = ContextVar("kvp_capture", default=None)
+
+
+@dataclass
+class _Recorder:
+    """What the recording attention keeps, for the layers in ``layers``: float16 CPU copies of q/k/v
+    (``qkv=True``), the attention-function arguments, and the last ``queries_kept`` queries on the model's own
+    device (``queries_kept`` = 0: none; None: all)."""
+
+    layers: frozenset[int]
+    qkv: bool = True
+    queries_kept: int | None = 0
+    captured: Captured = field(default_factory=dict)
+    semantics: Semantics = field(default_factory=dict)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_active: ContextVar[_Recorder | None] = ContextVar("kvp_capture", default=None)
 
 # Attention-function keyword arguments that do not change which probabilities the attention computes.
 _NEUTRAL_KWARGS = {"dropout", "position_ids", "use_cache", "output_attentions", "cache_position", "is_causal"}
@@ -41,9 +58,14 @@ class CaptureError(RuntimeError):
 def _recording(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         state = _active.get()
-        if state is not None and module.layer_idx in state[1]:
-            state[0][module.layer_idx] = tuple(t.detach().to("cpu", torch.float16) for t in (query, key, value))
-            state[2][module.layer_idx] = {k: "tensor" if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        if state is not None and module.layer_idx in state.layers:
+            layer = module.layer_idx
+            if state.qkv:
+                state.captured[layer] = tuple(t.detach().to("cpu", torch.float16) for t in (query, key, value))
+            if state.queries_kept != 0:
+                kept = query.detach() if state.queries_kept is None else query.detach()[..., -state.queries_kept :, :]
+                state.queries[layer] = kept
+            state.semantics[layer] = {k: "tensor" if torch.is_tensor(v) else v for k, v in kwargs.items()}
         if base == "eager":  # each model family defines its own eager function beside its attention module
             function = sys.modules[type(module).__module__].eager_attention_forward
         else:
@@ -62,13 +84,29 @@ def capture_qkv(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[Captu
     pass with a cache, keys and values span the whole cache). Raises :class:`CaptureError` at the end of the
     block if a requested layer never recorded anything.
     """
-    with _recording_into(model, layers) as (captured, _):
-        yield captured
+    with _recording_into(model, _Recorder(frozenset(layers))) as recorder:
+        yield recorder.captured
+    _check_all_recorded(recorder.layers, recorder.captured)
 
 
 @contextlib.contextmanager
-def _recording_into(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[tuple[Captured, Semantics]]:
-    """Switch ``model`` to the recording attention; yield (captured tensors, attention keyword arguments)."""
+def capture_queries(model: PreTrainedModel, last: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, forward passes of ``model`` keep each layer's last ``last`` post-RoPE queries (None = all)
+    on the model's device, in its dtype: ``queries[layer]`` = [B, H_q, min(last, T), D] of the latest pass. Used by
+    the evicting cache to hand query-based scorers the prefill queries they declare, and nothing more. ``last=0``
+    keeps nothing (the model runs unchanged)."""
+    if last == 0:
+        yield {}
+        return
+    layers = frozenset(range(model.config.get_text_config().num_hidden_layers))
+    with _recording_into(model, _Recorder(layers, qkv=False, queries_kept=last)) as recorder:
+        yield recorder.queries
+    _check_all_recorded(recorder.layers, recorder.queries)
+
+
+@contextlib.contextmanager
+def _recording_into(model: PreTrainedModel, recorder: _Recorder) -> Iterator[_Recorder]:
+    """Switch ``model`` to the recording attention for the block."""
     config = model.config
     base = config._attn_implementation
     if base not in ("sdpa", "eager"):
@@ -77,17 +115,17 @@ def _recording_into(model: PreTrainedModel, layers: Iterable[int]) -> Iterator[t
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _recording(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    layers = frozenset(layers)
-    captured: Captured = {}
-    semantics: Semantics = {}
-    token = _active.set((captured, layers, semantics))
+    token = _active.set(recorder)
     config._attn_implementation = name
     try:
-        yield captured, semantics
+        yield recorder
     finally:
         config._attn_implementation = base
         _active.reset(token)
-    missing = sorted(layers - captured.keys())
+
+
+def _check_all_recorded(layers: frozenset[int], recorded: dict) -> None:
+    missing = sorted(layers - recorded.keys())
     if missing:
         raise CaptureError(
             f"no attention inputs recorded for layers {missing}: this model's attention does not use "
@@ -111,8 +149,10 @@ def probe_attention(model: PreTrainedModel) -> tuple[tuple[AttentionSpec, ...], 
             f"{sorted(_SUPPORTED_LAYER_TYPES)} only"
         )
     layers = range(config.num_hidden_layers)
-    with torch.inference_mode(), _recording_into(model, layers) as (captured, semantics):
-        model(torch.zeros(1, 4, dtype=torch.long), use_cache=False)
+    with torch.inference_mode(), _recording_into(model, _Recorder(frozenset(layers))) as recorder:
+        model(torch.zeros(1, 4, dtype=torch.long, device=model.device), use_cache=False)
+    _check_all_recorded(recorder.layers, recorder.captured)
+    captured, semantics = recorder.captured, recorder.semantics
     specs = []
     for layer in layers:
         kwargs = semantics[layer]

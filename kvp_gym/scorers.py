@@ -13,7 +13,9 @@ prefill queries) and ``needs_future`` (privileged: it reads the true future impo
 optional class attributes: ``scope = "layer"`` for a scorer that pools evidence over every KV head of a layer (its
 views must hold exactly one layer's KV heads along the last batch dimension, in order; default ``"head"``), and
 ``variants``, parameter specs (``"heads=group"``) that ``kvp-gym evaluate --policies all`` also runs, labelled
-``name:spec`` (variants of ours beside the published method).
+``name:spec`` (variants of ours beside the published method). A scorer that reads only the last W prefill queries
+says so with ``query_window = W`` (TOVA: 1, SnapKV: its window): the evicting cache then keeps only those, and the
+rows of ``view.queries`` before them are zeros. Without it, a query-reading scorer gets every prefill query.
 """
 
 from __future__ import annotations

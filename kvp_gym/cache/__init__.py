@@ -1,0 +1,10 @@
+"""The evicting KV cache, generation under a budget, and end-to-end evaluation on a real model.
+
+- :mod:`kvp_gym.cache.evicting`: :class:`EvictingCache`, a transformers cache that shrinks to a budget.
+- :mod:`kvp_gym.cache.generate`: prefill -> compress -> greedy decode (:func:`generate`).
+"""
+
+from kvp_gym.cache.evicting import CacheError, Compression, EvictingCache
+from kvp_gym.cache.generate import Generation, decode, generate, prefill
+
+__all__ = ["CacheError", "Compression", "EvictingCache", "Generation", "decode", "generate", "prefill"]

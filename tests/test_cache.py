@@ -1,0 +1,167 @@
+"""The evicting cache: stock generation when nothing is evicted, the masked full model after eviction, memory that
+is really released, true positions, and clear errors."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+
+import pytest
+import torch
+from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from kvp_gym import models
+from kvp_gym.cache import CacheError, EvictingCache, decode, generate, prefill
+from kvp_gym.capture import capture_queries
+from kvp_gym.scorers import get_scorer
+
+PROMPT = [10 + (i * 7) % 200 for i in range(290)]  # 290 byte tokens of tiny-random's vocabulary
+
+
+def test_no_eviction_is_stock_greedy_generation(tiny):
+    model, tokenizer = tiny
+    stock = model.generate(
+        torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    for budget in (None, len(PROMPT), 10_000):
+        out = generate(model, tokenizer, PROMPT, "knorm", budget, max_new_tokens=12)
+        assert out.tokens == stock.sequences[0, len(PROMPT) :].tolist()
+        torch.testing.assert_close(out.logits, torch.stack(stock.logits, 1)[0].float(), atol=1e-4, rtol=0)
+        if budget is not None:
+            assert not out.compressions[0].evicted and "nothing evicted" in str(out.compressions[0])
+
+
+_MASKS: dict[int, torch.Tensor] = {}
+
+
+def _masked_eager(module, query, key, value, attention_mask, **kwargs):
+    """Eager attention with this layer's own additive mask [1, H_q, S, S] from _MASKS (the reference model)."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, _MASKS[module.layer_idx], **kwargs)
+
+
+AttentionInterface.register("kvp_masked_reference", _masked_eager)
+AttentionMaskInterface.register("kvp_masked_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def _reference_logits(model, tokens: list[int], visible: dict[int, list[torch.Tensor]], start: int) -> torch.Tensor:
+    """Logits of the full model (no cache) over ``tokens`` where the query at position start + s sees, in layer l and
+    query head h, only the positions visible[l][s][kv_head_of(h)] (the prompt rows attend causally)."""
+    total = len(tokens)
+    heads = model.config.num_attention_heads
+    group = heads // model.config.num_key_value_heads
+    for layer, steps in visible.items():
+        allowed = torch.ones(total, total, dtype=torch.bool).tril().expand(heads, total, total).clone()
+        for s, positions in enumerate(steps):  # positions: [H_kv, L] cached after step s's forward
+            row = torch.zeros(heads, total, dtype=torch.bool)
+            for h in range(heads):
+                row[h, positions[h // group]] = True
+            allowed[:, start + s] = row
+        _MASKS[layer] = torch.zeros(1, heads, total, total).masked_fill(~allowed[None], torch.finfo(torch.float32).min)
+    base = model.config._attn_implementation
+    model.config._attn_implementation = "kvp_masked_reference"
+    try:
+        with torch.inference_mode():
+            return model(torch.tensor([tokens]), use_cache=False).logits[0].float()
+    finally:
+        model.config._attn_implementation = base
+        _MASKS.clear()
+
+
+@pytest.mark.parametrize(
+    ("policy", "decode_every"), [("knorm", None), ("tova", None), ("streaming_llm", 4), ("tova", 3), ("snapkv", None)]
+)
+def test_after_eviction_logits_equal_the_masked_full_model(tiny, policy, decode_every):
+    """Each step's logits through the compressed cache equal those of the full model with, per layer and head,
+    every evicted token masked out of attention; with decode-time eviction the mask follows each re-compression."""
+    model, _ = tiny
+    scorer, budget, steps = get_scorer(policy), 48, 10
+    window = getattr(scorer, "query_window", None) if scorer.needs_queries else 0
+    cache = EvictingCache(model)
+    with torch.inference_mode(), capture_queries(model, window) as queries:
+        logits = [model(torch.tensor([PROMPT]), cache=cache).logits[0, -1].float()]
+    latest = dict(queries)
+    cache.compress(scorer, budget, latest if window != 0 else None)
+    tokens = list(PROMPT)
+    visible: dict[int, list[torch.Tensor]] = {layer: [] for layer in range(len(cache.layers))}
+    for step in range(steps):
+        tokens.append(int(logits[-1].argmax()))
+        with torch.inference_mode(), capture_queries(model, window) as queries:
+            logits.append(model(torch.tensor([[tokens[-1]]]), cache=cache).logits[0, -1].float())
+        for layer, state in enumerate(cache.layers):
+            visible[layer].append(state.positions[0].clone())
+            if window:
+                latest[layer] = torch.cat([latest[layer], queries[layer]], -2)[..., -window:, :]
+        assert [layer.positions[0, 0, -1].item() for layer in cache.layers] == [len(PROMPT) + step] * 2  # true position
+        if decode_every and (step + 1) % decode_every == 0:
+            cache.compress(scorer, budget, latest if window != 0 else None)
+    reference = _reference_logits(model, tokens, visible, len(PROMPT))
+    got = torch.stack(logits[1:])
+    torch.testing.assert_close(got, reference[len(PROMPT) : len(PROMPT) + steps], atol=1e-4, rtol=0)
+    assert (got - reference[len(PROMPT) - 1 : len(PROMPT) - 1 + steps]).abs().max() > 1e-3  # the test can fail
+    # The library's own decode loop produces the same steps.
+    state = prefill(model, PROMPT, window, sinks=4, recent=16)
+    decoded, decoded_logits, _, _ = decode(model, state, scorer, budget, steps + 1, decode_every=decode_every)
+    assert decoded[0].tolist() == tokens[len(PROMPT) :] + [int(logits[-1].argmax())]
+    torch.testing.assert_close(decoded_logits[0, 1:], got, atol=1e-5, rtol=0)
+
+
+def test_compression_frees_memory_and_reports_its_bytes(tiny):
+    model, _ = tiny
+    state = prefill(model, PROMPT)
+    cache = state.cache.copy()
+    full = cache.kv_bytes
+    before = weakref.ref(cache.layers[0].keys)
+    report = cache.compress(get_scorer("knorm"), 64)
+    state = None
+    gc.collect()
+    assert before() is None  # the prefill tensors are gone, not kept behind a view
+    assert report.evicted and report.rows_before == len(PROMPT) and report.rows_after == 64
+    assert cache.kv_bytes / full == pytest.approx(64 / len(PROMPT))
+    held = 0
+    for layer in cache.layers:
+        assert layer.keys.shape == layer.values.shape == (1, 2, 64, 16) and layer.positions.shape == (1, 2, 64)
+        for tensor in (layer.keys, layer.values, layer.positions):
+            assert tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+            held += tensor.untyped_storage().nbytes()
+    assert cache.nbytes == held
+    # Per-head selection: the two KV heads of a layer keep different tokens, sinks and recent tokens in both.
+    positions = cache.layers[1].positions[0]
+    assert not torch.equal(positions[0], positions[1])
+    for head in positions:
+        assert set(range(4)) <= set(head.tolist()) and set(range(len(PROMPT) - 16, len(PROMPT))) <= set(head.tolist())
+        assert torch.equal(head, head.sort().values)
+
+
+def test_budgets_and_bad_input(tiny, tmp_path):
+    model, tokenizer = tiny
+    state = prefill(model, PROMPT)
+    cache = state.cache.copy()
+    assert cache.resolve_budget(0.25) == round(0.25 * len(PROMPT)) and cache.resolve_budget(100) == 100
+    for bad, message in (
+        (0, "budget must be positive"),
+        (-3, "budget must be positive"),
+        (19, "below the 20 protected tokens"),
+        (1.5, r"fractional budget must lie in \(0, 1\]"),
+        ("64", "budget must be a number of tokens"),
+    ):
+        with pytest.raises(CacheError, match=message):
+            cache.compress(get_scorer("knorm"), bad)
+    with pytest.raises(CacheError, match="needs the prefill queries, but none were captured"):
+        cache.compress(get_scorer("tova"), 64)
+    with pytest.raises(CacheError, match="needs the future importance"):
+        cache.compress(get_scorer("oracle"), 64)
+    with pytest.raises(CacheError, match="decode-time eviction with 'h2o'"):
+        generate(model, tokenizer, PROMPT, "h2o", 64, max_new_tokens=4, decode_every=2)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=300))
+    with pytest.raises(CacheError, match="supports the llama, mistral, qwen2 model families, not 'gpt2'"):
+        EvictingCache(gpt2)
+    sliding = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=300, use_sliding_window=True, sliding_window=16, max_window_layers=1, **models.TINY_RANDOM_SIZES
+        )
+    )
+    with pytest.raises(CacheError, match=r"layers \[1\] use a sliding window"):
+        EvictingCache(sliding)
