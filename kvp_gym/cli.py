@@ -16,6 +16,8 @@ _EXAMPLES = """examples:
   kvp-gym traces info traces/niah.h5
   kvp-gym evaluate --traces traces/demo/niah_single.h5 --policies all --split test --out runs/eval
   kvp-gym tasks eval --tasks niah_single,essay --context 1024 --samples 8
+  kvp-gym generate --model smollm2-135m --policy kvp --budget 128 --prompt-file prompt.txt --chat
+  kvp-gym evaluate-e2e --tasks niah_single,niah_multikey --budgets 64,128,256 --samples 40 --out runs/e2e
 """
 
 
@@ -53,6 +55,39 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _budget(text: str) -> int | float:
+    """'128' (tokens) or '0.25' (a fraction of the prompt)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or a fraction, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +178,53 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--samples", type=int, default=8)
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--out", type=Path, help="also write the results as JSON here")
+    generate = commands.add_parser(
+        "generate",
+        help="answer a prompt with an evicting cache and show the memory it frees",
+        description="Prefill the prompt, compress every KV head to --budget tokens with --policy (4 sink + 16 recent "
+        "tokens always kept), decode greedily; print the answer and the KV cache's bytes before and after.",
+    )
+    generate.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-random or a model folder")
+    generate.add_argument("--policy", default="kvp", help="a scorer spec: name or name:param=value;... (default kvp)")
+    generate.add_argument(
+        "--budget", type=_budget, required=True, help="tokens kept per KV head (e.g. 128) or a fraction (e.g. 0.25)"
+    )
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt-file", type=Path, help="a text file holding the prompt")
+    source.add_argument("--prompt", help="the prompt text")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-new-tokens", type=_positive, default=64)
+    generate.add_argument(
+        "--decode-every", type=_positive, help="re-compress to the budget every N generated tokens (bounded memory)"
+    )
+    generate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+    e2e = commands.add_parser(
+        "evaluate-e2e",
+        help="task accuracy and perplexity with an evicting cache, per policy and budget",
+        description="Prefill each sample once, decode with the full cache, then with every policy at every budget; "
+        "write DIR/results.json, plots and a table. Resumable (finished samples are kept in DIR/parts); --shard i/N "
+        "splits the samples between machines, joined by `kvp-gym evaluate-e2e-merge`.",
+    )
+    e2e.add_argument("--model", default="smollm2-135m")
+    e2e.add_argument("--tasks", default="niah_single,niah_multikey", help="comma-separated task names")
+    e2e.add_argument("--context", type=_positive, default=1024, help="prompt tokens (default 1024)")
+    e2e.add_argument("--budgets", type=_ints, default=(64, 128, 256), help="tokens per KV head (default 64,128,256)")
+    e2e.add_argument("--policies", default="all", help="'all' or comma-separated scorer specs")
+    e2e.add_argument("--samples", type=_non_negative, default=40, help="samples per task (default 40)")
+    e2e.add_argument("--essays", type=_non_negative, default=8, help="held-out essays for perplexity (default 8)")
+    e2e.add_argument("--continuation", type=_positive, default=64, help="essay tokens scored for perplexity")
+    e2e.add_argument("--text", default="heldout", help="text pool: heldout (default), train or all")
+    e2e.add_argument("--seed", type=int, default=0)
+    e2e.add_argument("--out", type=Path, required=True)
+    e2e.add_argument("--shard", type=_shard, default=(0, 1), help="i/N: evaluate samples i, i+N, ... (default 0/1)")
+    e2e.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    merge_e2e = commands.add_parser(
+        "evaluate-e2e-merge", help="join the folders of sharded evaluate-e2e runs and write the summary"
+    )
+    merge_e2e.add_argument("out", type=Path)
+    merge_e2e.add_argument("inputs", type=Path, nargs="+")
+
     # Commands from other packages (agents' `train`), found by entry point: kvp_gym imports none of them.
     for command in entry_points(group="kvp_gym.commands"):
         command.load()(commands)
@@ -151,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from kvp_gym.cache import CacheError
     from kvp_gym.capture import CaptureError
     from kvp_gym.models import ModelNotFoundError
     from kvp_gym.traces import TraceFormatError
@@ -163,10 +246,21 @@ def main(argv: list[str] | None = None) -> int:
                 "traces": _traces,
                 "evaluate": _evaluate,
                 "tasks": _tasks,
+                "generate": _generate,
+                "evaluate-e2e": _evaluate_e2e,
+                "evaluate-e2e-merge": _merge_e2e,
             }[args.command]
         )
         return handler(args)
-    except (TraceFormatError, ModelNotFoundError, CaptureError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (
+        TraceFormatError,
+        ModelNotFoundError,
+        CaptureError,
+        CacheError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         print(f"kvp-gym: error: {err}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown task names and the like: the message lists what exists
@@ -306,3 +400,76 @@ def _tasks(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kvp_gym import models
+    from kvp_gym.cache import generate
+    from kvp_gym.cache.e2e import _device
+    from kvp_gym.evaluate import _from_spec
+
+    scorer = _from_spec(args.policy)
+    prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    model, tokenizer = models.load(args.model)
+    model.to(_device(args.device))
+    check = getattr(scorer, "check_geometry", None)
+    if check is not None:
+        g = models.geometry(model)
+        check(args.model, g.head_dim, g.num_layers, g.num_kv_heads)
+    if args.chat:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    out = generate(
+        model,
+        tokenizer,
+        prompt,
+        scorer,
+        args.budget,
+        max_new_tokens=args.max_new_tokens,
+        decode_every=args.decode_every,
+    )
+    print(out.text)
+    print(
+        f"prompt {out.prompt_length} tokens; KV cache {out.kv_bytes_full / 2**20:.2f} MiB after prefill, "
+        f"{out.kv_bytes_compressed / 2**20:.2f} MiB after compression "
+        f"({out.kv_bytes_compressed / out.kv_bytes_full:.1%}); {out.compressions[0]}"
+        + (f"; {len(out.compressions) - 1} decode-time compressions" if len(out.compressions) > 1 else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _evaluate_e2e(args: argparse.Namespace) -> int:
+    from kvp_gym.cache.e2e import E2EConfig, format_table, run
+
+    config = E2EConfig(
+        model=args.model,
+        tasks=tuple(t for t in args.tasks.split(",") if t),
+        context=args.context,
+        budgets=tuple(args.budgets),
+        policies="all" if args.policies == "all" else tuple(args.policies.split(",")),
+        samples=args.samples,
+        essays=args.essays,
+        continuation=args.continuation,
+        seed=args.seed,
+        text=args.text,
+    )
+    record = run(config, args.out, shard=args.shard, device=args.device)
+    if record is None:
+        print(
+            f"shard {args.shard[0]}/{args.shard[1]} done in {args.out}; join the shards with kvp-gym evaluate-e2e-merge"
+        )
+        return 0
+    print(format_table(record))
+    for label, reason in record["skipped"].items():
+        print(f"skipped {label}: {reason}")
+    print(f"wrote {args.out / 'results.json'} and plots")
+    return 0
+
+
+def _merge_e2e(args: argparse.Namespace) -> int:
+    from kvp_gym.cache.e2e import format_table, merge
+
+    print(format_table(merge(args.out, args.inputs)))
+    return 0

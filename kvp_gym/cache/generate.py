@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,52 +74,88 @@ def decode(
     eos_token_id: int | Sequence[int] | None = None,
     decode_every: int | None = None,
     future_importance: dict[int, torch.Tensor] | None = None,
-    forced: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Compression], int]:
     """Compress a copy of ``state``'s cache to ``budget`` with ``scorer`` (no compression when either is None), then
-    decode greedily (or teacher-force ``forced`` tokens) from it; ``state`` itself is left unchanged.
+    decode greedily from it (:func:`continue_from`); ``state`` itself is left unchanged.
 
     With ``decode_every = k``, the cache is compressed back to the budget each time k tokens have been appended.
-    Returns (tokens [B, steps], logits [B, steps, vocab] float32 of each step's next-token distribution,
-    compressions, KV bytes after the first compression).
+    Returns (tokens [B, steps], logits [B, steps, vocab], compressions, KV bytes after the first compression).
     """
     cache = state.cache.copy()
     compressions = []
     if scorer is not None and budget is not None:
         compressions.append(cache.compress(scorer, budget, state.queries, future_importance))
     compressed_bytes = cache.kv_bytes
-    window = query_window(scorer) if scorer is not None else 0
-    if decode_every is not None and window != 0 and (window is None or window > cache.recent):
-        raise CacheError(
-            f"decode-time eviction with {scorer.name!r}: it reads {'every' if window is None else window} queries, but "
-            f"only the {cache.recent} newest tokens are sure to be cached; use a scorer with query_window <= recent"
-        )
+    recompress = None
+    if decode_every is not None and scorer is not None and budget is not None:
+        window = query_window(scorer)
+        if window != 0 and (window is None or window > cache.recent):
+            raise CacheError(
+                f"decode-time eviction with {scorer.name!r}: it reads {'every' if window is None else window} queries, "
+                f"but only the {cache.recent} newest tokens are sure to be cached; use a scorer with query_window <= "
+                "recent"
+            )
+
+        def recompress(queries):
+            return cache.compress(scorer, budget, queries)
+
+    tokens, logits, more = continue_from(
+        model,
+        cache,
+        state.logits,
+        max_new_tokens,
+        eos_token_id,
+        recompress=recompress,
+        every=decode_every,
+        window=query_window(scorer) if recompress else 0,
+        queries=state.queries,
+    )
+    return tokens, logits, compressions + more, compressed_bytes
+
+
+@torch.inference_mode()
+def continue_from(
+    model: PreTrainedModel,
+    cache: EvictingCache,
+    logits: torch.Tensor,
+    steps: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    forced: Sequence[int] | None = None,
+    recompress: Callable[[dict[int, torch.Tensor] | None], Compression] | None = None,
+    every: int | None = None,
+    window: int | None = 0,
+    queries: dict[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[Compression]]:
+    """Greedy decoding from ``cache`` (extended in place), starting from the next-token ``logits`` [B, vocab].
+
+    Up to ``steps`` tokens, stopping after an end-of-sequence token; or, with ``forced``, teacher-forcing those
+    tokens (for perplexity: the logits are each forced token's predicted distribution). ``recompress(queries)`` is
+    called every ``every`` appended tokens, with the latest ``window`` queries (rolled on from ``queries``).
+    Returns (tokens [B, n], logits [B, n, vocab] float32: row i is the distribution token i was chosen from,
+    the compressions made).
+    """
     stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    logits = state.logits
-    tokens, all_logits = [], []
-    # The latest `window` queries, rolled forward through decoding, for re-scoring at decode time.
-    recent_queries = dict(state.queries or {})
-    rescoring = bool(decode_every and scorer is not None and budget is not None)
-    steps = len(forced) if forced is not None else max_new_tokens
+    latest = dict(queries or {})
+    tokens, all_logits, compressions = [], [], []
+    steps = len(forced) if forced is not None else steps
     for step in range(steps):
-        all_logits.append(logits)
+        all_logits.append(logits.float())
         if forced is not None:
-            token = torch.tensor([[forced[step]]], device=logits.device)
+            token = torch.full((logits.shape[0], 1), forced[step], device=logits.device)
         else:
             token = logits.argmax(-1)[:, None]
         tokens.append(token)
-        if forced is None and token[0, 0].item() in stops or step == steps - 1:
+        if (forced is None and token[0, 0].item() in stops) or step == steps - 1:
             break
-        if rescoring and window:
-            with capture_queries(model, window) as captured:
-                out = model(token, cache=cache, use_cache=True)
-            recent_queries = {k: torch.cat([recent_queries[k], q], -2)[..., -window:, :] for k, q in captured.items()}
-        else:
-            out = model(token, cache=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
-        if rescoring and (step + 1) % decode_every == 0:
-            compressions.append(cache.compress(scorer, budget, recent_queries or None))
-    return torch.cat(tokens, -1), torch.stack(all_logits, 1), compressions, compressed_bytes
+        with capture_queries(model, window if recompress else 0) as captured:
+            logits = model(token, cache=cache, use_cache=True).logits[:, -1]
+        if window:
+            latest = {
+                k: torch.cat([latest[k], q], -2)[..., -window:, :] if k in latest else q for k, q in captured.items()
+            }
+        if recompress is not None and (step + 1) % every == 0:
+            compressions.append(recompress(latest or None))
+    return torch.cat(tokens, -1), torch.stack(all_logits, 1), compressions
 
 
 def generate(
