@@ -14,3 +14,12 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from kvp_gym.envs import register_envs  # noqa: E402  (gym.make("KVEvict-v0") works after `import kvp_gym`)
 
 register_envs()
+
+
+def __getattr__(name: str):
+    """``kvp_gym.generate`` and ``kvp_gym.EvictingCache``, imported on first use (they load transformers)."""
+    if name in ("generate", "EvictingCache"):
+        from kvp_gym import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'kvp_gym' has no attribute {name!r}")

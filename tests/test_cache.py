@@ -124,7 +124,9 @@ def test_compression_frees_memory_and_reports_its_bytes(tiny):
     for layer in cache.layers:
         assert layer.keys.shape == layer.values.shape == (1, 2, 64, 16) and layer.positions.shape == (1, 2, 64)
         for tensor in (layer.keys, layer.values, layer.positions):
-            assert tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+            assert (
+                tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+            )
             held += tensor.untyped_storage().nbytes()
     assert cache.nbytes == held
     # Per-head selection: the two KV heads of a layer keep different tokens, sinks and recent tokens in both.

@@ -257,25 +257,27 @@ class EvictingCache(Cache):
             return Compression(rows, before, before, evicted=False)
         for layer, layer_scores in zip(self.layers, scores, strict=True):
             protected = (layer.positions < self.sinks) | (layer.positions >= layer.seen - self.recent)
-            ranked = layer_scores.masked_fill(protected, float("inf"))
+            ranked = layer_scores.to(protected.device).masked_fill(protected, float("inf"))
             ranking = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
             layer.keep(ranking[..., :rows].sort(-1).values)
         return Compression(rows, before, self.physical_length(), evicted=True)
 
     def _view(self, index: int, layer: EvictingLayer, scorer: Scorer, queries, future_importance) -> HeadView:
+        """The view of every KV head of layer ``index``, on the CPU: the scorers are CPU code (their scores move
+        back to the cache's device)."""
         batch, heads, length, _ = layer.keys.shape
         view = HeadView(
-            keys=layer.keys,
-            values=layer.values,
-            positions=layer.positions,
-            mask=torch.ones(batch, heads, length, dtype=torch.bool, device=layer.keys.device),
-            layer=torch.full((batch, heads), index, device=layer.keys.device),
-            kv_head=torch.arange(heads, device=layer.keys.device).expand(batch, heads),
+            keys=layer.keys.cpu(),
+            values=layer.values.cpu(),
+            positions=layer.positions.cpu(),
+            mask=torch.ones(batch, heads, length, dtype=torch.bool),
+            layer=torch.full((batch, heads), index),
+            kv_head=torch.arange(heads).expand(batch, heads),
             attention=self.attention.specs[index],
             rotary=self.attention.rotary,
         )
         if scorer.needs_queries:
-            latest = self.attention.group_queries(queries[index])  # [B, H, G, W, D]: the last W cached rows
+            latest = self.attention.group_queries(queries[index]).cpu()  # [B, H, G, W, D]: the last W cached rows
             window = latest.shape[-2]
             if window > length or (window < length and getattr(scorer, "query_window", None) is None):
                 raise CacheError(
@@ -287,5 +289,5 @@ class EvictingCache(Cache):
             aligned[..., length - window :, :] = latest
             view = dataclasses.replace(view, queries=aligned)
         if scorer.needs_future:
-            view = dataclasses.replace(view, future_importance=future_importance[index])
+            view = dataclasses.replace(view, future_importance=future_importance[index].cpu())
         return view

@@ -1,0 +1,95 @@
+"""evaluate-e2e on tiny-random: the record's numbers come from the parts, resuming recomputes nothing, shards merge
+to the single run, bad settings are clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from kvp_gym.cache.e2e import E2EConfig, format_table, merge, run, spearman
+from kvp_gym.cli import main
+
+CONFIG = E2EConfig(
+    model="tiny-random",
+    tasks=("niah_single",),
+    context=700,
+    budgets=(32, 64),
+    policies=("knorm", "tova", "oracle", "streaming_llm"),
+    samples=2,
+    essays=1,
+    continuation=8,
+)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    return out, run(CONFIG, out, progress=False)
+
+
+def test_record_is_built_from_the_parts(finished):
+    out, record = finished
+    assert record["schema"] == "kvp-gym/e2e-evaluation" and record["samples"] == {"niah_single": 2, "essay": 1}
+    parts = sorted((out / "parts").glob("*.json"))
+    assert [p.name for p in parts] == ["essay-00000.json", "niah_single-00000.json", "niah_single-00001.json"]
+    rows = [json.loads(p.read_text()) for p in parts[1:]]
+    for label in ("knorm", "tova", "oracle", "streaming_llm"):
+        for budget in ("32", "64"):
+            scores = [r["policies"][label]["budgets"][budget]["score"] for r in rows]
+            assert record["accuracy"]["niah_single"]["policies"][label][budget]["mean"] == pytest.approx(
+                np.mean(scores)
+            )
+        essay = json.loads(parts[0].read_text())["policies"][label]["budgets"]["32"]["perplexity"]
+        assert record["perplexity"]["policies"][label]["32"]["mean"] == pytest.approx(essay)
+        assert 0 < record["holistic_score"][label] <= 1
+    assert record["holistic_score"]["oracle"] == pytest.approx(1.0)  # ranks by the continuation's own attention
+    assert set(record["proxy_correlation"]) == {"32", "64"}
+    table = format_table(record)
+    assert "full_cache" in table and "niah_single@32" in table and "ppl@64" in table
+    assert (out / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "perplexity_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_recomputes_nothing_and_shards_merge_to_the_single_run(finished, tmp_path):
+    out, record = finished
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")}
+    assert run(CONFIG, out, progress=False)["accuracy"] == record["accuracy"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")} == stamps
+    (out / "parts" / "niah_single-00001.json").unlink()  # as if stopped before the last sample
+    resumed = run(CONFIG, out, progress=False)
+    assert resumed["accuracy"] == record["accuracy"] and resumed["perplexity"] == record["perplexity"]
+    for i in range(2):
+        assert run(CONFIG, tmp_path / f"shard{i}", shard=(i, 2), progress=False) is None
+    merged = merge(tmp_path / "merged", [tmp_path / "shard0", tmp_path / "shard1"])
+    assert merged["accuracy"] == record["accuracy"] and merged["holistic_score"] == record["holistic_score"]
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        run(E2EConfig(**{**CONFIG.__dict__, "budgets": (48,)}), out, progress=False)
+    shutil.rmtree(tmp_path / "shard1" / "parts")
+    with pytest.raises(ValueError, match="is not evaluated yet"):
+        merge(tmp_path / "partial", [tmp_path / "shard0"])
+
+
+def test_bad_settings_and_the_cli(tmp_path, capsys):
+    with pytest.raises(ValueError, match="budgets must be at least the 20 protected tokens"):
+        E2EConfig(budgets=(16,))
+    with pytest.raises(ValueError, match="has no answers to score"):
+        E2EConfig(tasks=("essay",))
+    with pytest.raises(SystemExit):
+        main(["evaluate-e2e", "--out", str(tmp_path), "--samples", "-1"])
+    assert "expected an integer >= 0, got '-1'" in capsys.readouterr().err
+    code = main(
+        ["evaluate-e2e", "--model", "tiny-random", "--tasks", "niah_single", "--context", "700", "--budgets", "32"]
+        + ["--policies", "knorm,nope", "--samples", "1", "--essays", "0", "--out", str(tmp_path / "x")]
+    )
+    assert code == 2 and "unknown policies ['nope']" in capsys.readouterr().err
+
+
+def test_spearman_by_hand():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    # Ties take their average rank: x ranks (0, 1.5, 1.5, 3), y ranks (0, 1, 2, 3) -> r = 0.9487.
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
