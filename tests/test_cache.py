@@ -76,15 +76,34 @@ def _reference_logits(model, tokens: list[int], visible: dict[int, list[torch.Te
 def test_after_eviction_logits_equal_the_masked_full_model(tiny, policy, decode_every):
     """Each step's logits through the compressed cache equal those of the full model with, per layer and head,
     every evicted token masked out of attention; with decode-time eviction the mask follows each re-compression."""
-    model, _ = tiny
-    scorer, budget, steps = get_scorer(policy), 48, 10
+    _check_against_masked_model(tiny[0], PROMPT, policy, decode_every, budget=48, steps=10)
+
+
+@pytest.mark.slow
+def test_smollm2_no_eviction_is_stock_and_eviction_is_the_masked_model(smollm2):
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Remember: the code word is tangerine. " * 12 + "What is the code word?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    stock = model.generate(
+        torch.tensor([prompt]), max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    out = generate(model, tokenizer, prompt, "kvp", len(prompt), max_new_tokens=8)
+    assert out.tokens == stock.sequences[0, len(prompt) :].tolist()
+    torch.testing.assert_close(out.logits, torch.stack(stock.logits, 1)[0].float(), atol=1e-4, rtol=0)
+    _check_against_masked_model(model, prompt, "kvp", None, budget=48, steps=4)
+    _check_against_masked_model(model, prompt, "tova", 2, budget=48, steps=4)
+
+
+def _check_against_masked_model(model, prompt: list[int], policy: str, decode_every, budget: int, steps: int):
+    scorer = get_scorer(policy)
     window = getattr(scorer, "query_window", None) if scorer.needs_queries else 0
     cache = EvictingCache(model)
     with torch.inference_mode(), capture_queries(model, window) as queries:
-        logits = [model(torch.tensor([PROMPT]), cache=cache).logits[0, -1].float()]
+        logits = [model(torch.tensor([prompt]), cache=cache).logits[0, -1].float()]
     latest = dict(queries)
     cache.compress(scorer, budget, latest if window != 0 else None)
-    tokens = list(PROMPT)
+    tokens = list(prompt)
     visible: dict[int, list[torch.Tensor]] = {layer: [] for layer in range(len(cache.layers))}
     for step in range(steps):
         tokens.append(int(logits[-1].argmax()))
@@ -94,17 +113,17 @@ def test_after_eviction_logits_equal_the_masked_full_model(tiny, policy, decode_
             visible[layer].append(state.positions[0].clone())
             if window:
                 latest[layer] = torch.cat([latest[layer], queries[layer]], -2)[..., -window:, :]
-        assert [layer.positions[0, 0, -1].item() for layer in cache.layers] == [len(PROMPT) + step] * 2  # true position
+        assert {layer.positions[0, 0, -1].item() for layer in cache.layers} == {len(prompt) + step}  # true position
         if decode_every and (step + 1) % decode_every == 0:
             cache.compress(scorer, budget, latest if window != 0 else None)
-    reference = _reference_logits(model, tokens, visible, len(PROMPT))
+    reference = _reference_logits(model, tokens, visible, len(prompt))
     got = torch.stack(logits[1:])
-    torch.testing.assert_close(got, reference[len(PROMPT) : len(PROMPT) + steps], atol=1e-4, rtol=0)
-    assert (got - reference[len(PROMPT) - 1 : len(PROMPT) - 1 + steps]).abs().max() > 1e-3  # the test can fail
+    torch.testing.assert_close(got, reference[len(prompt) : len(prompt) + steps], atol=1e-4, rtol=0)
+    assert (got - reference[len(prompt) - 1 : len(prompt) - 1 + steps]).abs().max() > 1e-3  # the test can fail
     # The library's own decode loop produces the same steps.
-    state = prefill(model, PROMPT, window, sinks=4, recent=16)
+    state = prefill(model, prompt, window, sinks=4, recent=16)
     decoded, decoded_logits, _, _ = decode(model, state, scorer, budget, steps + 1, decode_every=decode_every)
-    assert decoded[0].tolist() == tokens[len(PROMPT) :] + [int(logits[-1].argmax())]
+    assert decoded[0].tolist() == tokens[len(prompt) :] + [int(logits[-1].argmax())]
     torch.testing.assert_close(decoded_logits[0, 1:], got, atol=1e-5, rtol=0)
 
 
