@@ -15,7 +15,7 @@ comma := ,
 KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
-.PHONY: install test demo lint clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval
+.PHONY: install test demo lint clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e
 
 install: $(STAMP)
 
@@ -38,8 +38,10 @@ demo: $(STAMP)
 		--out $(DEMO)/essay.h5 --resume
 	$(BIN)/kvp-gym traces info $(DEMO)/niah_single.h5
 	$(BIN)/kvp-gym traces info $(DEMO)/essay.h5
-	$(BIN)/kvp-gym evaluate --traces $(DEMO)/niah_single.h5 $(DEMO)/essay.h5 --policies all --split all \
-		--out runs/demo-eval --versus kvp
+	for p in paper raw; do $(BIN)/kvp-gym evaluate --traces $(DEMO)/niah_single.h5 $(DEMO)/essay.h5 --policies all \
+		--split all --protocol $$p --out runs/demo-eval-$$p --versus kvp || exit 1; done
+	$(BIN)/kvp-gym evaluate-e2e --model smollm2-135m --tasks niah_single --context 1024 --budgets 64,128 \
+		--policies kvp,tova,streaming_llm,random --samples 8 --essays 0 --text heldout --out runs/demo-e2e
 
 # The shipped KVP agents (docs/agents.md): training traces from the "train" text pool (1k prompts with seed 0, 2k
 # prompts with seed 100). Held-out sets come from the disjoint "heldout" pool, with one task (niah_multiquery)
@@ -95,6 +97,13 @@ define evaluate_heldout
 	for c in $(KVP_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP)/$(1)-length-$$c-*.h5 --policies all \
 		--split $(1) --out runs/kvp-$(1)-$$c --versus kvp || exit 1; done
 endef
+
+# End-to-end accuracy and perplexity with the evicting cache (docs/cache.md): held-out text, 1k prompts, 40 samples
+# per task, 8 essays; about an hour on 2 cores (resumable: rerun to continue).
+E2E_POLICIES := oracle,kvp,tova,snapkv,h2o,expected_attention,streaming_llm,knorm,keydiff,random
+kvp-e2e: $(STAMP)
+	$(BIN)/kvp-gym evaluate-e2e --model smollm2-135m --tasks niah_single,niah_multikey --context 1024 \
+		--budgets 64,128,256 --policies $(E2E_POLICIES) --samples 40 --essays 8 --text heldout --out runs/e2e
 
 clean:
 	rm -rf $(VENV) traces/demo .pytest_cache .ruff_cache

@@ -140,8 +140,11 @@ class EpisodePool:
                 self.values[h, i, : sample.num_tokens] = read.values
             queries, keys = torch.stack([r.queries for r in per_head]), torch.stack([r.keys for r in per_head])
             importance.append(torch.zeros(len(heads), len(splits), length))
-            for j, n in enumerate(splits):
-                importance[-1][:, j, :n] = future_importance(queries, keys, n)
+            specs = [trace.header.attention_of(layer) for layer, _ in heads]
+            for spec in set(specs):  # each layer's own attention semantics (one call per distinct kind)
+                rows = torch.tensor([k for k, s in enumerate(specs) if s == spec])
+                for j, n in enumerate(splits):
+                    importance[-1][rows, j, :n] = future_importance(queries[rows], keys[rows], n, attention=spec)
         for f in files:
             f.close()
         self.sample = torch.tensor(episode_sample)

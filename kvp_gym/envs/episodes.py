@@ -137,7 +137,8 @@ class TraceEpisodes:
         if episode is not None:
             self._cache.move_to_end(key)
             return episode
-        head = self.traces[key.trace].head(key.sample, key.layer, key.head)
+        trace = self.traces[key.trace]
+        head = trace.head(key.sample, key.layer, key.head)
         n = key.split
         episode = Episode(
             key=key,
@@ -145,7 +146,7 @@ class TraceEpisodes:
             values=head.values[:n],
             positions=head.positions[:n],
             queries=head.queries[:, :n] if self.keep_queries else head.queries[:, :0],
-            importance=future_importance(head.queries, head.keys, n),
+            importance=future_importance(head.queries, head.keys, n, attention=trace.header.attention_of(key.layer)),
             num_tokens=len(head.positions),
         )
         self._cache[key] = episode
