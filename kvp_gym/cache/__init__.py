@@ -5,6 +5,16 @@
 """
 
 from kvp_gym.cache.evicting import CacheError, Compression, EvictingCache
-from kvp_gym.cache.generate import Generation, decode, generate, prefill
+from kvp_gym.cache.generate import Generation, continue_from, decode, generate, prefill, until_eos
 
-__all__ = ["CacheError", "Compression", "EvictingCache", "Generation", "decode", "generate", "prefill"]
+__all__ = [
+    "CacheError",
+    "Compression",
+    "EvictingCache",
+    "Generation",
+    "continue_from",
+    "decode",
+    "generate",
+    "prefill",
+    "until_eos",
+]

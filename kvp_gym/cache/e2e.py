@@ -2,9 +2,10 @@
 
 For every sample: prefill once (prefill dominates on a CPU), decode with the full cache (the reference, and the
 continuation whose attention the oracle ranks by), then for every policy score the prefilled cache once and, for
-every budget, keep the top of that scoring in a copy of the cache and decode from it. Task samples are scored by
-exact match (the task's own scorer), held-out essays by the perplexity of their real continuation teacher-forced
-through the compressed cache. Each policy's trace-level holistic score on the same sample (paper protocol) is kept
+every budget, keep the top of that scoring in a copy of the cache; the policies' copies are decoded together as
+one batch (decoding a small model is bound by reading its weights, once per step for the whole batch). Task
+samples are scored by exact match (the task's own scorer), held-out essays by the perplexity of their real
+continuation teacher-forced through the compressed cache. Each policy's trace-level holistic score on the same sample (paper protocol) is kept
 too, to measure how well the proxy predicts accuracy.
 
 Each finished sample is written atomically to ``OUT/parts/``: a stopped run resumes where it was, and ``--shard
@@ -37,7 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 from kvp_gym import __version__, models
-from kvp_gym.cache.generate import Prefill, continue_from, prefill, query_window
+from kvp_gym.cache.evicting import EvictingCache
+from kvp_gym.cache.generate import Prefill, continue_from, prefill, query_window, until_eos
 from kvp_gym.capture import capture_qkv
 from kvp_gym.evaluate import resolve_policies
 from kvp_gym.generation import sample_seed
@@ -206,7 +208,7 @@ def _evaluate_sample(model, tokenizer, config: E2EConfig, scorers: dict[str, Sco
     tick = time.perf_counter()
     if task.has_answers:
         tokens, _, _ = continue_from(model, state.cache.copy(), state.logits, task.answer_tokens, eos)
-        future = tokens[0].tolist()
+        future = until_eos(tokens[0].tolist(), eos)
         record[FULL] = _answer(tokenizer, task, sample, future)
     else:
         future = encoded.continuation_ids[: config.continuation]
@@ -215,23 +217,32 @@ def _evaluate_sample(model, tokenizer, config: E2EConfig, scorers: dict[str, Sco
     seconds["decode"] += time.perf_counter() - tick
     importance = _future_importance(model, ids, future, state)  # what the full-cache continuation attended to
     record["policies"] = {}
+    all_scores = {}
     for label, scorer in scorers.items():
         tick = time.perf_counter()
-        scores = state.cache.score(scorer, state.queries, importance if scorer.needs_future else None)
+        all_scores[label] = state.cache.score(scorer, state.queries, importance if scorer.needs_future else None)
         seconds["scoring"] += time.perf_counter() - tick
-        entry = {"holistic_score": _holistic(importance, scores, config), "budgets": {}}
-        tick = time.perf_counter()
-        for budget in config.budgets:
+        record["policies"][label] = {"holistic_score": _holistic(importance, all_scores[label], config), "budgets": {}}
+    tick = time.perf_counter()
+    labels = list(scorers)
+    for budget in config.budgets:  # every policy's compression of this prompt decoded in one batch
+        caches = []
+        for label in labels:
             cache = state.cache.copy()
-            cache.keep_top(scores, budget)
-            if task.has_answers:
-                tokens, _, _ = continue_from(model, cache, state.logits, task.answer_tokens, eos)
-                entry["budgets"][str(budget)] = _answer(tokenizer, task, sample, tokens[0].tolist())
-            else:
-                _, logits, _ = continue_from(model, cache, state.logits, 0, forced=future)
-                entry["budgets"][str(budget)] = {"perplexity": _perplexity(logits[0], future)}
-        seconds["decode"] += time.perf_counter() - tick
-        record["policies"][label] = entry
+            cache.keep_top(all_scores[label], budget)
+            caches.append(cache)
+        batch = EvictingCache.stack(caches)
+        logits = state.logits.expand(len(labels), -1)
+        if task.has_answers:
+            tokens, _, _ = continue_from(model, batch, logits, task.answer_tokens, eos)
+            for row, label in enumerate(labels):
+                answer = _answer(tokenizer, task, sample, until_eos(tokens[row].tolist(), eos))
+                record["policies"][label]["budgets"][str(budget)] = answer
+        else:
+            _, logits, _ = continue_from(model, batch, logits, 0, forced=future)
+            for row, label in enumerate(labels):
+                record["policies"][label]["budgets"][str(budget)] = {"perplexity": _perplexity(logits[row], future)}
+    seconds["decode"] += time.perf_counter() - tick
     record["seconds"] = seconds
     return record
 

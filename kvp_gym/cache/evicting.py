@@ -159,6 +159,22 @@ class EvictingCache(Cache):
             twin.layers.append(clone)
         return twin
 
+    @classmethod
+    def stack(cls, caches: list[EvictingCache]) -> EvictingCache:
+        """One cache whose batch rows are ``caches`` (same model, same tokens seen and rows per layer), to decode
+        several compressions of one prompt in one batch."""
+        first = caches[0]
+        for other in caches[1:]:
+            if [layer.keys.shape[-2] for layer in other.layers] != [layer.keys.shape[-2] for layer in first.layers]:
+                raise CacheError("caches stacked into a batch must hold the same number of rows in every layer")
+        stacked = first.copy()
+        for index, layer in enumerate(stacked.layers):
+            parts = [c.layers[index] for c in caches]
+            layer.keys = torch.cat([p.keys for p in parts])
+            layer.values = torch.cat([p.values for p in parts])
+            layer.positions = torch.cat([p.positions for p in parts])
+        return stacked
+
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds: keys, values and positions of every layer."""

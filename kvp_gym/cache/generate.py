@@ -128,15 +128,17 @@ def continue_from(
 ) -> tuple[torch.Tensor, torch.Tensor, list[Compression]]:
     """Greedy decoding from ``cache`` (extended in place), starting from the next-token ``logits`` [B, vocab].
 
-    Up to ``steps`` tokens, stopping after an end-of-sequence token; or, with ``forced``, teacher-forcing those
-    tokens (for perplexity: the logits are each forced token's predicted distribution). ``recompress(queries)`` is
+    Up to ``steps`` tokens, stopping once every row has produced an end-of-sequence token (a row's tokens after
+    its first one are filler: see :func:`until_eos`); or, with ``forced``, teacher-forcing those tokens (for
+    perplexity: the logits are each forced token's predicted distribution). ``recompress(queries)`` is
     called every ``every`` appended tokens, with the latest ``window`` queries (rolled on from ``queries``).
     Returns (tokens [B, n], logits [B, n, vocab] float32: row i is the distribution token i was chosen from,
     the compressions made).
     """
-    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    stops = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())))
     latest = dict(queries or {})
     tokens, all_logits, compressions = [], [], []
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     steps = len(forced) if forced is not None else steps
     for step in range(steps):
         all_logits.append(logits.float())
@@ -144,8 +146,9 @@ def continue_from(
             token = torch.full((logits.shape[0], 1), forced[step], device=logits.device)
         else:
             token = logits.argmax(-1)[:, None]
+            done |= torch.isin(token[:, 0], stops.to(token.device))
         tokens.append(token)
-        if (forced is None and token[0, 0].item() in stops) or step == steps - 1:
+        if bool(done.all()) or step == steps - 1:
             break
         with capture_queries(model, window if recompress else 0) as captured:
             logits = model(token, cache=cache, use_cache=True).logits[:, -1]
@@ -156,6 +159,15 @@ def continue_from(
         if recompress is not None and (step + 1) % every == 0:
             compressions.append(recompress(latest or None))
     return torch.cat(tokens, -1), torch.stack(all_logits, 1), compressions
+
+
+def until_eos(tokens: Sequence[int], eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """``tokens`` up to and including the first end-of-sequence token."""
+    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return list(tokens[: i + 1])
+    return list(tokens)
 
 
 def generate(
@@ -187,7 +199,7 @@ def generate(
     tokens, logits, compressions, compressed = decode(
         model, state, scorer, budget, max_new_tokens, model.generation_config.eos_token_id, decode_every
     )
-    generated = tokens[0].tolist()
+    generated = until_eos(tokens[0].tolist(), model.generation_config.eos_token_id)
     return Generation(
         tokens=generated,
         text=tokenizer.decode(generated, skip_special_tokens=True),
