@@ -5,8 +5,8 @@ continuation whose attention the oracle ranks by), then for every policy score t
 every budget, keep the top of that scoring in a copy of the cache; the policies' copies are decoded together as
 one batch (decoding a small model is bound by reading its weights, once per step for the whole batch). Task
 samples are scored by exact match (the task's own scorer), held-out essays by the perplexity of their real
-continuation teacher-forced through the compressed cache. Each policy's trace-level holistic score on the same sample (paper protocol) is kept
-too, to measure how well the proxy predicts accuracy.
+continuation teacher-forced through the compressed cache. Each policy's trace-level holistic score on the same
+sample (paper protocol) is kept too, to measure how well the proxy predicts accuracy.
 
 Each finished sample is written atomically to ``OUT/parts/``: a stopped run resumes where it was, and ``--shard
 i/N`` runs split the samples between machines (:func:`merge` joins their parts). ``OUT/results.json`` (schema
