@@ -407,15 +407,14 @@ def _generate(args: argparse.Namespace) -> int:
     from kvp_gym.cache import generate
     from kvp_gym.cache.e2e import _device
     from kvp_gym.evaluate import _from_spec
+    from kvp_gym.scorers import ScorerError, model_mismatches
 
     scorer = _from_spec(args.policy)
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     model, tokenizer = models.load(args.model)
     model.to(_device(args.device))
-    check = getattr(scorer, "check_geometry", None)
-    if check is not None:
-        g = models.geometry(model)
-        check(args.model, g.head_dim, g.num_layers, g.num_kv_heads)
+    for reason in model_mismatches({args.policy: scorer}, args.model, models.geometry(model)).values():
+        raise ScorerError(reason)
     if args.chat:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True

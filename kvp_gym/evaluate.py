@@ -52,6 +52,7 @@ from kvp_gym.scorers import (
     ScorerError,
     available_scorers,
     get_scorer,
+    model_mismatches,
     parameters,
     score,
 )
@@ -169,7 +170,7 @@ def evaluate(
     files = open_compatible(paths)
     try:
         header = files[0].header
-        for label, reason in _model_mismatches(scorers, header).items():  # an error, or skipped under 'all'
+        for label, reason in model_mismatches(scorers, header.model, header.geometry).items():  # or skipped: 'all'
             if policies != "all":
                 raise ScorerError(reason)
             skipped[label] = reason
@@ -305,20 +306,6 @@ def paired_comparison(
             "share_ci95": [float(v) for v in np.percentile(boot_share, [2.5, 97.5])],
             "interval_includes_zero": bool(low <= 0 <= high),
         }
-    return found
-
-
-def _model_mismatches(scorers: dict[str, Scorer], header) -> dict[str, str]:
-    """Scorers trained for another model than the traces' (their optional ``check_geometry``), with the reason."""
-    found = {}
-    g = header.geometry
-    for label, scorer in scorers.items():
-        check = getattr(scorer, "check_geometry", None)
-        try:
-            if check is not None:
-                check(header.model, g.head_dim, g.num_layers, g.num_kv_heads)
-        except ScorerError as err:
-            found[label] = str(err)
     return found
 
 

@@ -98,6 +98,20 @@ def get_scorer(name: str, **params: Any) -> Scorer:
         raise ScorerError(f"bad parameters for scorer {name!r}: {err}; its parameters: {known}") from None
 
 
+def model_mismatches(scorers: dict[str, Scorer], model: str, geometry: Any) -> dict[str, str]:
+    """The scorers (by label) trained for another model than ``model`` (their optional ``check_geometry``), with the
+    reason. ``geometry``: anything with ``head_dim``, ``num_layers`` and ``num_kv_heads`` (a ModelGeometry)."""
+    found = {}
+    for label, scorer in scorers.items():
+        check = getattr(scorer, "check_geometry", None)
+        try:
+            if check is not None:
+                check(model, geometry.head_dim, geometry.num_layers, geometry.num_kv_heads)
+        except ScorerError as err:
+            found[label] = str(err)
+    return found
+
+
 def parameters(scorer: Scorer) -> dict[str, Any]:
     """A scorer's parameters (its dataclass fields), for result records."""
     return {f.name: getattr(scorer, f.name) for f in fields(scorer)} if is_dataclass(scorer) else {}

@@ -43,7 +43,7 @@ from kvp_gym.cache.generate import Prefill, continue_from, prefill, query_window
 from kvp_gym.capture import capture_qkv
 from kvp_gym.evaluate import resolve_policies
 from kvp_gym.generation import sample_seed
-from kvp_gym.scorers import Scorer, parameters
+from kvp_gym.scorers import Scorer, model_mismatches, parameters
 from kvp_gym.storage import atomic_path
 from kvp_gym.tasks import encode, get_task, make_sample
 from kvp_gym.tasks.text import TEXT_POOLS
@@ -115,15 +115,9 @@ def run(
     if todo:
         model, tokenizer = models.load(config.model)
         model.to(_device(device))
-        geometry = models.geometry(model)
-        for name, scorer in list(scorers.items()):  # agents trained for another model: skipped, with the reason
-            check = getattr(scorer, "check_geometry", None)
-            try:
-                if check is not None:
-                    check(config.model, geometry.head_dim, geometry.num_layers, geometry.num_kv_heads)
-            except ValueError as err:
-                skipped[name] = str(err)
-                del scorers[name]
+        for label, reason in model_mismatches(scorers, config.model, models.geometry(model)).items():
+            skipped[label] = reason  # agents trained for another model: skipped, with the reason
+            del scorers[label]
         for task, sample_index in tqdm(todo, desc="evaluate-e2e", unit="sample", disable=not progress):
             record = _evaluate_sample(model, tokenizer, config, scorers, task, sample_index)
             record["skipped"] = skipped

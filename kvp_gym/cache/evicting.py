@@ -178,22 +178,16 @@ class EvictingCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds: keys, values and positions of every layer."""
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self.layers
-            if layer.is_initialized
-            for t in (layer.keys, layer.values, layer.positions)
-        )
+        return self._bytes("keys", "values", "positions")
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of the keys and values alone."""
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self.layers
-            if layer.is_initialized
-            for t in (layer.keys, layer.values)
-        )
+        return self._bytes("keys", "values")
+
+    def _bytes(self, *names: str) -> int:
+        tensors = (getattr(layer, name) for layer in self.layers if layer.is_initialized for name in names)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def physical_length(self, layer: int = 0) -> int:
         """Rows cached per KV head in ``layer`` (after eviction, smaller than :meth:`get_seq_length`)."""
