@@ -438,6 +438,7 @@ def plot(record: dict[str, Any], out: Path) -> list[Path]:
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)
             for label, p in record["accuracy"][task]["policies"].items():
                 values = [p[str(b)]["mean"] for b in budgets]
                 dashed = record["policies"][label]["privileged"]
@@ -454,6 +455,7 @@ def plot(record: dict[str, Any], out: Path) -> list[Path]:
         written.append(_save(fig, out / "accuracy_vs_budget.png"))
     if record["perplexity"]:
         fig, ax = plt.subplots(figsize=(6, 4))
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for label, p in record["perplexity"]["policies"].items():
             ax.plot(budgets, [p[str(b)]["mean"] for b in budgets], marker="o", label=label)
         ax.axhline(record["perplexity"][FULL]["mean"], color="black", linewidth=1, label="full cache")
