@@ -421,7 +421,9 @@ def plot_results(record: dict[str, Any], out: Path) -> list[Path]:
     written.append(_save(fig, out / "holistic_score.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # distinct colours for a dozen policies
+    ax.set_prop_cycle(
+        color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]
+    )  # distinct colours for a dozen policies
     budgets = record["budgets"]["absolute"]
     for (_, p), label in zip(policies[::-1], names[::-1], strict=True):
         values = [_nan(p["retained_fraction"]["absolute"][str(b)]) for b in budgets]

@@ -438,7 +438,7 @@ def plot(record: dict[str, Any], out: Path) -> list[Path]:
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):
-            ax.set_prop_cycle(color=plt.cm.tab20.colors)
+            ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
             for label, p in record["accuracy"][task]["policies"].items():
                 values = [p[str(b)]["mean"] for b in budgets]
                 dashed = record["policies"][label]["privileged"]
@@ -450,12 +450,12 @@ def plot(record: dict[str, Any], out: Path) -> list[Path]:
             ax.set_xlabel("budget (tokens kept per KV head)")
             ax.set_title(task)
         axes[0][0].set_ylabel("accuracy (exact match)")
-        axes[0][-1].legend(fontsize=7, loc="lower right")
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.tight_layout()
         written.append(_save(fig, out / "accuracy_vs_budget.png"))
     if record["perplexity"]:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+        ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
         for label, p in record["perplexity"]["policies"].items():
             ax.plot(budgets, [p[str(b)]["mean"] for b in budgets], marker="o", label=label)
         ax.axhline(record["perplexity"][FULL]["mean"], color="black", linewidth=1, label="full cache")
