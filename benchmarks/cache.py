@@ -2,7 +2,8 @@
 
 (a) KV bytes after compression / full KV bytes (target: budget / prompt, up to the protected tokens);
 (b) peak and final process memory (RSS) of prefill + decode, with and without compression (each in a fresh
-    subprocess, so one side's allocations cannot hide the other's);
+    subprocess, so one side's allocations cannot hide the other's); before the final reading, glibc's malloc_trim
+    hands freed heap pages back to the OS (otherwise the allocator keeps them and RSS cannot show what was freed);
 (c) compression time (scoring + compaction, every layer) / prefill time, per policy (target <= 5% for kvp and the
     attention-free baselines);
 (d) decode step time with the compressed cache / with the full cache (alternating, medians).
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import statistics
@@ -50,6 +52,8 @@ def memory(model_name: str, context: int, budget: int | None, steps: int, policy
         cache.compress(scorer, budget)
     state.cache = cache  # decode from the (compressed) cache; the prefill copy is gone
     tokens, _, _, _ = decode(model, state, None, None, steps)
+    del state
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     rss_now = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
     return {
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed on each side")
     parser.add_argument("--policies", default=POLICIES)
+    parser.add_argument("--memory-only", action="store_true", help="only (b)")
     parser.add_argument("--memory-child", choices=("full", "compressed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -73,6 +78,22 @@ def main() -> None:
         print(json.dumps(memory(args.model, args.context, budget, args.steps, args.policies.split(",")[0])))
         return
 
+    if not args.memory_only:
+        timings(args)
+    print(f"\n(b) process memory, prefill + decode, {args.policies.split(',')[0]} (fresh subprocess each)")
+    for side in ("full", "compressed"):
+        command = [sys.executable, __file__, "--memory-child", side, "--model", args.model]
+        command += ["--context", str(args.context), "--budget", str(args.budget), "--steps", str(args.steps)]
+        command += ["--policies", args.policies.split(",")[0]]
+        found = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        print(
+            f"{side:10s} peak RSS {found['peak_rss_mib']:8.1f} MiB, RSS after decoding {found['final_rss_mib']:8.1f} "
+            f"MiB, KV cache {found['kv_mib']:7.2f} MiB"
+        )
+
+
+def timings(args: argparse.Namespace) -> None:
+    """(a), (c) and (d)."""
     torch.set_grad_enabled(False)
     model, _ = models.load(args.model)
     ids = _prompt(model, args.context)
@@ -127,17 +148,6 @@ def main() -> None:
         f"\n(d) decode step: compressed {compressed_step * 1e3:.1f} ms / full {full_step * 1e3:.1f} ms = "
         f"{compressed_step / full_step:.3f}"
     )
-
-    print(f"\n(b) process memory, prefill + decode, {args.policies.split(',')[0]} (fresh subprocess each)")
-    for side in ("full", "compressed"):
-        command = [sys.executable, __file__, "--memory-child", side, "--model", args.model]
-        command += ["--context", str(args.context), "--budget", str(args.budget), "--steps", str(args.steps)]
-        command += ["--policies", args.policies.split(",")[0]]
-        found = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-        print(
-            f"{side:10s} peak RSS {found['peak_rss_mib']:8.1f} MiB, RSS after decoding {found['final_rss_mib']:8.1f} "
-            f"MiB, KV cache {found['kv_mib']:7.2f} MiB"
-        )
 
 
 if __name__ == "__main__":
