@@ -398,10 +398,6 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _generate(args: argparse.Namespace) -> int:
     from kvp_gym import models
     from kvp_gym.cache import generate
@@ -472,3 +468,7 @@ def _merge_e2e(args: argparse.Namespace) -> int:
 
     print(format_table(merge(args.out, args.inputs)))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
