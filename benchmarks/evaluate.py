@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvp_gym.attention import Rotary
 from kvp_gym.evaluate import evaluate
 from kvp_gym.traces import ModelGeometry, SampleInfo, TraceHeader, write_traces
 
@@ -24,7 +25,9 @@ SMOLLM2 = ModelGeometry(30, 9, 3, 64, (0, 0, 0, 1, 1, 1, 2, 2, 2), '{"rope_theta
 
 def synthetic_traces(path: Path, samples: int, prompt: int = 1024, future: int = 64) -> Path:
     rng = np.random.default_rng(0)
-    header = TraceHeader("synthetic-smollm2-geometry", SMOLLM2, tuple(range(30)), ({},), "benchmark")
+    header = TraceHeader(
+        "synthetic-smollm2-geometry", SMOLLM2, tuple(range(30)), ({},), "benchmark", rotary=Rotary.default(64, 1e5)
+    )
 
     def generate():
         for i in range(samples):
