@@ -1,7 +1,10 @@
 """kvp-gym: a Gymnasium environment and benchmark suite for learned KV-cache eviction in LLMs.
 
 The core package: trace files (:mod:`kvp_gym.traces`), their collection from a real model
-(:mod:`kvp_gym.collect`), model loading (:mod:`kvp_gym.models`) and offline tasks (:mod:`kvp_gym.tasks`).
+(:mod:`kvp_gym.collect`), model loading (:mod:`kvp_gym.models`), offline tasks (:mod:`kvp_gym.tasks`), the
+environments (:mod:`kvp_gym.envs`), the scorer contract and evaluation (:mod:`kvp_gym.scorers`,
+:mod:`kvp_gym.evaluate`), and the evicting cache with end-to-end evaluation (:mod:`kvp_gym.cache`;
+``kvp_gym.generate`` and ``kvp_gym.EvictingCache`` load it on first use).
 """
 
 from importlib.metadata import PackageNotFoundError, version
