@@ -54,13 +54,13 @@ class ExpectedAttention:
         pre = rotary.unrotate(view.queries, positions[..., None, :])  # [B..., G, n, D]
         used = (mask & (positions >= self.sinks))[..., None, :, None].float()  # queries that enter the statistics
         count = used.sum(-2, keepdim=True).clamp_min(1)
-        mean = (pre * used).sum(-2, keepdim=True) / count  # [B..., G, 1, D]
+        pre_mean = (pre * used).sum(-2, keepdim=True) / count  # [B..., G, 1, D]
         rotation = self._future_rotation(rotary, positions.masked_fill(~mask, -1).amax(-1) + 1)  # [B..., D, D]
-        mean = mean @ rotation[..., None, :, :].transpose(-1, -2)  # R mu, as row vectors
+        mean = pre_mean @ rotation[..., None, :, :].transpose(-1, -2)  # R mu, as row vectors
         keys = view.keys.float()[..., None, :, :]  # [B..., 1, n, D]
         logits = spec.scale * (keys * mean).sum(-1)  # [B..., G, n]
         if self.covariance:
-            centered = (pre - (pre * used).sum(-2, keepdim=True) / count) * used
+            centered = (pre - pre_mean) * used
             sigma = centered.transpose(-1, -2) @ centered / count  # [B..., G, D, D]
             sigma = rotation[..., None, :, :] @ sigma @ rotation[..., None, :, :].transpose(-1, -2)
             logits = logits + spec.scale**2 / 2 * ((keys @ sigma) * keys).sum(-1)

@@ -131,19 +131,18 @@ def timings(args: argparse.Namespace) -> None:
     full = state.cache.copy()
     token = torch.tensor([[int(state.logits.argmax())]])
 
-    def step_full():
-        model(token, cache=full, use_cache=True)
-        for layer in full.layers:  # keep the full cache at its length: drop the appended row
-            layer.keys, layer.values = layer.keys[..., :-1, :], layer.values[..., :-1, :]
-            layer.positions, layer.seen = layer.positions[..., :-1], layer.seen - 1
+    def step(cache):
+        """One decode step, then the appended row dropped again so the cache keeps its length."""
 
-    def step_compressed():
-        model(token, cache=compressed, use_cache=True)
-        for layer in compressed.layers:
-            layer.keys, layer.values = layer.keys[..., :-1, :], layer.values[..., :-1, :]
-            layer.positions, layer.seen = layer.positions[..., :-1], layer.seen - 1
+        def run():
+            model(token, cache=cache, use_cache=True)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[..., :-1, :], layer.values[..., :-1, :]
+                layer.positions, layer.seen = layer.positions[..., :-1], layer.seen - 1
 
-    full_step, compressed_step = alternate(step_full, step_compressed, args.steps, warmup=2)
+        return run
+
+    full_step, compressed_step = alternate(step(full), step(compressed), args.steps, warmup=2)
     print(
         f"\n(d) decode step: compressed {compressed_step * 1e3:.1f} ms / full {full_step * 1e3:.1f} ms = "
         f"{compressed_step / full_step:.3f}"

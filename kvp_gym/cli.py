@@ -401,14 +401,14 @@ def _tasks(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from kvp_gym import models
     from kvp_gym.cache import generate
-    from kvp_gym.cache.e2e import _device
+    from kvp_gym.cache.e2e import resolve_device
     from kvp_gym.evaluate import _from_spec
     from kvp_gym.scorers import ScorerError, model_mismatches
 
     scorer = _from_spec(args.policy)
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     model, tokenizer = models.load(args.model)
-    model.to(_device(args.device))
+    model.to(resolve_device(args.device))
     for reason in model_mismatches({args.policy: scorer}, args.model, models.geometry(model)).values():
         raise ScorerError(reason)
     if args.chat:

@@ -24,7 +24,6 @@ i/N`` runs split the samples between machines (:func:`merge` joins their parts).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -84,9 +83,6 @@ class E2EConfig:
                 f"budgets must be at least the {self.sinks + self.recent} protected tokens, got {list(self.budgets)}"
             )
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
     def work(self) -> list[tuple[str, int]]:
         """Every (task, index) of the run, essays last."""
         return [(t, i) for t in self.tasks for i in range(self.samples)] + [("essay", i) for i in range(self.essays)]
@@ -105,16 +101,14 @@ def run(
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be i/N with 0 <= i < N, got {index}/{count}")
-    scorers, skipped, variants = resolve_policies(
-        config.policies if config.policies == "all" else list(config.policies)
-    )
+    scorers, skipped, variants = _policies(config)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     _check_settings(out, config)
     todo = [item for k, item in enumerate(config.work()) if k % count == index and not _part(parts, *item).exists()]
     if todo:
         model, tokenizer = models.load(config.model)
-        model.to(_device(device))
+        model.to(resolve_device(device))
         for label, reason in model_mismatches(scorers, config.model, models.geometry(model)).items():
             skipped[label] = reason  # agents trained for another model: skipped, with the reason
             del scorers[label]
@@ -145,11 +139,17 @@ def merge(out: str | Path, inputs: Sequence[str | Path]) -> dict[str, Any]:
         raise ValueError("merge needs at least one input folder")
     _write_settings(out, settings)
     config = E2EConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-    scorers, _, variants = resolve_policies(config.policies if config.policies == "all" else list(config.policies))
+    scorers, _, variants = _policies(config)
     return summarize(out, scorers, variants)
 
 
-def _device(device: str) -> torch.device:
+def _policies(config: E2EConfig) -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
+    """The run's scorers by label, the skipped ones and the variant labels (:func:`resolve_policies`)."""
+    return resolve_policies(config.policies if config.policies == "all" else list(config.policies))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):

@@ -233,10 +233,8 @@ class EvictingCache(Cache):
         Raises:
             CacheError: a bad budget, or a scorer that needs what was not given.
         """
-        rows = self.resolve_budget(budget)
-        if rows >= self.physical_length():
-            return Compression(rows, self.physical_length(), self.physical_length(), evicted=False)
-        return self.keep_top(self.score(scorer, queries, future_importance), rows)
+        unchanged = self._keeps_everything(budget)
+        return unchanged or self.keep_top(self.score(scorer, queries, future_importance), budget)
 
     def score(
         self,
@@ -261,16 +259,21 @@ class EvictingCache(Cache):
     def keep_top(self, scores: list[torch.Tensor], budget: int | float) -> Compression:
         """Keep, in every layer and KV head, the protected rows and the best-scored others up to ``budget`` rows
         (ties: the earlier row). ``scores``: one [B, H_kv, L] tensor per layer, for the rows cached now."""
-        rows = self.resolve_budget(budget)
-        before = self.physical_length()
-        if rows >= before:
-            return Compression(rows, before, before, evicted=False)
+        unchanged = self._keeps_everything(budget)
+        if unchanged:
+            return unchanged
+        rows, before = self.resolve_budget(budget), self.physical_length()
         for layer, layer_scores in zip(self.layers, scores, strict=True):
             protected = (layer.positions < self.sinks) | (layer.positions >= layer.seen - self.recent)
             ranked = layer_scores.to(protected.device).masked_fill(protected, float("inf"))
             ranking = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
             layer.keep(ranking[..., :rows].sort(-1).values)
         return Compression(rows, before, self.physical_length(), evicted=True)
+
+    def _keeps_everything(self, budget: int | float) -> Compression | None:
+        """The no-op Compression when ``budget`` (validated) is at or above the cached rows, else None."""
+        rows, length = self.resolve_budget(budget), self.physical_length()
+        return Compression(rows, length, length, evicted=False) if rows >= length else None
 
     def _view(self, index: int, layer: EvictingLayer, scorer: Scorer, queries, future_importance) -> HeadView:
         """The view of every KV head of layer ``index``, on the CPU: the scorers are CPU code (their scores move
