@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from kvp_gym.attention import AttentionSpec
+from kvp_gym.kernels.attention_stats import attention_stats
 
 
 def future_importance(
@@ -47,25 +48,22 @@ def future_importance(
         [..., N] float32 importance, N = max(split); entries at i >= split (per episode) are 0.
     """
     *batch, groups, num_tokens, head_dim = queries.shape
-    split = torch.as_tensor(split).expand(batch).reshape(-1)
-    length = torch.as_tensor(num_tokens if length is None else length).expand(batch).reshape(-1)
-    q = queries.reshape(-1, groups, num_tokens, head_dim)
-    k = keys.reshape(-1, num_tokens, head_dim)
+    device = queries.device
+    split = torch.as_tensor(split, device=device).expand(batch).reshape(-1)
+    length = torch.as_tensor(num_tokens if length is None else length, device=device).expand(batch).reshape(-1)
+    positions = torch.arange(num_tokens, device=device)
+    future = (positions >= split[:, None]) & (positions < length[:, None])  # [B, S]: real future queries only
     n_max = int(split.max())
-    importance = torch.zeros(q.shape[0], n_max, dtype=torch.float32)
-    first = int(split.min())
-    spec = attention or AttentionSpec.standard(head_dim)
-    positions = torch.arange(num_tokens)
-    for start in range(first, int(length.max()), chunk):
-        stop = min(start + chunk, num_tokens)
-        rows = positions[start:stop]  # query positions t in this chunk
-        logits = spec.logits(q[:, :, start:stop], k[:, None, :stop].transpose(-1, -2))
-        _mask_hidden(logits, spec, rows, positions[:stop])
-        cols = min(stop, n_max)  # keys past the chunk's last query are masked anyway
-        probs = logits.softmax(-1)[..., :cols].amax(1)  # [B, T, cols]; softmax is one fused pass
-        future = (rows >= split[:, None]) & (rows < length[:, None])  # [B, T]: real future queries only
-        importance[:, :cols] += (probs * future[..., None]).sum(1)
-    cached = torch.arange(n_max) < split[:, None]
+    importance = attention_stats(
+        queries.reshape(-1, groups, num_tokens, head_dim),
+        keys.reshape(-1, 1, num_tokens, head_dim),
+        "max",
+        query_valid=future,
+        attention=attention,
+        out_keys=n_max,
+        chunk=chunk,
+    )[:, 0]
+    cached = positions[:n_max] < split[:, None]
     return (importance * cached).reshape(*batch, n_max)
 
 
@@ -178,31 +176,17 @@ def attention_received(
         attending queries.
     """
     *batch, groups, n, head_dim = queries.shape
-    q = queries.reshape(-1, groups, n, head_dim)
-    k = keys.reshape(-1, n, head_dim)
-    valid = torch.ones(q.shape[0], n, dtype=torch.bool) if mask is None else mask.reshape(-1, n)
-    length = valid.sum(-1)
-    first = (length - window).clamp_min(0) if window is not None else torch.zeros_like(length)
-    received = torch.zeros(q.shape[0], groups, n)
-    spec = attention or AttentionSpec.standard(head_dim)
-    positions = torch.arange(n)
-    for start in range(int(first.min()), n, chunk):
-        stop = min(start + chunk, n)
-        rows = positions[start:stop]
-        logits = spec.logits(q[:, :, start:stop], k[:, None, :stop].transpose(-1, -2))
-        _mask_hidden(logits, spec, rows, positions[:stop])
-        logits.masked_fill_(~valid[:, None, None, :stop], float("-inf"))
-        attending = (rows >= first[:, None]) & valid[:, start:stop]  # [B, T]
-        probs = logits.softmax(-1).nan_to_num(0.0) * attending[:, None, :, None]
-        received[..., :stop] += probs.sum(-2)
+    flat = queries.shape[:-3].numel()
+    valid = torch.ones(flat, n, dtype=torch.bool, device=queries.device) if mask is None else mask.reshape(flat, n)
+    first = (valid.sum(-1, keepdim=True) - window).clamp_min(0) if window is not None else 0
+    attending = valid & (torch.arange(n, device=queries.device) >= first)  # [B, n]
+    received = attention_stats(
+        queries.reshape(-1, groups, n, head_dim),
+        keys.reshape(-1, 1, n, head_dim),
+        "none",
+        query_valid=attending,
+        key_valid=None if mask is None else valid,
+        attention=attention,
+        chunk=chunk,
+    )
     return received.reshape(*batch, groups, n)
-
-
-def _mask_hidden(logits: torch.Tensor, spec: AttentionSpec, rows: torch.Tensor, columns: torch.Tensor) -> None:
-    """Set to -inf, in place, the logits [..., T, S] of keys that queries ``rows`` [T] cannot see (``columns`` [S]
-    = key positions 0..S-1, S = the chunk's last query + 1)."""
-    if spec.sliding_window:
-        logits.masked_fill_(spec.hidden(rows, columns), float("-inf"))
-    else:  # keys before the chunk's first query are visible to all its queries: mask only the triangle
-        start = int(rows[0])
-        logits[..., start:].masked_fill_(spec.hidden(rows, columns[start:]), float("-inf"))

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvp_gym.attention import AttentionSpec, Rotary
 from kvp_gym.capture import probe_attention
+from kvp_gym.kernels.compaction import gather_rows
 from kvp_gym.scorers import HeadView, Scorer, ScorerError, score
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
@@ -67,10 +68,8 @@ class EvictingLayer(DynamicLayer):
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep ``rows`` [B, H, b] (ascending per head) of every head: new contiguous tensors replace the old."""
-        index = rows[..., None].expand(*rows.shape, self.keys.shape[-1])
-        self.keys = self.keys.gather(-2, index).contiguous()
-        self.values = self.values.gather(-2, index).contiguous()
-        self.positions = self.positions.gather(-1, rows).contiguous()
+        self.keys, self.values = gather_rows(self.keys, self.values, rows)
+        self.positions = self.positions.gather(-1, rows)
 
     def reset(self) -> None:
         super().reset()

@@ -1,0 +1,67 @@
+"""Kernels for the hot paths: an exact torch implementation for every device, and Triton on CUDA tensors.
+
+Each kernel module (:mod:`~kvp_gym.kernels.attention_stats`, :mod:`~kvp_gym.kernels.compaction`) holds a
+dispatcher, a torch implementation of the same signature (``*_torch``), and loads its Triton implementation
+(``*_triton``, in a ``*_triton`` module) only when a call chooses it: importing :mod:`kvp_gym` needs neither a
+GPU, nor Triton, nor a C compiler.
+
+The dispatcher runs Triton on CUDA tensors when Triton is installed, and torch otherwise. ``use_backend`` forces
+either (tests, benchmarks): ``with use_backend("torch"): ...``. Forcing Triton without a CUDA device runs the
+kernels in the Triton interpreter (slow, for correctness tests on small shapes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+_forced: list[Backend] = ["auto"]  # a one-element list: the switch, mutable from use_backend
+
+
+@contextmanager
+def use_backend(name: Backend) -> Iterator[None]:
+    """Force every kernel dispatch inside the block to ``name`` ("torch", "triton", or "auto": by device)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous, _forced[0] = _forced[0], name
+    try:
+        yield
+    finally:
+        _forced[0] = previous
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (it is not imported)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def choose(device: torch.device) -> Literal["torch", "triton"]:
+    """The backend a call on ``device`` runs: the forced one, else Triton on CUDA (when installed), else torch."""
+    forced = _forced[0]
+    if forced == "torch" or (forced == "auto" and (device.type != "cuda" or not triton_available())):
+        return "torch"
+    if not triton_available():
+        raise RuntimeError("the Triton backend was forced, but triton is not installed (pip install triton)")
+    if device.type != "cuda" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the Triton backend runs CUDA tensors, got {device} tensors (set TRITON_INTERPRET=1 before the first "
+            "kernel call to run CPU tensors in the Triton interpreter)"
+        )
+    return "triton"
+
+
+def triton_module(name: str) -> ModuleType:
+    """``kvp_gym.kernels.<name>_triton``, imported on first use. Without a CUDA device Triton can only interpret,
+    and it reads TRITON_INTERPRET when a kernel is decorated, so the flag is set before the first import."""
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    return importlib.import_module(f"kvp_gym.kernels.{name}_triton")
