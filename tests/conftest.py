@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from kvp_gym import models
-from kvp_gym.collect import CollectConfig, collect
+import pytest
+import torch
+
+# Without a GPU, the Triton kernels are tested in the Triton interpreter (tests/test_kernels.py). Triton reads the
+# flag when a kernel is decorated, its own library's included, and later imports here (transformers) import
+# Triton: the flag must be set before them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvp_gym import models  # noqa: E402
+from kvp_gym.collect import CollectConfig, collect  # noqa: E402
 
 
 @pytest.fixture(scope="session")

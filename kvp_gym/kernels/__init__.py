@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -60,8 +61,21 @@ def choose(device: torch.device) -> Literal["torch", "triton"]:
 
 
 def triton_module(name: str) -> ModuleType:
-    """``kvp_gym.kernels.<name>_triton``, imported on first use. Without a CUDA device Triton can only interpret,
-    and it reads TRITON_INTERPRET when a kernel is decorated, so the flag is set before the first import."""
+    """``kvp_gym.kernels.<name>_triton``, imported on first use.
+
+    Without a CUDA device Triton can only interpret, and it reads TRITON_INTERPRET when a kernel is decorated,
+    including its own library's kernels when ``triton`` is first imported: the flag is set here if Triton was not
+    imported yet, and a clear error is raised if it was imported without it (set TRITON_INTERPRET=1 earlier).
+    """
     if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+        if "triton" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"
+        import triton.language as tl
+
+        if type(tl.zeros).__name__ != "InterpretedFunction":
+            raise RuntimeError(
+                "Triton kernels without a CUDA device need the Triton interpreter, but triton was imported before "
+                "TRITON_INTERPRET=1 was set: set it in the environment (or before importing transformers or torch "
+                "modules that import triton)"
+            )
     return importlib.import_module(f"kvp_gym.kernels.{name}_triton")

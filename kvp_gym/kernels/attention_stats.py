@@ -98,21 +98,24 @@ def attention_stats_torch(
         return out
     q = queries.reshape(batch, kv_heads, group, num_queries, head_dim)
     keys_t = keys.transpose(-1, -2)  # [B, Hkv, D, S]
-    for start in range(rows[0], rows[-1] + 1, chunk):
-        stop = min(start + chunk, rows[-1] + 1)
+    first, last = rows[0], rows[-1] + 1
+    # One logits buffer for every chunk, written in place: fresh multi-megabyte tensors per chunk cost more in
+    # page faults than the softmax itself on a CPU.
+    span = offset + last if not spec.sliding_window else min(offset + last, chunk + spec.sliding_window - 1)
+    workspace = torch.empty(batch * q_heads * min(chunk, last - first) * span, dtype=torch.float32, device=device)
+    for start in range(first, last, chunk):
+        stop = min(start + chunk, last)
         # The keys these queries can see: up to the last one's position, and back to the window of the first.
         key_start = max(0, offset + start - spec.sliding_window + 1) if spec.sliding_window else 0
         key_stop = offset + stop
         if key_start >= width:
             continue
         count = stop - start
-        # The G heads of a group folded into the rows of one matmul per KV head (one large GEMM, not G small ones).
-        rows_q = q[..., start:stop, :].reshape(batch, kv_heads, group * count, head_dim)
-        logits = spec.logits(rows_q, keys_t[..., key_start:key_stop]).view(batch, kv_heads, group, count, -1)
+        logits = _logits(workspace, spec, q[..., start:stop, :], keys_t[..., key_start:key_stop])
         _mask_hidden(logits, spec, range(offset + start, offset + stop), range(key_start, key_stop))
         if key_valid is not None:
             logits.masked_fill_(~key_valid[:, None, None, None, key_start:key_stop], float("-inf"))
-        probs = logits.softmax(-1)
+        probs = torch.softmax(logits, -1, out=logits)  # in place: row by row, each row read before it is written
         if key_valid is not None:  # a query that sees no valid key: 0/0 = NaN, made 0 (it receives nothing)
             probs.nan_to_num_(0.0)
         probs = probs[..., : width - key_start]  # keys past the output receive nothing we return
@@ -125,6 +128,19 @@ def attention_stats_torch(
         weight = counted[:, None, None, start:stop].to(reduced.dtype)  # [B, 1, 1, count]: a sum over counted rows
         out[..., key_start : key_start + reduced.shape[-1]] += torch.matmul(weight, reduced)[..., 0, :]
     return out
+
+
+def _logits(workspace: torch.Tensor, spec: AttentionSpec, queries: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+    """:meth:`AttentionSpec.logits` of queries [B, Hkv, G, T, D] and keys_t [B, Hkv, D, K], written into the front
+    of ``workspace``: float32 [B, Hkv, G, T, K]. The G heads of a group are folded into the rows of one matmul per
+    KV head (one large GEMM, not G small ones)."""
+    batch, kv_heads, group, count, head_dim = queries.shape
+    logits = workspace[: batch * kv_heads * group * count * keys_t.shape[-1]].view(batch, kv_heads, group * count, -1)
+    folded = queries.reshape(batch, kv_heads, group * count, head_dim).float() * spec.scale
+    torch.matmul(folded, keys_t.float(), out=logits)
+    if spec.softcap:
+        logits.div_(spec.softcap).tanh_().mul_(spec.softcap)
+    return logits.view(batch, kv_heads, group, count, -1)
 
 
 def _mask_hidden(logits: torch.Tensor, spec: AttentionSpec, queries: range, keys: range) -> None:
