@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections import Counter
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -126,15 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--resume", action="store_true", help="keep the samples already written and add the rest")
     state.add_argument("--overwrite", action="store_true", help="discard an existing file or interrupted run")
 
-    traces = commands.add_parser("traces", help="inspect, validate and merge trace files")
+    traces = commands.add_parser("traces", help="inspect, verify, merge and upgrade trace files")
     traces_commands = traces.add_subparsers(dest="traces_command", required=True, metavar="ACTION")
-    info = traces_commands.add_parser("info", help="print a summary of a trace file")
+    info = traces_commands.add_parser("info", help="print a summary of a trace file (metadata verified, not tensors)")
     info.add_argument("path", type=Path)
-    check = traces_commands.add_parser("check", help="read every tensor and report every problem")
+    check = traces_commands.add_parser(
+        "check",
+        help="verify the whole file: seal, metadata, every tensor's checksum and values; report every problem",
+    )
     check.add_argument("path", type=Path)
     merge = traces_commands.add_parser("merge", help="join trace files (e.g. shards) into one")
     merge.add_argument("out", type=Path)
     merge.add_argument("inputs", type=Path, nargs="+")
+    upgrade = traces_commands.add_parser(
+        "upgrade", help="rewrite a trace file in the current format (version 1 -> 2: adds checksums)"
+    )
+    upgrade.add_argument("input", type=Path)
+    upgrade.add_argument("out", type=Path, help="the new file (may be the input itself: it is replaced atomically)")
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -233,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
     from kvp_gym.cache import CacheError
     from kvp_gym.capture import CaptureError
     from kvp_gym.models import ModelNotFoundError
@@ -266,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as err:  # unknown task names and the like: the message lists what exists
         print(f"kvp-gym: error: {err.args[0]}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"kvp-gym: warning: {message}", file=sys.stderr)
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -316,10 +330,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _traces(args: argparse.Namespace) -> int:
     from kvp_gym.traces import merge_traces, open_traces
 
-    if args.traces_command == "merge":
-        merge_traces(args.out, args.inputs)
+    if args.traces_command in ("merge", "upgrade"):
+        inputs = args.inputs if args.traces_command == "merge" else [args.input]
+        merge_traces(args.out, inputs)
         args.path = args.out
-        print(f"merged {len(args.inputs)} files into {args.out}")
+        what = f"merged {len(inputs)} files into" if args.traces_command == "merge" else f"rewrote {args.input} as"
+        print(f"{what} {args.out}")
         args.traces_command = "info"
     with open_traces(args.path) as trace:
         if args.traces_command == "info":
@@ -330,7 +346,11 @@ def _traces(args: argparse.Namespace) -> int:
             print(problem)
         print(
             f"{trace.path}: {len(trace.samples)} samples, "
-            + (f"{len(problems)} problem(s)" if problems else "OK: every tensor read and valid")
+            + (
+                f"{len(problems)} problem(s)"
+                if problems
+                else "OK: " + ("sealed content verified, " if trace.sealed else "") + "every tensor read and valid"
+            )
         )
         return 1 if problems else 0
 
@@ -345,7 +365,9 @@ def describe(trace) -> str:
     futures = [s.num_tokens - s.prompt_length for s in samples] or [0]
     lines = [
         f"{trace.path}",
-        f"  format v{header.format_version}, written by kvp-gym {header.kvp_gym_version}, model {header.model}",
+        f"  format v{header.format_version} "
+        + ("(sealed: metadata verified, tensors checksummed)" if trace.sealed else "(no checksums: `traces upgrade`)")
+        + f", written by kvp-gym {header.kvp_gym_version}, model {header.model}",
         f"  geometry: {g.num_layers} layers ({len(header.layers)} recorded), {g.num_query_heads} query heads, "
         f"{g.num_kv_heads} KV heads (GQA {g.num_query_heads // g.num_kv_heads}:1), head_dim {g.head_dim}",
         f"  samples: {len(samples)} (" + ", ".join(f"{k} {splits[k]}" for k in ("train", "val", "test")) + "); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -63,13 +64,26 @@ def test_collect_info_check_merge(tmp_path, capsys):
     assert "merged 2 files" in out and "samples: 3 (train 1, val 1, test 1); tasks: niah_multikey 3" in out
     assert "2 layers (1 recorded), 4 query heads, 2 KV heads (GQA 2:1), head_dim 16" in out
     assert main(["traces", "check", str(tmp_path / "m.h5")]) == 0
-    assert "OK: every tensor read and valid" in capsys.readouterr().out
+    assert "OK: sealed content verified, every tensor read and valid" in capsys.readouterr().out
 
-    with h5py.File(tmp_path / "m.h5", "r+") as h5:
+    with h5py.File(tmp_path / "m.h5", "r+") as h5:  # any write through HDF5 after sealing is refused
         name = sorted(h5["samples"])[0]
         h5[f"samples/{name}/layers/1/values"][0, 0, 0] = float("nan")
-    assert main(["traces", "check", str(tmp_path / "m.h5")]) == 1
-    assert f"samples/{name}/layers/1/values: contains NaN or Inf" in capsys.readouterr().out
+    assert main(["traces", "check", str(tmp_path / "m.h5")]) == 2
+    assert "m.h5: /: expected" in capsys.readouterr().err
+
+
+def test_upgrade_rewrites_a_version_1_file_with_checksums(tmp_path, capsys):
+    v1 = Path(__file__).parent / "data" / "trace-v1.h5"
+    assert main(["traces", "info", str(v1)]) == 0
+    captured = capsys.readouterr()
+    assert "format v1 (no checksums" in captured.out
+    assert captured.err.count("\n") == 1 and "kvp-gym: warning:" in captured.err and "traces upgrade" in captured.err
+    assert main(["traces", "upgrade", str(v1), str(tmp_path / "v2.h5")]) == 0
+    assert "format v2 (sealed" in capsys.readouterr().out
+    assert main(["traces", "check", str(tmp_path / "v2.h5")]) == 0
+    captured = capsys.readouterr()
+    assert "OK: sealed content verified" in captured.out and captured.err == ""
 
 
 @pytest.mark.parametrize(

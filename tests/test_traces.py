@@ -1,9 +1,12 @@
-"""Trace format v1: round trip, one-head reads, and a clear TraceFormatError for every kind of bad file."""
+"""Trace format v2: round trip, one-head reads, the seal and the checksums, version-1 files, and a clear
+TraceFormatError for every kind of bad file."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,11 +17,15 @@ from kvp_gym.traces import (
     ModelGeometry,
     SampleInfo,
     TraceFormatError,
+    TraceFormatWarning,
     TraceHeader,
+    _seal,
     merge_traces,
     open_traces,
     write_traces,
 )
+
+V1_FILE = Path(__file__).parent / "data" / "trace-v1.h5"  # written by kvp-gym 0.1.0 (format version 1)
 
 GEOMETRY = ModelGeometry(
     num_layers=3,
@@ -125,9 +132,13 @@ def test_writer_rejects_bad_tensors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _edit(path, action):
+def _edit(path, action, reseal=True):
+    """Edit a file with h5py; ``reseal`` recomputes the seal, as a writer that broke the format would, so that
+    validation alone has to refuse the result."""
     with h5py.File(path, "r+") as h5:
         action(h5)
+    if reseal:
+        _seal(path)
 
 
 CORRUPTIONS = {
@@ -194,10 +205,60 @@ CORRUPTIONS = {
         "/@attention",
         "sliding_window >= 0",
     ),
-    "sliding-window file without attention": (
-        lambda h5: (h5.attrs.__delitem__("attention"), h5.attrs.__setitem__("sliding_window", 16)),
-        "/@attention",
-        "does not record which layers slide",
+    "answers not a list": (
+        lambda h5: h5["samples/s0"].attrs.__setitem__("answers", "5"),
+        "samples/s0/@answers",
+        "JSON list",
+    ),
+    "answers not strings": (
+        lambda h5: h5["samples/s0"].attrs.__setitem__("answers", "[1, 2]"),
+        "samples/s0/@answers",
+        "list of strings",
+    ),
+    "metadata not an object": (
+        lambda h5: h5["samples/s0"].attrs.__setitem__("metadata", "[]"),
+        "samples/s0/@metadata",
+        "JSON object",
+    ),
+    "NaN full-cache score": (
+        lambda h5: h5["samples/s0"].attrs.__setitem__("metadata", '{"full_cache_score": NaN}'),
+        "samples/s0/@metadata",
+        r"full_cache_score must be a number in \[0, 1\]",
+    ),
+    "collection of non-objects": (lambda h5: h5.attrs.__setitem__("collection", "[1]"), "/@collection", "objects"),
+    "KV head without query heads": (
+        lambda h5: h5.attrs.__setitem__("kv_head_of_query", [0, 0, 0, 0, 0, 0]),
+        "/@kv_head_of_query",
+        r"KV heads \[1\] have no query head",
+    ),
+    "duplicate layers": (lambda h5: h5.attrs.__setitem__("layers", [0, 0]), "/@layers", "unique layer ids"),
+    "unsorted layers": (lambda h5: h5.attrs.__setitem__("layers", [2, 0]), "/@layers", "ascending order"),
+    "tokens outside the vocabulary": (
+        lambda h5: h5["samples/s0/tokens"].__setitem__(3, 100),
+        "samples/s0/tokens",
+        r"token ids must lie in \[0, 100\)",
+    ),
+    "unknown group": (lambda h5: h5.create_group("extra"), "extra", "unknown member"),
+    "unknown attribute": (lambda h5: h5["samples/s1"].attrs.__setitem__("note", 1), "samples/s1/@note", "unknown"),
+    "copied sample": (lambda h5: h5.copy(h5["samples/s0"], h5["samples"], name="s9"), "samples/s9", "a copy of"),
+    "hard link": (lambda h5: h5["samples"].__setitem__("s9", h5["samples/s0"]), "samples/s0", "2 hard links"),
+    "soft link": (
+        lambda h5: h5["samples"].__setitem__("s9", h5py.SoftLink("/samples/s0")),
+        "samples/s9",
+        "SoftLink; trace files hold no links",
+    ),
+    "external link": (
+        lambda h5: h5["samples"].__setitem__("s9", h5py.ExternalLink("other.h5", "/samples/s0")),
+        "samples/s9",
+        "ExternalLink",
+    ),
+    "dataset without checksums": (
+        lambda h5: (
+            h5.__delitem__("samples/s0/tokens"),
+            h5.create_dataset("samples/s0/tokens", data=np.ones(20, np.int32)),
+        ),
+        "samples/s0/tokens",
+        "Fletcher-32",
     ),
 }
 
@@ -225,14 +286,91 @@ def test_attention_semantics_round_trip_and_older_files_read_as_standard(tmp_pat
     write_traces(tmp_path / "a.h5", header, [_sample("s0", 12, rng)])
     with open_traces(tmp_path / "a.h5") as trace:
         assert trace.header == header and trace.header.attention_of(1).sliding_window == 8
-    # A file written before the attribute existed: standard attention, RoPE from the recorded theta.
-    path, _ = written
-    _edit(path, lambda h5: h5.attrs.__delitem__("attention"))
-    with open_traces(path) as trace:
-        assert trace.header.attention == (AttentionSpec.standard(8),) * 3
-        assert trace.header.rotary == Rotary.default(8, 10000.0)
     with pytest.raises(TraceFormatError, match="attention"):
-        merge_traces(tmp_path / "m.h5", [path, tmp_path / "a.h5"])
+        merge_traces(tmp_path / "m.h5", [written[0], tmp_path / "a.h5"])
+
+
+def test_version_1_files_read_with_a_warning_and_upgrade_to_the_same_content(tmp_path):
+    with pytest.warns(TraceFormatWarning, match="version 1 has no checksums.*traces upgrade"):
+        old = open_traces(V1_FILE)
+    upgraded = tmp_path / "v2.h5"
+    merge_traces(upgraded, [V1_FILE])  # what `kvp-gym traces upgrade` runs
+    with old, open_traces(upgraded) as new:
+        assert not old.sealed and new.sealed and new.header.format_version == 2 and old.header.format_version == 1
+        assert new.header == dataclasses.replace(old.header, format_version=2)
+        assert list(new.samples) == list(old.samples) and list(new.check()) == []
+        for name, info in old.samples.items():
+            assert dataclasses.asdict(new.samples[name]).keys() == dataclasses.asdict(info).keys()
+            np.testing.assert_array_equal(new.samples[name].tokens, info.tokens)
+            assert new.samples[name].metadata == info.metadata and new.samples[name].answers == info.answers
+            for layer in old.header.layers:
+                for a, b in zip(old.tensors(name)[layer], new.tensors(name)[layer], strict=True):
+                    np.testing.assert_array_equal(a, b)
+
+
+def test_version_1_files_written_before_attention_was_recorded(tmp_path):
+    """They read as standard attention with RoPE from the recorded theta; from a sliding-window model, refused."""
+    from kvp_gym.attention import AttentionSpec, Rotary
+
+    path = tmp_path / "old.h5"
+    shutil.copy(V1_FILE, path)
+    _edit(path, lambda h5: h5.attrs.__delitem__("attention"), reseal=False)
+    with pytest.warns(TraceFormatWarning), open_traces(path) as trace:
+        assert trace.header.attention == (AttentionSpec.standard(16),) * 2
+        assert trace.header.rotary == Rotary.default(16, 10000.0)
+    _edit(path, lambda h5: h5.attrs.__setitem__("sliding_window", 16), reseal=False)
+    with pytest.raises(TraceFormatError, match="does not record which layers slide"):
+        open_traces(path)
+
+
+def test_version_1_metadata_that_hangs_the_hdf5_library_is_refused(tmp_path, monkeypatch):
+    """Zeroed bytes in the heap of string attributes make HDF5 loop forever; the probe's deadline refuses it."""
+    from kvp_gym import traces
+
+    data = bytearray(V1_FILE.read_bytes())
+    heap = data.index(b"GCOL")
+    data[heap + 16 : heap + 16 + 512] = bytes(512)
+    path = tmp_path / "hangs.h5"
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(traces, "UNSEALED_PROBE_SECONDS", 3.0)
+    with pytest.raises(TraceFormatError, match="did not finish reading the metadata in 3 s"):
+        open_traces(path)
+
+
+def test_edits_after_sealing_are_refused(written):
+    """An attribute changed in place (same size), and a new group (the file grows): both break the seal."""
+    path, _ = written
+    _edit(path, lambda h5: h5["samples/s0"].attrs.__setitem__("split", "test!"), reseal=False)
+    with pytest.raises(TraceFormatError, match="sealed"):
+        open_traces(path)
+
+
+@pytest.mark.parametrize("where", ["user block", "metadata", "tensor", "seal"])
+def test_a_flipped_byte_anywhere_is_refused(written, tmp_path, where):
+    path, _ = written
+    data = bytearray(path.read_bytes())
+    seal_offset = json.loads(data[len(b"kvp-gym trace seal\n") : data.index(b"\n", 20)])["seal_offset"]
+    with h5py.File(path) as h5:
+        chunk = h5["samples/s1/layers/2/keys"].id.get_chunk_info(1)
+    at = {
+        "user block": 40,
+        "metadata": 600,
+        "tensor": chunk.byte_offset + 10,
+        "seal": seal_offset + 30,
+    }[where]
+    data[at] ^= 0x10
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(bytes(data))
+    if where != "tensor":
+        with pytest.raises(TraceFormatError, match="damaged|differ from what the file was sealed"):
+            open_traces(damaged)
+        return
+    with open_traces(damaged) as trace:  # chunks are verified when read
+        trace.head("s1", 2, 0)
+        with pytest.raises(TraceFormatError, match="checksum mismatch") as caught:
+            trace.head("s1", 2, 1)
+        assert caught.value.where == "samples/s1/layers/2/keys"
+        assert [p.where for p in trace.check()] == ["/", "samples/s1/layers/2/keys"]
 
 
 def test_nan_is_reported_on_read_and_by_check(written):
@@ -290,11 +428,3 @@ def test_merge_joins_and_refuses_collisions_and_mismatches(written, tmp_path):
     with pytest.raises(TraceFormatError, match="cannot merge.*model differs"):
         merge_traces(tmp_path / "bad.h5", [path, mismatched])
     assert not (tmp_path / "dup.h5").exists() and not (tmp_path / "bad.h5").exists()
-
-
-def test_check_reports_tokens_outside_the_vocabulary(written):
-    path, _ = written
-    _edit(path, lambda h5: h5["samples/s0/tokens"].__setitem__(3, 100))  # vocab_size is 100
-    with open_traces(path) as trace:
-        problems = list(trace.check())
-    assert [(p.where, "token ids must lie in [0, 100)" in str(p)) for p in problems] == [("samples/s0/tokens", True)]
