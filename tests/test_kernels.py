@@ -1,27 +1,21 @@
 """kvp_gym.kernels: the torch paths against the dense definitions, every Triton kernel against its torch path.
 
-Without a GPU the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1, set here before any kernel
-module is imported: Triton reads it when a kernel is decorated), on small shapes that still cross block edges
+Without a GPU the Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py before
+anything imports Triton: it is read when a kernel is decorated), on small shapes that still cross block edges
 (the interpreter uses 32-row blocks). The interpreter computes bfloat16 dot products wrongly, so bfloat16 runs
 only on a GPU (the test says so when skipped); float16 and float32 run everywhere.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-from kvp_gym.attention import AttentionSpec  # noqa: E402
-from kvp_gym.kernels import choose, triton_available, use_backend  # noqa: E402
-from kvp_gym.kernels.attention_stats import attention_stats  # noqa: E402
-from kvp_gym.kernels.compaction import gather_rows  # noqa: E402
-from kvp_gym.utility import attention_received, future_importance  # noqa: E402
+from kvp_gym.attention import AttentionSpec
+from kvp_gym.kernels import choose, triton_available, use_backend
+from kvp_gym.kernels.attention_stats import attention_stats
+from kvp_gym.kernels.compaction import gather_rows
+from kvp_gym.utility import attention_received, future_importance
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install -e '.[test]')")

@@ -114,7 +114,7 @@ def attention_stats_torch(
         logits = _logits(workspace, spec, q[..., start:stop, :], keys_t[..., key_start:key_stop])
         _mask_hidden(logits, spec, range(offset + start, offset + stop), range(key_start, key_stop))
         if key_valid is not None:
-            logits.masked_fill_(~key_valid[:, None, None, None, key_start:key_stop], float("-inf"))
+            logits.add_(_minus_inf_where(~key_valid[:, None, None, None, key_start:key_stop]))
         probs = torch.softmax(logits, -1, out=logits)  # in place: row by row, each row read before it is written
         if key_valid is not None:  # a query that sees no valid key: 0/0 = NaN, made 0 (it receives nothing)
             probs.nan_to_num_(0.0)
@@ -145,15 +145,18 @@ def _logits(workspace: torch.Tensor, spec: AttentionSpec, queries: torch.Tensor,
 
 def _mask_hidden(logits: torch.Tensor, spec: AttentionSpec, queries: range, keys: range) -> None:
     """Set to -inf, in place, the logits [..., T, K] of the keys at positions ``keys`` that the queries at positions
-    ``queries`` cannot see (later keys, or keys beyond the sliding window)."""
+    ``queries`` cannot see (later keys, or keys beyond the sliding window). Without a window, keys up to the first
+    query's position are visible to all the queries: only the triangle after them is masked."""
+    tail = 0 if spec.sliding_window else queries.start + 1 - keys.start
     query_positions = torch.arange(queries.start, queries.stop, device=logits.device)
-    if spec.sliding_window:
-        key_positions = torch.arange(keys.start, keys.stop, device=logits.device)
-        logits.masked_fill_(spec.hidden(query_positions, key_positions), float("-inf"))
-    else:  # keys up to the first query's position are visible to all of them: mask only the triangle after
-        tail = queries.start + 1 - keys.start
-        key_positions = torch.arange(keys.start + tail, keys.stop, device=logits.device)
-        logits[..., tail:].masked_fill_(spec.hidden(query_positions, key_positions), float("-inf"))
+    key_positions = torch.arange(keys.start + tail, keys.stop, device=logits.device)
+    logits[..., tail:].add_(_minus_inf_where(spec.hidden(query_positions, key_positions)))
+
+
+def _minus_inf_where(hidden: torch.Tensor) -> torch.Tensor:
+    """An additive mask: -inf where ``hidden``, else 0 (adding it is several times faster than a broadcast
+    ``masked_fill_`` on a CPU)."""
+    return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
 
 
 def _check(
