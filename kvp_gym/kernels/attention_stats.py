@@ -103,6 +103,12 @@ def attention_stats_torch(
     # page faults than the softmax itself on a CPU.
     span = offset + last if not spec.sliding_window else min(offset + last, chunk + spec.sliding_window - 1)
     workspace = torch.empty(batch * q_heads * min(chunk, last - first) * span, dtype=torch.float32, device=device)
+    # Without a window, the keys up to a chunk's first query are visible to all its queries: only the triangle
+    # after them is masked, the same for every chunk. Masks are added as -inf biases (several times faster than a
+    # broadcast masked_fill_ on a CPU).
+    triangle = torch.full((chunk, chunk - 1), float("-inf"), device=device).triu_()
+    positions = torch.arange(max(num_queries + offset, num_keys), device=device)
+    weights = counted.to(torch.float32)[:, None, None, :]  # [B, 1, 1, T]: the sum over counted queries, a matmul
     for start in range(first, last, chunk):
         stop = min(start + chunk, last)
         # The keys these queries can see: up to the last one's position, and back to the window of the first.
@@ -112,7 +118,10 @@ def attention_stats_torch(
             continue
         count = stop - start
         logits = _logits(workspace, spec, q[..., start:stop, :], keys_t[..., key_start:key_stop])
-        _mask_hidden(logits, spec, range(offset + start, offset + stop), range(key_start, key_stop))
+        if spec.sliding_window:
+            logits.add_(_minus_inf_where(spec.hidden(positions[start:stop] + offset, positions[key_start:key_stop])))
+        else:
+            logits[..., offset + start + 1 :].add_(triangle[:count, : count - 1])
         if key_valid is not None:
             logits.add_(_minus_inf_where(~key_valid[:, None, None, None, key_start:key_stop]))
         probs = torch.softmax(logits, -1, out=logits)  # in place: row by row, each row read before it is written
@@ -125,8 +134,9 @@ def attention_stats_torch(
             reduced = probs.mean(2)
         else:
             reduced = probs.reshape(batch, q_heads, count, -1)
-        weight = counted[:, None, None, start:stop].to(reduced.dtype)  # [B, 1, 1, count]: a sum over counted rows
-        out[..., key_start : key_start + reduced.shape[-1]] += torch.matmul(weight, reduced)[..., 0, :]
+        out[..., key_start : key_start + reduced.shape[-1]] += torch.matmul(weights[..., start:stop], reduced)[
+            ..., 0, :
+        ]
     return out
 
 
@@ -143,19 +153,8 @@ def _logits(workspace: torch.Tensor, spec: AttentionSpec, queries: torch.Tensor,
     return logits.view(batch, kv_heads, group, count, -1)
 
 
-def _mask_hidden(logits: torch.Tensor, spec: AttentionSpec, queries: range, keys: range) -> None:
-    """Set to -inf, in place, the logits [..., T, K] of the keys at positions ``keys`` that the queries at positions
-    ``queries`` cannot see (later keys, or keys beyond the sliding window). Without a window, keys up to the first
-    query's position are visible to all the queries: only the triangle after them is masked."""
-    tail = 0 if spec.sliding_window else queries.start + 1 - keys.start
-    query_positions = torch.arange(queries.start, queries.stop, device=logits.device)
-    key_positions = torch.arange(keys.start + tail, keys.stop, device=logits.device)
-    logits[..., tail:].add_(_minus_inf_where(spec.hidden(query_positions, key_positions)))
-
-
 def _minus_inf_where(hidden: torch.Tensor) -> torch.Tensor:
-    """An additive mask: -inf where ``hidden``, else 0 (adding it is several times faster than a broadcast
-    ``masked_fill_`` on a CPU)."""
+    """An additive mask: -inf where ``hidden``, else 0."""
     return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
 
 
