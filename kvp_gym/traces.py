@@ -458,7 +458,7 @@ class TraceFile:
 
     def _members(self, group: h5py.Group, where: str, expected: Mapping[str, type]) -> None:
         """``group`` holds exactly the members ``expected`` names, each of its kind, each a plain hard link to an
-        object linked nowhere else; datasets carry no attributes."""
+        object linked nowhere else; datasets carry no attributes. (Low-level calls: no object is opened.)"""
         prefix = f"{where}/" if where else ""
         with self._reading(where or "/"):
             unknown = sorted(set(group) - set(expected))
@@ -466,19 +466,19 @@ class TraceFile:
                 raise self._error(prefix + unknown[0], f"unknown member; expected only {', '.join(sorted(expected))}")
             for name, kind in expected.items():
                 path, noun = prefix + name, "group" if kind is h5py.Group else "dataset"
-                link = group.get(name, getlink=True)
-                if link is None:
+                if not group.id.links.exists(name.encode()):
                     raise self._error(path, f"missing {noun}")
-                if not isinstance(link, h5py.HardLink):
-                    raise self._error(path, f"a {type(link).__name__}; trace files hold no links")
-                node = group[name]
-                if not isinstance(node, kind):
+                link = group.id.links.get_info(name.encode()).type
+                if link != h5py.h5l.TYPE_HARD:
+                    kind_of_link = "an external link" if link == h5py.h5l.TYPE_EXTERNAL else "a soft link"
+                    raise self._error(path, f"{kind_of_link}; trace files hold no links")
+                info = h5py.h5o.get_info(group.id, name.encode())
+                if info.type != (h5py.h5o.TYPE_GROUP if kind is h5py.Group else h5py.h5o.TYPE_DATASET):
                     raise self._error(path, f"expected a {noun}")
-                links = h5py.h5o.get_info(node.id).rc
-                if links != 1:
-                    raise self._error(path, f"reachable by {links} hard links; every object must appear once")
-                if kind is h5py.Dataset:
-                    self._no_unknown_attrs(node, ())
+                if info.rc != 1:
+                    raise self._error(path, f"reachable by {info.rc} hard links; every object must appear once")
+                if kind is h5py.Dataset and info.num_attrs:
+                    raise self._error(path, "unexpected attributes; datasets carry none")
 
     def _no_unknown_attrs(self, node: h5py.HLObject, allowed: Iterable[str]) -> None:
         with self._reading(node.name):
@@ -522,7 +522,7 @@ class TraceFile:
                 strict=True,
             ):
                 path = f"{where}/layers/{layer}/{tensor}"
-                node = self._h5[path]
+                node = self._node(path)
                 expected = (heads, info.num_tokens, geometry.head_dim)
                 if node.shape != expected or node.dtype != STORED_DTYPE:
                     raise self._error(
@@ -882,16 +882,23 @@ def _data_ranges(h5: h5py.File) -> list[list[int]]:
 
 
 def _metadata_digest(h5: h5py.File) -> str:
-    """SHA-256 (hex) of the canonical JSON of every attribute of every object (in a valid file: the file's and
-    each sample's)."""
+    """SHA-256 (hex) of the canonical JSON of the file's and every sample's attributes (nothing else carries
+    attributes in a valid file)."""
 
     def plain(value):
         if isinstance(value, bytes):
             return value.decode(errors="replace")
         return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
 
-    record = {"/": {k: plain(v) for k, v in h5.attrs.items()}}
-    h5.visititems(lambda name, node: record.__setitem__(name, {k: plain(v) for k, v in node.attrs.items()}) and None)
+    def attributes(node) -> dict:
+        return {k: plain(v) for k, v in node.attrs.items()}
+
+    record = {"/": attributes(h5)}
+    samples = h5.get("samples")
+    if isinstance(samples, h5py.Group):
+        for name in samples:
+            if samples.get(name, getlink=True).__class__ is h5py.HardLink and isinstance(samples[name], h5py.Group):
+                record[name] = attributes(samples[name])
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 

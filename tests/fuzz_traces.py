@@ -304,22 +304,34 @@ STRUCTURED: dict[str, tuple[Callable, bool]] = {
 }
 
 
-def make_mutants(source: Path, folder: Path, count: int, seed: int = 0, reseal: bool = False) -> list[Mutant]:
-    """``count`` mutants of ``source`` in ``folder``: 45% byte-level, the rest structured edits (cycled through in
-    a seeded order). With ``reseal``, structured edits that break the format are applied to ``source`` (a
-    version-2 file) and the file's integrity record is recomputed."""
+def make_mutants(
+    source: Path,
+    folder: Path,
+    count: int,
+    seed: int = 0,
+    reseal: bool = False,
+    byte_share: float = 0.45,
+    breaking_only: bool = False,
+) -> list[Mutant]:
+    """``count`` mutants of ``source`` in ``folder``: a ``byte_share`` of byte-level damage, the rest structured
+    edits (cycled through in a seeded order; ``breaking_only``: only those that break the format). With
+    ``reseal`` (structured edits that break the format only), ``source`` must be a version-2 file, and its seal is
+    recomputed after each edit."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     original = bytes(source.read_bytes())
-    byte_count = 0 if reseal else round(count * 0.45)
-    structured = [name for name, (_, breaks) in STRUCTURED.items() if breaks or not reseal]
+    byte_count = 0 if reseal else round(count * byte_share)
+    structured = [name for name, (_, breaks) in STRUCTURED.items() if breaks or not (reseal or breaking_only)]
     rng.shuffle(structured)
     mutants = []
     for i in range(count):
         path = folder / f"mutant-{i:04d}.h5"
         if i < byte_count:
             kind = list(BYTE_MUTATIONS)[i % len(BYTE_MUTATIONS)]
-            path.write_bytes(bytes(BYTE_MUTATIONS[kind](bytearray(original), rng)))
+            damaged = original
+            while damaged == original:  # zeroing bytes that were zero already is no damage
+                damaged = bytes(BYTE_MUTATIONS[kind](bytearray(original), rng))
+            path.write_bytes(damaged)
         else:
             kind = structured[(i - byte_count) % len(structured)]
             path.write_bytes(original)
@@ -414,6 +426,9 @@ RUNNERS: dict[str, Callable[[Path], tuple[bool, str]]] = {
 
 
 def _child(connection, runner: str, path: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP thread pool
     try:
         connection.send(("done", *RUNNERS[runner](path)))
     except BaseException as err:  # noqa: BLE001  (any escaping exception is the finding)

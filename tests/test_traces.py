@@ -245,12 +245,12 @@ CORRUPTIONS = {
     "soft link": (
         lambda h5: h5["samples"].__setitem__("s9", h5py.SoftLink("/samples/s0")),
         "samples/s9",
-        "SoftLink; trace files hold no links",
+        "a soft link; trace files hold no links",
     ),
     "external link": (
         lambda h5: h5["samples"].__setitem__("s9", h5py.ExternalLink("other.h5", "/samples/s0")),
         "samples/s9",
-        "ExternalLink",
+        "an external link",
     ),
     "dataset without checksums": (
         lambda h5: (
