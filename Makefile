@@ -15,7 +15,7 @@ comma := ,
 KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
-.PHONY: install test demo lint clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e
+.PHONY: install test demo lint fuzz clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e
 
 install: $(STAMP)
 
@@ -30,6 +30,15 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# Hundreds of damaged and edited trace files through every command that reads traces (docs/trace-format.md,
+# "Fuzzing"); fails on any traceback, hang, or corrupt file accepted. Outcomes in runs/fuzz/*.json.
+FUZZ_MUTANTS ?= 300
+fuzz: $(STAMP)
+	$(BIN)/kvp-gym traces upgrade tests/data/trace-v1.h5 runs/fuzz/source.h5 > /dev/null
+	$(BIN)/python tests/fuzz_traces.py --source runs/fuzz/source.h5 --mutants $(FUZZ_MUTANTS) --out runs/fuzz/v2.json
+	$(BIN)/python tests/fuzz_traces.py --source runs/fuzz/source.h5 --mutants 160 --reseal --seed 1 \
+		--out runs/fuzz/v2-resealed.json
 
 demo: $(STAMP)
 	$(BIN)/kvp-gym collect --model smollm2-135m --task niah_single --samples 8 --context 1024 --future 32 \
