@@ -109,11 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     collect.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-random, a folder or a hub id")
     collect.add_argument("--task", default="niah_single", help="a task name (kvp-gym tasks list)")
-    collect.add_argument("--samples", type=int, default=32, help="number of samples (default 32)")
-    collect.add_argument("--context", type=int, default=1024, help="prompt length in tokens (default 1024)")
-    collect.add_argument("--future", type=int, default=64, help="greedy continuation tokens (default 64)")
+    collect.add_argument("--samples", type=_positive, default=32, help="number of samples (default 32)")
+    collect.add_argument("--context", type=_positive, default=1024, help="prompt length in tokens (default 1024)")
+    collect.add_argument("--future", type=_positive, default=64, help="greedy continuation tokens (default 64)")
     collect.add_argument("--out", type=Path, required=True, help="the trace file to write")
-    collect.add_argument("--seed", type=int, default=0)
+    collect.add_argument("--seed", type=_non_negative, default=0)
     collect.add_argument("--layers", type=_layers, default=None, help="layers to record, e.g. 0-29 (default all)")
     collect.add_argument("--splits", type=_floats, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
     collect.add_argument(
@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "test sets)",
     )
     collect.add_argument("--shard", type=_shard, default=(0, 1), help="collect every N-th sample from i: i/N")
+    collect.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let the Hugging Face hub client download a model that is not cached (off: kvp-gym works offline)",
+    )
     state = collect.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true", help="keep the samples already written and add the rest")
     state.add_argument("--overwrite", action="store_true", help="discard an existing file or interrupted run")
@@ -161,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--split", default="test", help="train, val, test or all (default test)")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")
-    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    evaluate.add_argument("--seed", type=_non_negative, default=0, help="bootstrap seed")
+    evaluate.add_argument(
+        "--bootstrap", type=_positive, default=1000, help="bootstrap resamples for the intervals (default 1000)"
+    )
     evaluate.add_argument(
         "--protocol",
         default="paper",
@@ -184,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--model", default="smollm2-135m")
     accuracy.add_argument("--tasks", default="all", help="'all' or comma-separated task names")
     accuracy.add_argument("--context", type=_ints, default=(1024,), help="context lengths, e.g. 1024,2048")
-    accuracy.add_argument("--samples", type=int, default=8)
-    accuracy.add_argument("--seed", type=int, default=0)
+    accuracy.add_argument("--samples", type=_positive, default=8, help="samples per task and context (default 8)")
+    accuracy.add_argument("--seed", type=_non_negative, default=0)
     accuracy.add_argument("--out", type=Path, help="also write the results as JSON here")
     generate = commands.add_parser(
         "generate",
@@ -296,7 +303,14 @@ def _collect(args: argparse.Namespace) -> int:
         splits=args.splits,
         text=args.text,
     )
-    summary = collect(config, args.out, resume=args.resume, overwrite=args.overwrite, shard=args.shard)
+    summary = collect(
+        config,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        shard=args.shard,
+        allow_download=args.allow_download,
+    )
     print(summary)
     return 0
 

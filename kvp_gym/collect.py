@@ -119,8 +119,10 @@ def collect(
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
+    allow_download: bool = False,
 ) -> CollectSummary:
-    """Collect a trace file; see the module docstring. Returns what was written."""
+    """Collect a trace file; see the module docstring. Returns what was written. ``allow_download`` lets the hub
+    client fetch a model that is not cached (see :func:`kvp_gym.models.load`)."""
     start = time.perf_counter()
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
@@ -134,7 +136,7 @@ def collect(
         what = out if out.exists() else f"{parts} (an interrupted collection)"
         raise FileExistsError(f"{what} exists: pass --resume to keep and complete it, or --overwrite to start over")
 
-    model, tokenizer = models.load(config.model)
+    model, tokenizer = models.load(config.model, allow_download=allow_download)
     geometry = models.geometry(model)
     layers = tuple(range(geometry.num_layers)) if config.layers is None else tuple(config.layers)
     if not layers or not all(0 <= layer < geometry.num_layers for layer in layers):
@@ -162,16 +164,20 @@ def collect(
 
     split_by_index = config.split_by_index()
     todo = [name for name in wanted if name not in done]
-    for name in tqdm(todo, desc=f"collect {config.task}", unit="sample", disable=not progress):
-        index = wanted[name]
-        info, tensors = _record(model, tokenizer, config, layers, name, index, split_by_index[index])
-        part = parts / f"{name}.h5"
-        write_traces(part, header, [(info, tensors)])
-        sources.append(part)
+    try:
+        for name in tqdm(todo, desc=f"collect {config.task}", unit="sample", disable=not progress):
+            index = wanted[name]
+            info, tensors = _record(model, tokenizer, config, layers, name, index, split_by_index[index])
+            part = parts / f"{name}.h5"
+            write_traces(part, header, [(info, tensors)])
+            sources.append(part)
+    finally:
+        if not any(parts.iterdir()):  # nothing to resume: do not leave a folder that blocks the next run
+            parts.rmdir()
 
     if sources != [out]:  # else the file is already complete: nothing to assemble
         merge_traces(out, sources)
-    shutil.rmtree(parts)
+    shutil.rmtree(parts, ignore_errors=True)
     with open_traces(out) as trace:
         tokens = sum(s.num_tokens for s in trace.samples.values())
         total = len(trace.samples)

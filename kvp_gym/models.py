@@ -129,7 +129,11 @@ def _from_pretrained(
     except (OSError, ValueError) as err:
         if is_folder:
             raise ModelNotFoundError(f"{folder}: not a loadable transformers model folder ({err})") from None
-        hint = "" if allow_download else " (kvp-gym does not download: pass allow_download=True to let it)"
+        hint = (
+            ""
+            if allow_download
+            else " (kvp-gym does not download: `kvp-gym collect --allow-download`, or allow_download=True in Python)"
+        )
         raise ModelNotFoundError(
             f"model {str(folder)!r} is not built in ({', '.join(BUILTIN_MODELS)}), not a local folder, and not "
             f"in the local Hugging Face cache{hint}"

@@ -93,20 +93,46 @@ def test_upgrade_rewrites_a_version_1_file_with_checksums(tmp_path, capsys):
             ["collect", "--model", "tiny-random", "--task", "nope", "--out", "x.h5"],
             "unknown task 'nope'; available:",
         ),
-        (["collect", "--model", "nobody/nothing", "--out", "x.h5"], "not in the local Hugging Face cache"),
+        (
+            ["collect", "--model", "nobody/nothing", "--out", "x.h5"],
+            "not in the local Hugging Face cache .*`kvp-gym collect --allow-download`",
+        ),
+        (
+            ["collect", "--model", "tiny-random", "--context", "100", "--out", "x.h5"],
+            "even the smallest prompt exceeds 100 tokens",
+        ),
         (
             ["collect", "--model", "tiny-random", "--layers", "0-9", "--out", "x.h5"],
             r"layers must lie in \[0, 2\)",
         ),
         (["traces", "info", "missing.h5"], "missing.h5: /: no such file"),
+        (["traces", "check", "."], r"\.: /: not a file"),
     ],
 )
 def test_errors_are_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kvp-gym: error: ") and "Traceback" not in err
-    assert re.search(message, err)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # (after any progress bar)
+    assert last.startswith("kvp-gym: error: ") and re.search(message, last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind (no empty x.h5.parts)
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["tasks", "eval", "--samples", "0"], "--samples"),
+        (["tasks", "eval", "--samples", "-1"], "--samples"),
+        (["evaluate", "--traces", "x.h5", "--bootstrap", "-1"], "--bootstrap"),
+        (["collect", "--out", "x.h5", "--context", "0"], "--context"),
+        (["collect", "--out", "x.h5", "--seed", "-2"], "--seed"),
+    ],
+)
+def test_bad_numbers_name_the_option(capsys, args, option):
+    with pytest.raises(SystemExit):
+        main(args)
+    assert f"argument {option}: expected" in capsys.readouterr().err
 
 
 def test_bad_argument_syntax(capsys):
