@@ -101,12 +101,13 @@ def attention_stats_torch(
     first, last = rows[0], rows[-1] + 1
     # One logits buffer for every chunk, written in place: fresh multi-megabyte tensors per chunk cost more in
     # page faults than the softmax itself on a CPU.
+    rows_per_chunk = min(chunk, last - first)
     span = offset + last if not spec.sliding_window else min(offset + last, chunk + spec.sliding_window - 1)
-    workspace = torch.empty(batch * q_heads * min(chunk, last - first) * span, dtype=torch.float32, device=device)
+    workspace = torch.empty(batch * q_heads * rows_per_chunk * span, dtype=torch.float32, device=device)
     # Without a window, the keys up to a chunk's first query are visible to all its queries: only the triangle
     # after them is masked, the same for every chunk. Masks are added as -inf biases (several times faster than a
     # broadcast masked_fill_ on a CPU).
-    triangle = torch.full((chunk, chunk - 1), float("-inf"), device=device).triu_()
+    triangle = torch.full((rows_per_chunk, rows_per_chunk - 1), float("-inf"), device=device).triu_()
     positions = torch.arange(max(num_queries + offset, num_keys), device=device)
     weights = counted.to(torch.float32)[:, None, None, :]  # [B, 1, 1, T]: the sum over counted queries, a matmul
     for start in range(first, last, chunk):
