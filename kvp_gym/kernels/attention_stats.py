@@ -46,12 +46,12 @@ def attention_stats(
         queries: [B, Hq, T, D] post-RoPE queries, float16, bfloat16 or float32.
         keys: [B, Hkv, S, D] post-RoPE keys, the dtype of ``queries``; Hq must be a multiple of Hkv.
         reduce: "max", "mean" (over each KV head's G query heads) or "none" (per query head); see the module.
-        query_valid: [B, T] bool, the queries that count (default all); the others are not computed.
+        query_valid: [B, T] bool, the queries that count (default all); the others add nothing.
         key_valid: [B, S] bool, the keys that can be attended (default all): padding.
         attention: the layer's attention semantics (default: causal, scale 1/sqrt(D), no soft-cap, no window).
         query_offset: the position of query 0 (keys sit at 0..S-1); 0 <= query_offset <= S - T, so every query's
             own key is present. Default S - T: the queries are the newest T tokens.
-        out_keys: return the first ``out_keys`` keys only (default S); all S keys still enter the softmax.
+        out_keys: return the first ``out_keys`` keys only (default S); every visible key still enters the softmax.
         chunk: queries per step of the torch path (its memory is O(chunk x S)); the Triton path ignores it.
 
     Returns:
