@@ -80,3 +80,18 @@ def test_masks_protect_sinks_and_recent_and_invalid_slots_are_errors(config):
     np.testing.assert_array_equal(obs["mask"], mask)
     with pytest.raises(ValueError, match="slot 0 cannot be evicted.*evictable slots"):
         env.step(0)
+    with pytest.raises(ValueError, match=r"action must be an integer slot in \[0, \d+\), got 1.7"):
+        env.step(1.7)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"budget": 0}, "'budget': expected an integer >= 1, got 0"),
+        ({"action": "slot"}, "'action': expected 'index' or 'scores'"),
+        ({"sinks": 60, "recent": 60, "budget": 100}, r"sinks \+ recent \(60 \+ 60\) must not exceed budget \(100\)"),
+    ],
+)
+def test_bad_decode_configuration_is_a_clear_error(config, bad, message):
+    with pytest.raises(ValueError, match=message):
+        gym.make("KVEvictDecode-v0", config={**config, **bad})

@@ -146,15 +146,54 @@ def test_random_split_points_stay_in_range(config, tiny_trace):
     "bad, message",
     [
         ({"nope": 1}, "unknown KVEvict config keys \\['nope'\\]"),
-        ({"observe_queries": "window:x"}, "observe_queries must be"),
+        ({"observe_queries": "window:x"}, "'observe_queries': expected 'none', 'all' or 'window:W'"),
+        ({"observe_queries": True}, "'observe_queries': expected .* got True"),
         ({"split": "val", "layers": [5]}, "layers \\[5\\] were not recorded"),
+        ({"layers": "0-1"}, "'layers': expected None .* got '0-1'"),
         ({"max_tokens": 10}, "max_tokens=10 is below the longest prompt"),
-        ({"split_point": "middle"}, "split_point must be one of"),
+        ({"max_tokens": "1024"}, "'max_tokens': expected None .* or an integer >= 1, got '1024'"),
+        ({"split_point": "middle"}, "'split_point': expected 'prompt' or 'random'"),
+        ({"traces": 123}, "'traces': expected None .* got 123"),
+        ({"budgets": 64}, "'budgets': expected a non-empty list of budgets >= 1, got 64"),
+        ({"budgets": [0, -5]}, "'budgets': expected"),
+        ({"sinks": -1}, "'sinks': expected an integer >= 0, got -1"),
+        ({"sinks": "4"}, "'sinks': expected an integer >= 0, got '4'"),
+        ({"cache_size": 0}, "'cache_size': expected an integer >= 1"),
+        ({"min_prompt": -3}, "'min_prompt': expected an integer >= 1"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(config, bad, message):
     with pytest.raises((KeyError, ValueError), match=message):
         gym.make("KVEvict-v0", config={**config, **bad})
+
+
+def test_config_must_be_a_dict_and_num_envs_positive(config):
+    with pytest.raises(TypeError, match="KVEvict config must be a dict"):
+        gym.make("KVEvict-v0", config="x.h5")
+    with pytest.raises(ValueError, match="num_envs: expected an integer >= 1, got 0"):
+        gym.make_vec("KVEvict-v0", num_envs=0, config=config)
+
+
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        ("nan", "must be finite scores; 1 are NaN or Inf"),
+        ("large", r"must lie in the action space \[-1, 1\], got values in \[-1, 1.5\]"),
+        ("short", r"must have shape \(\d+,\) \(one score per token slot\), got shape \(3,\)"),
+    ],
+)
+def test_bad_actions_say_what_is_wrong(config, action, message):
+    env = gym.make("KVEvict-v0", config=config)
+    env.reset(seed=0)
+    scores = np.zeros(env.action_space.shape, np.float32)
+    if action == "nan":
+        scores[1] = np.nan
+    elif action == "large":
+        scores[[0, 2]] = (-1, 1.5)
+    else:
+        scores = scores[:3]
+    with pytest.raises(ValueError, match=message):
+        env.step(scores)
 
 
 def test_missing_split_lists_what_exists(tmp_path, tiny_config):

@@ -15,7 +15,7 @@ import torch
 from gymnasium import spaces
 
 from kvp_gym.envs.episodes import TraceEpisodes
-from kvp_gym.envs.evict import FLOAT16_MAX, trace_paths
+from kvp_gym.envs.evict import FLOAT16_MAX, checked_scores, trace_paths, validated_config
 
 DECODE_CONFIG: dict[str, Any] = {
     "traces": None,  # a trace file or a list; None = the default SmolLM2 trace set
@@ -80,16 +80,13 @@ class KVEvictDecodeEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, config: Mapping[str, Any] | None = None, render_mode: str | None = None):
-        config = dict(config or {})
-        unknown = sorted(set(config) - set(DECODE_CONFIG))
-        if unknown:
-            raise KeyError(f"unknown KVEvictDecode config keys {unknown}; known: {sorted(DECODE_CONFIG)}")
-        self.config = {**DECODE_CONFIG, **config}
+        self.config = validated_config(config, DECODE_CONFIG, "KVEvictDecode")
         budget, action = self.config["budget"], self.config["action"]
-        if action not in ("index", "scores"):
-            raise ValueError(f"action must be 'index' or 'scores', got {action!r}")
-        if budget < 1 or self.config["sinks"] + self.config["recent"] > budget:
-            raise ValueError(f"need budget >= 1 and sinks + recent <= budget, got {budget}, {self.config}")
+        if self.config["sinks"] + self.config["recent"] > budget:
+            raise ValueError(
+                f"KVEvictDecode config: sinks + recent ({self.config['sinks']} + {self.config['recent']}) must not "
+                f"exceed budget ({budget})"
+            )
         paths = trace_paths(self.config["traces"])
         self.episodes = TraceEpisodes(paths, self.config["split"], self.config["layers"], self.config["heads"])
         self.samples = [(i, s) for i, s in self.episodes.samples if s.num_tokens > budget + 1]
@@ -134,9 +131,11 @@ class KVEvictDecodeEnv(gym.Env):
     def step(self, action):
         allowed = self.action_masks()
         if self.config["action"] == "scores":
-            scores = np.where(allowed, np.asarray(action, np.float32), np.inf)
+            scores = np.where(allowed, checked_scores(action, self.action_space.shape), np.inf)
             slot = int(np.argmin(scores))
         else:
+            if np.ndim(action) != 0 or not np.issubdtype(np.asarray(action).dtype, np.integer):
+                raise ValueError(f"action must be an integer slot in [0, {len(allowed)}), got {action!r}")
             slot = int(action)
             if not 0 <= slot < len(allowed) or not allowed[slot]:
                 raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,88 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """DEFAULT_CONFIG updated with ``config``; unknown keys are an error that lists the known ones."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    """DEFAULT_CONFIG updated with ``config`` and validated (:func:`validated_config`)."""
+    return validated_config(config, DEFAULT_CONFIG, "KVEvict")
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= low
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str | os.PathLike)
+
+
+def _int_list(value: Any, low: int) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str | bytes)
+        and len(value) > 0
+        and all(_is_int(v, low) for v in value)
+    )
+
+
+def _query_mode(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    return value in ("none", "all") or (value.startswith("window:") and value[7:].isdigit() and int(value[7:]) > 0)
+
+
+# key -> (test, what is allowed), for every key of every KVEvict environment's config.
+CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "traces": (
+        lambda v: v is None or _is_path(v) or (isinstance(v, Sequence) and len(v) > 0 and all(map(_is_path, v))),
+        "None (the default trace set), a trace file path, or a non-empty list of paths",
+    ),
+    "split": (lambda v: v in ("train", "val", "test"), "'train', 'val' or 'test'"),
+    "layers": (lambda v: v is None or _int_list(v, 0), "None (all recorded layers) or a non-empty list of layer ids"),
+    "heads": (lambda v: v is None or _int_list(v, 0), "None (all KV heads) or a non-empty list of KV head ids"),
+    "split_point": (lambda v: v in ("prompt", "random"), "'prompt' or 'random'"),
+    "min_prompt": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "max_tokens": (lambda v: v is None or _is_int(v, 1), "None (the longest cache) or an integer >= 1"),
+    "observe_queries": (_query_mode, "'none', 'all' or 'window:W' with W > 0"),
+    "sinks": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "recent": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "budgets": (lambda v: _int_list(v, 1), "a non-empty list of budgets >= 1"),
+    "cache_size": (lambda v: _is_int(v, 1), "an integer >= 1 (episodes kept in memory)"),
+    "budget": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "action": (lambda v: v in ("index", "scores"), "'index' or 'scores'"),
+}
+
+
+def validated_config(config: Mapping[str, Any] | None, defaults: Mapping[str, Any], env: str) -> dict[str, Any]:
+    """``defaults`` updated with ``config``. An unknown key (KeyError, listing the known ones), or a value of the
+    wrong type or range (ValueError naming the key, the value and what is allowed), is refused."""
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise TypeError(f"{env} config must be a dict with keys from {sorted(defaults)}, got {config!r}")
+    unknown = sorted(set(config) - set(defaults))
     if unknown:
-        raise KeyError(f"unknown KVEvict config keys {unknown}; known: {sorted(DEFAULT_CONFIG)}")
-    merged = {**DEFAULT_CONFIG, **config}
-    mode = merged["observe_queries"]
-    if not (mode in ("none", "all") or (mode.startswith("window:") and mode[7:].isdigit() and int(mode[7:]) > 0)):
-        raise ValueError(f"observe_queries must be 'none', 'all' or 'window:W' with W > 0, got {mode!r}")
+        raise KeyError(f"unknown {env} config keys {unknown}; known: {sorted(defaults)}")
+    merged = {**defaults, **config}
+    for key, value in merged.items():
+        test, allowed = CONFIG_RULES[key]
+        if not test(value):
+            raise ValueError(f"{env} config {key!r}: expected {allowed}, got {value!r}")
     return merged
+
+
+def checked_scores(action: Any, shape: tuple[int, ...], what: str = "action") -> np.ndarray:
+    """``action`` as float32 scores of ``shape``, all finite and inside the action space [-1, 1]; else ValueError
+    saying which of the three it breaks."""
+    scores = np.asarray(action, np.float32)
+    if scores.shape != shape:
+        raise ValueError(f"{what} must have shape {shape} (one score per token slot), got shape {scores.shape}")
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise ValueError(f"{what} must be finite scores; {bad} are NaN or Inf")
+    if scores.size and np.abs(scores).max() > 1:
+        raise ValueError(
+            f"{what} must lie in the action space [-1, 1], got values in [{scores.min():.3g}, {scores.max():.3g}] "
+            "(only the order of the scores matters: squash them, e.g. with tanh)"
+        )
+    return scores
 
 
 def default_traces(model: str = "smollm2-135m") -> list[Path]:
@@ -208,9 +280,7 @@ class KVEvictEnv(gym.Env):
         if self._episode is None:
             raise RuntimeError("call reset() before step()")
         episode, self._episode = self._episode, None
-        action = np.asarray(action, np.float32)
-        if action.shape != self.action_space.shape or not np.isfinite(action).all():
-            raise ValueError(f"action must be {self.action_space.shape} finite scores, got shape {action.shape}")
+        action = checked_scores(action, self.action_space.shape)
         n = episode.key.split
         scores = torch.from_numpy(action[:n])
         protected = protected_tokens(n, n, self.config["sinks"], self.config["recent"])

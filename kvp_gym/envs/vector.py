@@ -17,7 +17,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from kvp_gym.envs.evict import Observations, episode_source, resolve_config
+from kvp_gym.envs.evict import Observations, checked_scores, episode_source, resolve_config
 from kvp_gym.utility import holistic_costs, protected_tokens, retained_fraction
 
 
@@ -27,6 +27,8 @@ class KVEvictVectorEnv(VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
 
     def __init__(self, num_envs: int = 1, config: Mapping[str, Any] | None = None, render_mode: str | None = None):
+        if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+            raise ValueError(f"num_envs: expected an integer >= 1, got {num_envs!r}")
         self.num_envs = num_envs
         self.config = resolve_config(config)
         self.episodes = episode_source(self.config)
@@ -51,9 +53,7 @@ class KVEvictVectorEnv(VectorEnv):
     def step(self, actions):
         if not self._keys:
             raise RuntimeError("call reset() before step()")
-        actions = np.asarray(actions, np.float32)
-        if actions.shape != self.action_space.shape or not np.isfinite(actions).all():
-            raise ValueError(f"actions must be {self.action_space.shape} finite scores, got shape {actions.shape}")
+        actions = checked_scores(actions, self.action_space.shape, "actions")
         splits = [key.split for key in self._keys]
         valid = torch.from_numpy(self._observation["mask"]).bool()
         scores = torch.from_numpy(actions)
