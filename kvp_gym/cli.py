@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="paired comparisons of POLICY (a label among --policies) with every other policy: mean difference with "
         "a 95%% paired bootstrap interval, and the share of heads won",
     )
+    evaluate.add_argument("--layers", type=_layers, help="evaluate only these layers, e.g. 10 or 0-3,10 (default all)")
+    evaluate.add_argument("--heads", type=_ints, help="evaluate only these KV heads, e.g. 0,1 (default all)")
+    evaluate.add_argument(
+        "--max-samples", type=_positive, help="evaluate only the first N samples of the split (default all)"
+    )
 
     tasks = commands.add_parser("tasks", help="list the tasks, or measure a model's full-cache accuracy on them")
     tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
@@ -327,6 +332,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         protocol=args.protocol,
         versus=args.versus,
+        layers=args.layers,
+        heads=args.heads,
+        max_samples=args.max_samples,
     )
     written = write_results(record, args.out)
     print(format_table(record))

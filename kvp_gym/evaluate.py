@@ -12,7 +12,7 @@ the whole ranking (the training signal).
 results.json, schema ``kvp-gym/trace-evaluation`` version 2::
 
     {"schema", "schema_version", "kvp_gym_version", "created_by",
-     "traces": [{"path", "sha256"}], "model", "layers", "num_kv_heads", "split", "samples": [names],
+     "traces": [{"path", "sha256"}], "model", "layers", "heads", "num_kv_heads", "split", "samples": [names],
      "tasks": [task of each sample], "seed", "protocol": {"name", "sinks", "recent", "description"},
      "bootstrap_resamples", "budgets": {"absolute": [...], "fractions": [...]}, "skipped": {label: reason},
      "policies": {label: {"name", "parameters", "variant", "needs_queries", "privileged",
@@ -26,8 +26,13 @@ results.json, schema ``kvp-gym/trace-evaluation`` version 2::
                                                        "share_ci95", "interval_includes_zero"}}},  # with versus
      "timing": {"total_seconds", "attention_scorer_seconds", "importance_seconds"}}
 
-A policy's label is its spec (``tova``, ``tova:heads=group``); with ``--policies all`` every registered scorer runs
-with its defaults, plus the variants it declares (marked ``"variant": true``).
+``layers`` and ``heads`` are the evaluated layers and KV heads (``per_layer``/``per_head`` follow their order;
+``num_kv_heads`` is the number evaluated). A policy's label is its spec (``tova``, ``tova:heads=group``), or for
+a scorer object its name with the parameters that differ from its defaults; with ``--policies all`` every
+registered scorer runs with its defaults, plus the variants it declares (marked ``"variant": true``).
+
+:func:`evaluation_episodes` lists the exact episodes an evaluation scores, as ``KVEvict-v0`` episode keys, so that
+an RL loop can report the number the table shows (see its docstring).
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,15 +96,24 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_policies(policies: str | Sequence[str]) -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
-    """Instantiate scorers from ``'all'`` or specs ``name`` / ``name:param=value;...``.
+PolicySpec = str | Scorer
 
-    Returns (scorers by label, skipped labels with their reason, the labels that are declared variants). A label
-    is the spec as written. With ``'all'``: every registered scorer with its defaults plus the variants it
-    declares; one that cannot be built is skipped with its reason instead of failing the run. An unknown name is
-    a ValueError listing the available ones; the same label twice is an error.
+
+def resolve_policies(
+    policies: str | Sequence[PolicySpec] | Mapping[str, PolicySpec],
+) -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
+    """Scorers from ``'all'``, a list of specs (``name`` / ``name:param=value;...``) and scorer objects (anything
+    meeting the scorer contract, :class:`kvp_gym.scorers.Scorer`), or a mapping from label to either.
+
+    Returns (scorers by label, skipped labels with their reason, the labels that are declared variants). A spec's
+    label is the spec as written; an object's is :func:`label_of` (unless the mapping gives one). With ``'all'``:
+    every registered scorer with its defaults plus the variants it declares; one that cannot be built is skipped
+    with its reason instead of failing the run. An unknown name is a ValueError listing the available ones; the
+    same label twice is an error.
     """
-    if policies == "all":
+    if isinstance(policies, str):
+        if policies != "all":
+            raise ValueError(f"policies must be 'all', a list of specs or scorers, or a mapping; got {policies!r}")
         scorers, skipped, variants = {}, {}, set()
         for name in available_scorers():
             try:
@@ -112,12 +126,94 @@ def resolve_policies(policies: str | Sequence[str]) -> tuple[dict[str, Scorer], 
                 scorers[label] = _from_spec(label)
                 variants.add(label)
         return scorers, skipped, variants
+    given = policies.items() if isinstance(policies, Mapping) else ((None, p) for p in policies)
     scorers = {}
-    for spec in policies:
-        if spec in scorers:
-            raise ValueError(f"policy {spec!r} is given twice")
-        scorers[spec] = _from_spec(spec)
+    for label, policy in given:
+        if isinstance(policy, str):
+            scorer, label = _from_spec(policy), label or policy
+        elif isinstance(policy, Scorer):
+            scorer, label = policy, label or label_of(policy)
+        else:
+            raise ValueError(
+                f"policy {policy!r}: expected a spec string or an object with name, needs_queries, needs_future "
+                "and score(view) (the scorer contract)"
+            )
+        if label in scorers:
+            raise ValueError(f"policy {label!r} is given twice")
+        scorers[label] = scorer
+    if not scorers:
+        raise ValueError("no policies given")
     return scorers, {}, set()
+
+
+def label_of(scorer: Scorer) -> str:
+    """``name``, or ``name:param=value;...`` with the parameters that differ from the scorer's defaults."""
+    changed = []
+    if is_dataclass(scorer):
+        for f in fields(scorer):
+            default = f.default if f.default is not MISSING else MISSING
+            if default is MISSING and f.default_factory is not MISSING:
+                default = f.default_factory()
+            value = getattr(scorer, f.name)
+            if default is MISSING or _plain(value) and value != default:
+                changed.append(f"{f.name}={value}")
+    return f"{scorer.name}:{';'.join(changed)}" if changed else scorer.name
+
+
+def _plain(value: Any) -> bool:
+    """A parameter value that reads well in a label (not a tensor, module or long container)."""
+    return isinstance(value, bool | int | float | str) or value is None
+
+
+def evaluation_samples(files: Sequence, split: str, max_samples: int | None = None) -> list[tuple[int, Any]]:
+    """(file index, SampleInfo) of the samples an evaluation scores: every sample of ``split`` (``all``: every
+    sample) in file order then name order, the first ``max_samples`` of them if given."""
+    samples = [(i, s) for i, t in enumerate(files) for s in t.samples.values() if split == "all" or s.split == split]
+    return samples if max_samples is None else samples[:max_samples]
+
+
+def evaluation_episodes(
+    traces: str | Path | Sequence[str | Path],
+    split: str = "test",
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    max_samples: int | None = None,
+) -> list:
+    """The episodes :func:`evaluate` scores, as ``KVEvict-v0`` episode keys (one per sample, layer and KV head,
+    split at the prompt boundary), in the order of its per-sample-head scores.
+
+    Replay each with ``env.reset(options={"episode": key})`` on an env made over the same ``traces`` (same order);
+    with the protocol's protected tokens (``sinks=4, recent=16`` for ``paper``, 0 and 0 for ``raw``), the mean of
+    ``info["holistic_score"]`` over them is the holistic score ``kvp-gym evaluate`` reports for that policy.
+    """
+    from kvp_gym.envs.episodes import EpisodeKey
+
+    paths = [traces] if isinstance(traces, str | Path) else list(traces)
+    files = open_compatible(paths)
+    try:
+        chosen_layers, chosen_heads = _selection(files[0].header, layers, heads)
+        return [
+            EpisodeKey(trace=i, sample=s.name, layer=layer, head=head, split=s.prompt_length)
+            for i, s in evaluation_samples(files, split, max_samples)
+            for layer in chosen_layers
+            for head in chosen_heads
+        ]
+    finally:
+        for trace in files:
+            trace.close()
+
+
+def _selection(header, layers: Sequence[int] | None, heads: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    """The evaluated layers and KV heads: recorded ones, in the order given; ValueError naming what exists."""
+    recorded, count = list(header.layers), header.geometry.num_kv_heads
+    chosen_layers = recorded if layers is None else list(layers)
+    chosen_heads = list(range(count)) if heads is None else list(heads)
+    missing = [layer for layer in chosen_layers if layer not in recorded]
+    if missing or not chosen_layers or len(set(chosen_layers)) != len(chosen_layers):
+        raise ValueError(f"layers {chosen_layers}: expected distinct recorded layers, from {recorded}")
+    if not chosen_heads or not all(0 <= h < count for h in chosen_heads) or len(set(chosen_heads)) != len(chosen_heads):
+        raise ValueError(f"heads {chosen_heads}: expected distinct KV heads in [0, {count})")
+    return chosen_layers, chosen_heads
 
 
 def _from_spec(spec: str) -> Scorer:
@@ -142,18 +238,23 @@ def _number(text: str) -> int | float | str:
 
 def evaluate(
     traces: str | Path | Sequence[str | Path],
-    policies: str | list[str] = "all",
+    policies: str | Sequence[PolicySpec] | Mapping[str, PolicySpec] = "all",
     split: str = "test",
     seed: int = 0,
     bootstrap: int = 1000,
     progress: bool = True,
     protocol: str = "paper",
     versus: str | None = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    max_samples: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate scorers on a split (``all`` = every sample) of one or more trace files of the same model.
 
-    ``protocol`` is a key of :data:`PROTOCOLS`; ``versus`` (a policy label) adds the paired comparisons of that
-    policy with every other one. Returns the results record (see the module docstring).
+    ``policies``: see :func:`resolve_policies` (names, specs, scorer objects, or label -> either). ``protocol`` is a
+    key of :data:`PROTOCOLS`; ``versus`` (a policy label) adds the paired comparisons of that policy with every
+    other one. ``layers``, ``heads`` and ``max_samples`` restrict what is scored (default: every recorded layer,
+    every KV head, every sample of the split). Returns the results record (see the module docstring).
     """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, 'all')}")
@@ -161,6 +262,8 @@ def evaluate(
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
     if bootstrap < 1:
         raise ValueError(f"bootstrap resamples must be >= 1, got {bootstrap}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
     rules = PROTOCOLS[protocol]
     scorers, skipped, variants = resolve_policies(policies)
     if versus is not None and versus not in scorers:
@@ -176,19 +279,21 @@ def evaluate(
             skipped[label] = reason
             del scorers[label]
         labels = list(scorers)
-        samples = [(t, s) for t in files for s in t.samples.values() if split == "all" or s.split == split]
+        samples = [(files[i], s) for i, s in evaluation_samples(files, split, max_samples)]
         if not samples:
             present = sorted({s.split for t in files for s in t.samples.values()})
             raise ValueError(f"{', '.join(str(p) for p in paths)}: no {split!r} samples; splits present: {present}")
-        layers, heads = header.layers, header.geometry.num_kv_heads
+        layers, heads = _selection(header, layers, heads)
+        all_heads = header.geometry.num_kv_heads  # layer-scope scorers see every KV head; metrics use `heads`
         budgets = len(ABSOLUTE_BUDGETS) + len(FRACTION_BUDGETS)
-        scores = {label: np.zeros((len(samples), len(layers), heads)) for label in labels}
-        kept = {label: np.zeros((len(samples), len(layers), heads, budgets)) for label in labels}
+        scores = {label: np.zeros((len(samples), len(layers), len(heads))) for label in labels}
+        kept = {label: np.zeros((len(samples), len(layers), len(heads), budgets)) for label in labels}
         seconds = dict.fromkeys(labels, 0.0)
         importance_seconds = 0.0
         work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
         for i, trace, sample, j, layer in tqdm(work, desc=f"evaluate {split}", unit="layer", disable=not progress):
-            view, importance, tick = _layer_view(trace, sample, layer, heads)
+            view, importance, tick = _layer_view(trace, sample, layer, all_heads)
+            importance = importance[heads]
             importance_seconds += tick
             n = sample.prompt_length
             protected = protected_tokens(n, n, rules.sinks, rules.recent)
@@ -199,7 +304,7 @@ def evaluate(
                 given = view if not scorer.needs_future else dataclasses.replace(view, future_importance=importance)
                 if not scorer.needs_queries:
                     given = dataclasses.replace(given, queries=None)  # a scorer sees only what it declares
-                s = score(scorer, given)
+                s = score(scorer, given)[heads]
                 seconds[label] += time.perf_counter() - tick
                 scores[label][i, j] = holistic_score(importance * ranked, s, ranked).numpy()
                 kept[label][i, j] = retained_fraction(importance, s, at, protected=protected).numpy()
@@ -211,7 +316,8 @@ def evaluate(
             "traces": [{"path": str(t.path), "sha256": file_sha256(t.path)} for t in files],
             "model": header.model,
             "layers": list(layers),
-            "num_kv_heads": heads,
+            "heads": list(heads),
+            "num_kv_heads": len(heads),
             "split": split,
             "samples": [s.name for _, s in samples],
             "tasks": [s.task for _, s in samples],
@@ -449,6 +555,10 @@ def plot_results(record: dict[str, Any], out: Path) -> list[Path]:
         ax.axis("on")
         image = ax.imshow(np.array(p["per_head"]), aspect="auto", vmin=0, vmax=1, cmap="viridis")
         ax.set_title(name, fontsize=9)
+        if "heads" in record:  # the evaluated layers and heads may be a subset
+            ax.set_xticks(range(len(record["heads"])), record["heads"])
+            if len(record["layers"]) <= 12:
+                ax.set_yticks(range(len(record["layers"])), record["layers"])
         if index // columns == rows - 1:
             ax.set_xlabel("KV head")
         if index % columns == 0:

@@ -149,3 +149,65 @@ def test_missing_split_names_the_splits_present(tmp_path, tiny_config):
     collect(dataclasses.replace(tiny_config, samples=2, splits=(1.0, 0.0, 0.0)), path, progress=False)
     with pytest.raises(ValueError, match=r"no 'test' samples; splits present: \['train'\]"):
         evaluate(path, ["knorm"], split="test", progress=False)
+
+
+def test_scorer_objects_labels_and_a_subset_of_layers_heads_and_samples(tiny_trace):
+    knorm, half = get_scorer("knorm"), get_scorer("h2o", recent=16)
+    record = evaluate(
+        tiny_trace,
+        {"mine": knorm, "tova": "tova", "h2o-object": half},
+        split="all",
+        bootstrap=50,
+        progress=False,
+        layers=[1],
+        heads=[1],
+        max_samples=2,
+    )
+    assert list(record["policies"]) == ["mine", "tova", "h2o-object"]
+    assert record["layers"] == [1] and record["heads"] == [1] and len(record["samples"]) == 2
+    full = evaluate(tiny_trace, ["knorm", "tova", "h2o:recent=16"], split="all", bootstrap=50, progress=False)
+    for label, same in (("mine", "knorm"), ("tova", "tova"), ("h2o-object", "h2o:recent=16")):
+        subset = np.asarray(record["policies"][label]["per_sample_head"])
+        np.testing.assert_allclose(subset, np.asarray(full["policies"][same]["per_sample_head"])[:2, 1:, 1:])
+    # Objects without a given label: the name with the parameters that differ from the defaults.
+    labels = list(evaluate(tiny_trace, [knorm, half], split="train", bootstrap=5, progress=False)["policies"])
+    assert labels == ["knorm", "h2o:recent=16"]
+    with pytest.raises(ValueError, match="'knorm' is given twice"):
+        evaluate(tiny_trace, [knorm, "knorm"], progress=False)
+    with pytest.raises(ValueError, match=r"layers \[7\]: expected distinct recorded layers, from \[0, 1\]"):
+        evaluate(tiny_trace, ["knorm"], layers=[7], progress=False)
+    with pytest.raises(ValueError, match="expected a spec string or an object with name"):
+        evaluate(tiny_trace, [42], progress=False)
+
+
+def test_an_env_policy_scores_the_same_in_the_env_and_in_the_table(tiny_trace):
+    """evaluation_episodes replays exactly the table's episodes; EnvPolicyScorer runs the policy behind the scorer
+    contract. The env's mean holistic score over those episodes is the table's number, under both protocols."""
+    import gymnasium as gym
+
+    from kvp_gym.envs.scorer import EnvPolicyScorer
+    from kvp_gym.evaluate import evaluation_episodes
+
+    def policy(obs):  # a stand-in for a trained network: key norm, plus a little of the last query's attention
+        keys = torch.as_tensor(obs["key"])
+        last = torch.as_tensor(obs["query"])[:, :, -1]  # [B, G, D], right-aligned window
+        attention = torch.einsum("bgd,btd->bt", last, keys)
+        return torch.tanh(0.1 * keys.norm(dim=-1) + 0.01 * attention)
+
+    for protocol, (sinks, recent) in (("paper", (4, 16)), ("raw", (0, 0))):
+        env = gym.make(
+            "KVEvict-v0",
+            config={"traces": str(tiny_trace), "observe_queries": "window:4", "sinks": sinks, "recent": recent},
+        )
+        scorer = EnvPolicyScorer(policy, env, name="mine")
+        assert scorer.needs_queries
+        record = evaluate(tiny_trace, [scorer], split="val", bootstrap=5, progress=False, protocol=protocol)
+        in_env = []
+        for key in evaluation_episodes(tiny_trace, split="val"):
+            obs, _ = env.reset(options={"episode": key})
+            batch = {k: np.asarray(v)[None] for k, v in obs.items()}
+            _, _, _, _, info = env.step(policy(batch)[0].numpy())
+            in_env.append(info["holistic_score"])
+        table = np.asarray(record["policies"]["mine"]["per_sample_head"]).reshape(-1)
+        np.testing.assert_allclose(in_env, table, atol=1e-5)
+        assert record["policies"]["mine"]["holistic_score"]["mean"] == pytest.approx(np.mean(in_env), abs=1e-6)
