@@ -217,7 +217,7 @@ def test_native_vector_env_matches_single_envs(config, protection):
     next_obs, rewards, terminated, truncated, info = vec.step(actions)
     assert terminated.all() and not truncated.any() and rewards.shape == (8,)
     episodes = gym.make("KVEvict-v0", config=config).unwrapped.episodes
-    final = info["final_info"]
+    final = info
     for i in range(8):
         key = EpisodeKey(
             trace=int(final["trace"][i]),
@@ -228,8 +228,7 @@ def test_native_vector_env_matches_single_envs(config, protection):
         )
         episode = episodes.load(key)
         n = key.split
-        np.testing.assert_array_equal(info["final_obs"]["key"][i][:n], episode.keys.float().numpy())
-        np.testing.assert_array_equal(obs["key"][i], info["final_obs"]["key"][i])
+        np.testing.assert_array_equal(obs["key"][i][:n], episode.keys.float().numpy())
         single = gym.make("KVEvict-v0", config=config).unwrapped
         single.reset(options={"episode": key})
         _, expected, _, _, single_info = single.step(actions[i])
@@ -238,6 +237,26 @@ def test_native_vector_env_matches_single_envs(config, protection):
         if not protection:
             assert expected == pytest.approx(holistic_reward(episode.importance, torch.from_numpy(actions[i][:n])))
     assert not np.array_equal(next_obs["key"], obs["key"])  # the next episodes were drawn in the same step
+
+
+def test_one_info_layout_for_the_native_and_the_sync_vector_env(config):
+    """Reset info: the episodes' keys; step info: the single env's step info, batched with `_key` masks (the
+    native env resets in the same step, SyncVectorEnv in the next one: the info looks the same)."""
+    native = gym.make_vec("KVEvict-v0", num_envs=3, config=config)
+    sync = gym.make_vec("KVEvict-v0", num_envs=3, config=config, vectorization_mode="sync")
+    single = gym.make("KVEvict-v0", config=config)
+    _, native_reset = native.reset(seed=0)
+    _, sync_reset = sync.reset(seed=0)
+    _, single_reset = single.reset(seed=0)
+    assert set(native_reset) == set(sync_reset) == {"episode", "_episode"} and set(single_reset) == {"episode"}
+    assert isinstance(native_reset["episode"][0], EpisodeKey)
+    _, _, _, _, native_info = native.step(native.action_space.sample())
+    _, _, _, _, sync_info = sync.step(sync.action_space.sample())
+    _, _, _, _, single_info = single.step(single.action_space.sample())
+    assert set(native_info) == set(sync_info)
+    assert {k for k in native_info if not k.startswith("_")} == set(single_info)
+    for name, value in native_info.items():
+        assert np.asarray(value).shape[0] == 3, name
 
 
 def test_default_trace_set_is_collected_once(tmp_path, monkeypatch):

@@ -2,7 +2,10 @@
 
 ``gym.make_vec("KVEvict-v0", num_envs=N)`` builds it (the registered vector entry point). Every episode lasts one
 step, so it resets in the same step (``AutoresetMode.SAME_STEP``): ``step`` returns the next episodes'
-observations, and ``info["final_info"]`` holds the finished episodes' info, batched.
+observations (no step is spent on resets), and an info with the same keys as the single environment's step info,
+batched as Gymnasium's SyncVectorEnv batches it (a ``_key`` mask beside each key): ``info["holistic_score"][i]``
+in every form. The reset info is ``{"episode": keys, "_episode": mask}``, as SyncVectorEnv batches the single
+environment's reset info.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class KVEvictVectorEnv(VectorEnv):
         if seed is not None:
             self._np_random, _ = seeding.np_random(seed)
         self._draw()
-        return self._observation, {}
+        return self._observation, self._reset_info()
 
     def step(self, actions):
         if not self._keys:
@@ -61,9 +64,10 @@ class KVEvictVectorEnv(VectorEnv):
         ranked = valid & ~protected
         importance = self._importance
         cost, oracle, reward = holistic_costs(importance * ranked, scores, ranked)
-        final_info = {
+        info = {
             "holistic_score": (-1.0 / reward).numpy(),
             "retained_fraction": retained_fraction(importance, scores, self.budgets, valid, protected).numpy(),
+            "budgets": np.tile(np.asarray(self.budgets), (self.num_envs, 1)),
             "cost": cost.numpy(),
             "oracle_cost": oracle.numpy(),
             "trace": np.array([k.trace for k in self._keys]),
@@ -71,20 +75,28 @@ class KVEvictVectorEnv(VectorEnv):
             "layer": np.array([k.layer for k in self._keys]),
             "head": np.array([k.head for k in self._keys]),
             "split_point": np.array(splits),
+            "num_tokens": np.array(self._num_tokens),
         }
         every = np.ones(self.num_envs, bool)
-        final_info.update({f"_{name}": every for name in list(final_info)})
-        info = {"final_info": final_info, "_final_info": every, "final_obs": self._observation, "_final_obs": every}
+        info.update({f"_{name}": every for name in list(info)})
         self._draw()
         return self._observation, reward.numpy().astype(np.float64), every.copy(), ~every, info
+
+    def _reset_info(self) -> dict[str, np.ndarray]:
+        """The reset info of the episodes just drawn, batched as Gymnasium's SyncVectorEnv batches it."""
+        keys = np.empty(self.num_envs, dtype=object)
+        keys[:] = self._keys
+        return {"episode": keys, "_episode": np.ones(self.num_envs, bool)}
 
     def _draw(self) -> None:
         """The next N episodes, into fresh observation arrays (those handed out before are never overwritten)."""
         self._keys = [self.episodes.draw(self._np_random) for _ in range(self.num_envs)]
         self._observation = self.observations.empty((self.num_envs,))
         self._importance = torch.zeros_like(self._importance)
+        self._num_tokens = []
         for i, key in enumerate(self._keys):
             episode = self.episodes.load(key)
+            self._num_tokens.append(episode.num_tokens)
             self.observations.write(self._observation, episode, (i,))
             self._importance[i, : key.split] = episode.importance
 
