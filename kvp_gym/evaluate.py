@@ -292,8 +292,8 @@ def evaluate(
         importance_seconds = 0.0
         work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
         for i, trace, sample, j, layer in tqdm(work, desc=f"evaluate {split}", unit="layer", disable=not progress):
-            view, importance, tick = _layer_view(trace, sample, layer, all_heads)
-            importance = importance[heads]
+            view, all_importance, tick = _layer_view(trace, sample, layer, all_heads)
+            importance = all_importance[heads]
             importance_seconds += tick
             n = sample.prompt_length
             protected = protected_tokens(n, n, rules.sinks, rules.recent)
@@ -301,10 +301,14 @@ def evaluate(
             at = list(ABSOLUTE_BUDGETS) + [max(1, round(f * n)) for f in FRACTION_BUDGETS]
             for label, scorer in scorers.items():
                 tick = time.perf_counter()
-                given = view if not scorer.needs_future else dataclasses.replace(view, future_importance=importance)
+                whole_layer = getattr(scorer, "scope", "head") == "layer"  # pools over every KV head of the layer
+                given = view if whole_layer else _heads_of(view, heads)
+                if scorer.needs_future:
+                    given = dataclasses.replace(given, future_importance=all_importance[heads])
                 if not scorer.needs_queries:
                     given = dataclasses.replace(given, queries=None)  # a scorer sees only what it declares
-                s = score(scorer, given)[heads]
+                s = score(scorer, given)
+                s = s[heads] if whole_layer else s
                 seconds[label] += time.perf_counter() - tick
                 scores[label][i, j] = holistic_score(importance * ranked, s, ranked).numpy()
                 kept[label][i, j] = retained_fraction(importance, s, at, protected=protected).numpy()
@@ -437,6 +441,16 @@ def _layer_view(trace, sample, layer: int, heads: int) -> tuple[HeadView, torch.
         rotary=trace.header.rotary,
     )
     return view, importance, tick
+
+
+def _heads_of(view: HeadView, heads: list[int]) -> HeadView:
+    """The view of some KV heads of a one-layer view (whose leading dimension is the KV head)."""
+    picked = {
+        f.name: getattr(view, f.name)[heads]
+        for f in dataclasses.fields(view)
+        if isinstance(getattr(view, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(view, **picked)
 
 
 def write_results(record: dict[str, Any], out: str | Path) -> list[Path]:

@@ -169,6 +169,17 @@ def test_scorer_objects_labels_and_a_subset_of_layers_heads_and_samples(tiny_tra
     for label, same in (("mine", "knorm"), ("tova", "tova"), ("h2o-object", "h2o:recent=16")):
         subset = np.asarray(record["policies"][label]["per_sample_head"])
         np.testing.assert_allclose(subset, np.asarray(full["policies"][same]["per_sample_head"])[:2, 1:, 1:])
+
+    # A per-head scorer trained for some heads only sees those (as `kvp-gym train --heads 1:1` would leave it).
+    class OneHeadOnly:
+        name, needs_queries, needs_future = "one-head", False, False
+
+        def score(self, view: HeadView) -> torch.Tensor:
+            assert view.kv_head.tolist() == [1] and view.layer.tolist() == [1], "scored a head it was not trained for"
+            return view.keys.float().norm(dim=-1)
+
+    only = evaluate(tiny_trace, [OneHeadOnly()], split="all", bootstrap=5, progress=False, layers=[1], heads=[1])
+    assert list(only["policies"]) == ["one-head"]
     # Objects without a given label: the name with the parameters that differ from the defaults.
     labels = list(evaluate(tiny_trace, [knorm, half], split="train", bootstrap=5, progress=False)["policies"])
     assert labels == ["knorm", "h2o:recent=16"]
