@@ -56,7 +56,7 @@ def _row_lse(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """LSE[b, h, t] = log2 sum over visible keys of 2^logits2 (0 for a row that sees nothing or does not count)."""
-    block, bh = tl.program_id(0), tl.program_id(1)
+    bh, block = tl.program_id(0), tl.program_id(1)  # heads on axis 0: axes 1 and 2 hold at most 65535
     b, h = bh // q_heads, bh % q_heads
     t = block * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
@@ -106,7 +106,7 @@ def _column_sums(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """OUT[b, o, i] = sum over counted queries t of the reduction over query heads o * per_output + r of p."""
-    block, bo = tl.program_id(0), tl.program_id(1)
+    bo, block = tl.program_id(0), tl.program_id(1)
     b, o = bo // out_heads, bo % out_heads
     first_head = o * per_output
     s_idx = block * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -198,10 +198,10 @@ def attention_stats_triton(
     )
     strides = (*queries.stride(), *keys.stride(), key_mask.stride(0))
     scalars = (num_keys, head_dim, offset, spec.scale, spec.softcap or 1.0, spec.sliding_window)
-    _row_lse[(triton.cdiv(num_queries, block), batch * q_heads)](
+    _row_lse[(batch * q_heads, triton.cdiv(num_queries, block))](
         queries, keys, key_mask, lo, hi, lse, *strides, q_heads, group, num_queries, *scalars, **shared
     )
-    _column_sums[(triton.cdiv(width, block), batch * out_heads)](
+    _column_sums[(batch * out_heads, triton.cdiv(width, block))](
         queries, keys, key_mask, query_mask, lo, hi, lse, out, *strides, query_mask.stride(0),
         q_heads, out_heads, group, per_output, num_queries, num_keys, width, *scalars[1:],
         REDUCE=_REDUCE_CODES[reduce], HAS_QUERY_VALID=query_valid is not None, **shared,

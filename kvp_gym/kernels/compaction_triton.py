@@ -28,7 +28,7 @@ def _gather_rows(
     heads, kept, k_dim, v_dim,
     BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    block, bh = tl.program_id(0), tl.program_id(1)
+    bh, block = tl.program_id(0), tl.program_id(1)  # heads on axis 0: axes 1 and 2 hold at most 65535
     b, h = bh // heads, bh % heads
     j = block * BLOCK_R + tl.arange(0, BLOCK_R)
     inside = j < kept
@@ -49,7 +49,7 @@ def gather_rows_triton(
     if k_out.numel() == 0 and v_out.numel() == 0:
         return k_out, v_out
     block_rows = 32
-    _gather_rows[(triton.cdiv(kept, block_rows), batch * heads)](
+    _gather_rows[(batch * heads, triton.cdiv(kept, block_rows))](
         keys, values, rows, k_out, v_out, *keys.stride(), *values.stride(), *rows.stride(), heads, kept, k_dim, v_dim,
         BLOCK_R=block_rows, BLOCK_DK=min(128, triton.next_power_of_2(k_dim)),
         BLOCK_DV=min(128, triton.next_power_of_2(v_dim)),
