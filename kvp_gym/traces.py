@@ -142,7 +142,7 @@ class TraceHeader:
     rotary: Rotary | None = None
 
     def __post_init__(self):
-        if not self.attention:
+        if not self.attention and self.geometry.head_dim > 0:  # (a head_dim < 1 is refused by validation)
             standard = AttentionSpec.standard(self.geometry.head_dim)
             object.__setattr__(self, "attention", (standard,) * self.geometry.num_layers)
 

@@ -517,7 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per command before it counts as a hang")
     parser.add_argument("--reseal", action="store_true", help="recompute the integrity record after each edit")
     parser.add_argument("--out", type=Path, help="write every outcome here as JSON")
+    parser.add_argument(
+        "--probe-seconds", type=float, help="deadline for reading a version-1 file's metadata (default: the reader's)"
+    )
     args = parser.parse_args(argv)
+    if args.probe_seconds:
+        from kvp_gym import traces
+
+        traces.UNSEALED_PROBE_SECONDS = args.probe_seconds
     preload()
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
