@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 import kvp_gym  # noqa: F401
+from agents.config import PRESETS, TrainConfig
 from agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
-from agents.train import PRESETS, TrainConfig, leave_one_out, normalised, parse_heads, train
+from agents.train import leave_one_out, normalised, parse_heads, train
 from kvp_gym.envs.wrappers import ranking_to_scores
 from kvp_gym.traces import open_traces
 

@@ -139,3 +139,9 @@ def test_bad_argument_syntax(capsys):
     with pytest.raises(SystemExit):
         main(["collect", "--out", "x.h5", "--shard", "3/2"])
     assert "shard i/N needs 0 <= i < N" in capsys.readouterr().err
+
+
+def test_help_does_not_import_torch():
+    """`kvp-gym --help` builds every command's parser (the `train` command included) without torch: it stays fast."""
+    code = "import sys; from kvp_gym.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -12,8 +12,9 @@ import torch
 
 import kvp_gym  # noqa: F401
 from agents.checkpoint import SHIPPED, read_checkpoint, save_checkpoint
+from agents.config import TrainConfig
 from agents.kvp import KVPNetwork, age_bucket, gumbel_ranking, plackett_luce_log_prob
-from agents.train import EpisodePool, TrainConfig, train
+from agents.train import EpisodePool, train
 from kvp_gym.envs.episodes import EpisodeKey
 from kvp_gym.evaluate import evaluate
 from kvp_gym.scorers import HeadView, ScorerError, get_scorer, score

@@ -1,0 +1,96 @@
+"""The trainer's settings and the ``kvp-gym train`` command line, without importing torch: ``kvp-gym --help``
+builds every command's parser, and this module keeps that fast (the trainer itself, agents/train.py, is imported
+only when the command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+TRAIN_DOC = """Train KVP agents (one small scorer per KV head) with RLOO on trace files: the KVP paper's recipe
+(arXiv 2602.10238), agents/train.py; docs/agents.md explains the method, the presets and the shipped agents.
+
+    kvp-gym train --traces traces/demo/niah_single.h5 traces/demo/essay.h5 --heads all --out runs/kvp --preset demo
+
+Writes OUT/agents.safetensors (the best EMA weights by validation score), OUT/last.pt (to resume) and TensorBoard
+logs in OUT/tb. Several processes or machines: torchrun --nproc_per_node N -m kvp_gym.cli train ... (DDP; gloo on
+CPU, NCCL on GPUs). Every option below defaults to the paper's value; --preset demo sizes it for 2 CPU cores."""
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the paper's hyperparameters; ``PRESETS`` holds smaller settings."""
+
+    traces: list[str] = field(default_factory=list)
+    out: str = "runs/kvp"
+    heads: str = "all"  # "all" or "layer:head,layer:head"
+    steps: int = 4000
+    batch: int = 128  # episodes per head per step
+    rankings: int = 1  # sampled rankings per episode (> 1: leave-one-out baseline within each episode)
+    width: int = 256
+    position_dim: int = 32
+    buckets: int = 64  # rows of each position table (agents/kvp.py)
+    max_age: int = 0  # ages from here on share the age table's last row; 0 = the longest training cache
+    lr: float = 5e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-3
+    warmup: int = 100  # linear warm-up from 1% of lr, then cosine decay to min_lr
+    grad_clip: float = 5.0  # per head
+    ema: float = 0.99
+    advantage_clip: float = 2.0
+    random_splits: int = 8  # random split points per free-text sample (task samples use the prompt boundary)
+    min_prompt: int = 16
+    eval_every: int = 200
+    seed: int = 0
+
+
+PRESETS = {
+    # Sized for 2 CPU cores: all 90 SmolLM2 heads in minutes.
+    "demo": dict(
+        steps=200,
+        batch=8,
+        rankings=8,
+        width=32,
+        position_dim=16,
+        lr=3e-3,
+        min_lr=1e-5,
+        warmup=20,
+        eval_every=50,
+        random_splits=4,
+    ),
+}
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """The ``kvp-gym train`` command (registered through the ``kvp_gym.commands`` entry points)."""
+    parser = commands.add_parser(
+        "train",
+        help="train KVP agents with RLOO on trace files",
+        description=TRAIN_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--traces", nargs="+", required=True)
+    parser.add_argument("--heads", default="all", help="'all' or layer:head,layer:head")
+    parser.add_argument("--out", default="runs/kvp")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="smaller settings (demo: 2 CPU cores)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("traces", "heads", "out"):
+            demo = f"; demo preset {PRESETS['demo'][f.name]}" if f.name in PRESETS["demo"] else ""
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default {f.default}{demo}"
+            )
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agents.train import train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    settings = {**PRESETS.get(args.preset or "", {}), **{k: v for k, v in values.items() if v is not None}}
+    summary = train(TrainConfig(**settings))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
