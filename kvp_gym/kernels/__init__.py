@@ -71,8 +71,9 @@ def triton_module(name: str) -> ModuleType:
         if "triton" not in sys.modules:
             os.environ["TRITON_INTERPRET"] = "1"
         import triton.language as tl
+        from triton.runtime.jit import JITFunction
 
-        if type(tl.zeros).__name__ != "InterpretedFunction":
+        if isinstance(tl.zeros, JITFunction):  # Triton's own library was decorated for compiling, not interpreting
             raise RuntimeError(
                 "Triton kernels without a CUDA device need the Triton interpreter, but triton was imported before "
                 "TRITON_INTERPRET=1 was set: set it in the environment (or before importing transformers or torch "
