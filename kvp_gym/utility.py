@@ -40,8 +40,8 @@ def future_importance(
         keys: [..., S, D] post-RoPE keys.
         split: n, the first future token: an int, or a [...] tensor (one split per episode).
         length: real tokens per episode when sequences are padded to S: an int or a [...] tensor (default S).
-        chunk: future queries processed at once; memory is O(chunk x S), never S x S. 128 keeps each chunk's
-            logits small enough to stay in cache (256 is 3x slower on a 2-core CPU at S = 1280).
+        chunk: future queries per step of the torch path: memory O(chunk x S), never S x S (the Triton kernel,
+            on CUDA tensors, ignores it: :func:`kvp_gym.kernels.attention_stats.attention_stats` with "max").
         attention: the layer's attention semantics (default: full causal, scale 1/sqrt(D), no soft-cap).
 
     Returns:
@@ -167,7 +167,8 @@ def attention_received(
         keys: [..., n, D].
         mask: [..., n] bool, real tokens (padding neither attends nor is attended); default all.
         window: only the last ``window`` real queries attend (None = all).
-        chunk: queries processed at once: memory O(chunk x n), never n x n.
+        chunk: queries per step of the torch path: memory O(chunk x n), never n x n (the Triton kernel, on CUDA
+            tensors, ignores it: :func:`kvp_gym.kernels.attention_stats.attention_stats` with "none").
         attention: the layer's attention semantics (default: full causal, scale 1/sqrt(D), no soft-cap). Tokens are
             taken to sit at positions 0..n-1 of the view (padding at the end).
 
