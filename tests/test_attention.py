@@ -116,7 +116,9 @@ def test_unsupported_attention_is_refused_at_collection(tmp_path, tiny, capsys, 
     GptOssForCausalLM(config).save_pretrained(tmp_path / "gpt-oss")
     tokenizer.save_pretrained(tmp_path / "gpt-oss")
     load = models.load
-    monkeypatch.setattr(models, "load", lambda name: load(name, attn_implementation="eager"))  # no sdpa for gpt-oss
+    monkeypatch.setattr(
+        models, "load", lambda name, **kwargs: load(name, attn_implementation="eager", **kwargs)
+    )  # no sdpa for gpt-oss
     model, _ = models.load(str(tmp_path / "gpt-oss"))
     with pytest.raises(CaptureError, match=r"receives \['s_aux'\], which kvp-gym cannot reproduce"):
         probe_attention(model)
