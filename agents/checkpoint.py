@@ -21,10 +21,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from agents.kvp import KVPNetwork, ages_of
 from kvp_gym import __version__
 from kvp_gym.scorers import HeadView, ScorerError
 from kvp_gym.storage import atomic_path
+from kvp_gym_agents.kvp import KVPNetwork, ages_of
 
 CHECKPOINT_FORMAT = "kvp-gym/kvp-agents-v1"
 DEFAULT_MODEL = "smollm2-135m"  # kvp_gym.models.DEFAULT_MODEL, not imported here: that module loads transformers
@@ -58,7 +58,9 @@ def read_checkpoint(path: str | Path) -> tuple[KVPNetwork, dict]:
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ScorerError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     if header is None:
-        raise ScorerError(f"{path}: no 'kvp_gym' metadata; expected a checkpoint written by agents.save_checkpoint")
+        raise ScorerError(
+            f"{path}: no 'kvp_gym' metadata; expected a checkpoint written by kvp_gym_agents.save_checkpoint"
+        )
     metadata = json.loads(header)
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise ScorerError(f"{path}: format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")

@@ -86,7 +86,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agents.train import train
+    from kvp_gym_agents.train import train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     settings = {**PRESETS.get(args.preset or "", {}), **{k: v for k, v in values.items() if v is not None}}

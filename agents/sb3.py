@@ -6,10 +6,12 @@
   about the padded length or the order of the slots.
 - MaskablePPO (sb3-contrib) on ``KVEvictDecode-v0`` with its action masks.
 
-Command line (``python -m agents.sb3 --help``)::
+Command line (``python -m kvp_gym_agents.sb3 --help``)::
 
-    python -m agents.sb3 ppo --traces traces/demo/niah_single.h5 traces/demo/essay.h5 --timesteps 20000 --out runs/ppo
-    python -m agents.sb3 maskable-ppo --traces traces/demo/essay.h5 --budget 128 --timesteps 5000 --out runs/mppo
+    python -m kvp_gym_agents.sb3 ppo --traces traces/demo/niah_single.h5 traces/demo/essay.h5 \
+        --timesteps 20000 --out runs/ppo
+    python -m kvp_gym_agents.sb3 maskable-ppo --traces traces/demo/essay.h5 --budget 128 --timesteps 5000 \
+        --out runs/mppo
 
 Each prints the trained policy's mean holistic score on the val split next to the random policy's.
 """
@@ -183,7 +185,7 @@ def decode_score(config: dict, choose: Callable, episodes: int, seed: int = 0) -
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m agents.sb3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m kvp_gym_agents.sb3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("algorithm", choices=["ppo", "maskable-ppo"])
     parser.add_argument("--traces", nargs="+", required=True)

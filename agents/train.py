@@ -11,7 +11,7 @@ default). With ``rankings=K > 1`` (our choice, used by the demo preset) the base
 of the other K - 1 rankings of the same episode, which removes the spread of difficulty between episodes from the
 advantage; the K rankings share one network pass, so they cost little more than one.
 
-The settings (:class:`agents.config.TrainConfig`, presets) and the ``kvp-gym train`` command line live in
+The settings (:class:`kvp_gym_agents.config.TrainConfig`, presets) and the ``kvp-gym train`` command line live in
 agents/config.py, which does not import torch.
 """
 
@@ -30,13 +30,13 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from agents.checkpoint import save_checkpoint
-from agents.config import TrainConfig
-from agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
 from kvp_gym.evaluate import file_sha256
 from kvp_gym.storage import atomic_path
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import as_ranking, future_importance, holistic_reward
+from kvp_gym_agents.checkpoint import save_checkpoint
+from kvp_gym_agents.config import TrainConfig
+from kvp_gym_agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
 
 
 def parse_heads(spec: str, layers: tuple[int, ...], num_kv_heads: int) -> list[tuple[int, int]]:

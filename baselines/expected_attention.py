@@ -8,9 +8,9 @@ from typing import ClassVar
 
 import torch
 
-from baselines.common import keep_first
 from kvp_gym.attention import AttentionSpec, Rotary
 from kvp_gym.scorers import HeadView, ScorerError
+from kvp_gym_baselines.common import keep_first
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
-from baselines.common import keep_first, last_real
 from kvp_gym.scorers import HeadView, ScorerError
 from kvp_gym.utility import attention_received
+from kvp_gym_baselines.common import keep_first, last_real
 
 
 @dataclass(frozen=True)

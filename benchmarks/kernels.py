@@ -121,7 +121,7 @@ def gpu_benchmark(key_counts: list[int], peak_gbps: float | None) -> None:
 
 
 def kvp_scoring(key_counts: list[int], device: torch.device, do_bench) -> None:
-    from agents.kvp import KVPNetwork
+    from kvp_gym_agents.kvp import KVPNetwork
 
     network = KVPNetwork(heads=8, head_dim=128).to(device)
     width = network.width

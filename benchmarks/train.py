@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 import kvp_gym  # noqa: F401
-from agents.config import PRESETS, TrainConfig
-from agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
-from agents.train import leave_one_out, normalised, parse_heads, train
 from kvp_gym.envs.wrappers import ranking_to_scores
 from kvp_gym.traces import open_traces
+from kvp_gym_agents.config import PRESETS, TrainConfig
+from kvp_gym_agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
+from kvp_gym_agents.train import leave_one_out, normalised, parse_heads, train
 
 
 def gym_loop_seconds_per_step(traces, heads, config: TrainConfig, steps: int) -> float:

@@ -466,7 +466,7 @@ def preload() -> None:
     import kvp_gym.evaluate  # noqa: F401
 
     for name in ("streaming_llm", "h2o", "tova"):
-        __import__(f"baselines.{name}")
+        __import__(f"kvp_gym_baselines.{name}")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from baselines.common import keep_first
 from kvp_gym.evaluate import _from_spec, _layer_view
 from kvp_gym.scorers import HeadView, ScorerError, available_scorers, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import as_ranking, attention_received
+from kvp_gym_baselines.common import keep_first
 
 ALL = [
     "expected_attention",

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import kvp_gym  # noqa: F401
-from agents.checkpoint import SHIPPED, read_checkpoint, save_checkpoint
-from agents.config import TrainConfig
-from agents.kvp import KVPNetwork, age_bucket, gumbel_ranking, plackett_luce_log_prob
-from agents.train import EpisodePool, train
 from kvp_gym.envs.episodes import EpisodeKey
 from kvp_gym.evaluate import evaluate
 from kvp_gym.scorers import HeadView, ScorerError, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import holistic_reward
+from kvp_gym_agents.checkpoint import SHIPPED, read_checkpoint, save_checkpoint
+from kvp_gym_agents.config import TrainConfig
+from kvp_gym_agents.kvp import KVPNetwork, age_bucket, gumbel_ranking, plackett_luce_log_prob
+from kvp_gym_agents.train import EpisodePool, train
 
 
 def small_network(seed: int = 0) -> KVPNetwork:

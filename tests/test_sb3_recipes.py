@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agents.sb3 import decode_score, mean_score, train_maskable_ppo, train_ppo
+from kvp_gym_agents.sb3 import decode_score, mean_score, train_maskable_ppo, train_ppo
 
 
 def test_ppo_with_the_per_token_policy(tiny_trace, tmp_path):

@@ -294,7 +294,8 @@ def test_version_1_files_read_with_a_warning_and_upgrade_to_the_same_content(tmp
     with pytest.warns(TraceFormatWarning, match="version 1 has no checksums.*traces upgrade"):
         old = open_traces(V1_FILE)
     upgraded = tmp_path / "v2.h5"
-    merge_traces(upgraded, [V1_FILE])  # what `kvp-gym traces upgrade` runs
+    with pytest.warns(TraceFormatWarning):
+        merge_traces(upgraded, [V1_FILE])  # what `kvp-gym traces upgrade` runs
     with old, open_traces(upgraded) as new:
         assert not old.sealed and new.sealed and new.header.format_version == 2 and old.header.format_version == 1
         assert new.header == dataclasses.replace(old.header, format_version=2)
