@@ -2,11 +2,14 @@
 baselines with `kvp_gym.evaluate`.
 
 The policy scores every cached token from its key, value and age with one small MLP shared by all tokens (so it
-handles any cache length). A ranking is sampled from the Plackett-Luce distribution of those scores (Gumbel noise,
-then sort); the environment's reward is the holistic all-budget utility of the ranking; the gradient is
-REINFORCE with the batch's mean reward as baseline. After training, `EnvPolicyScorer` puts the policy behind the
-scorer contract and `evaluate` prints its row beside the heuristics, on held-out samples, under the `paper`
-protocol (the env is built with the same protected tokens, so the training reward is that protocol's score).
+handles any cache length). Rankings are sampled from the Plackett-Luce distribution of those scores (Gumbel noise,
+then sort); the environment's reward is the holistic all-budget utility of a ranking. Episodes (heads) differ a
+lot in how hard they are, so each update draws a few episodes and replays each one K times
+(``env.reset(options={"episode": key})``) with K sampled rankings: a ranking's baseline is the mean reward of the
+episode's other K - 1 rankings (REINFORCE leave-one-out). After training, `EnvPolicyScorer` puts the policy
+behind the scorer contract and `evaluate` prints its row beside the heuristics, on held-out samples, under the
+`paper` protocol (the env is built with the same protected tokens, so the training reward is that protocol's
+score).
 
     python examples/reinforce.py --traces traces/demo/niah_single.h5 traces/demo/essay.h5 --minutes 3
 
@@ -45,8 +48,15 @@ class TokenPolicy(nn.Module):
         positions = torch.as_tensor(obs["positions"]).float()
         newest = (positions * mask).amax(-1, keepdim=True)
         age = (newest - positions).clamp_min(0)
+        norm = nn.functional.layer_norm  # per-token normalisation: keys and values vary in scale across heads
         features = torch.cat(
-            [keys / 8, values, (age / newest.clamp_min(1))[..., None], torch.log1p(age)[..., None] / 8], -1
+            [
+                norm(keys, keys.shape[-1:]),
+                norm(values, values.shape[-1:]),
+                (age / newest.clamp_min(1))[..., None],
+                (torch.log1p(age) / torch.log1p(newest))[..., None],
+            ],
+            -1,
         )
         return self.net(features).squeeze(-1).masked_fill(~mask, float("-inf"))
 
@@ -68,35 +78,44 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--traces", nargs="+", help="trace files (default: the default SmolLM2 trace set)")
     parser.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
     parser.add_argument("--steps", type=int, default=10_000, help="at most this many updates")
-    parser.add_argument("--num-envs", type=int, default=16, help="episodes per update")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--episodes", type=int, default=8, help="episodes per update (default 8)")
+    parser.add_argument("--rankings", type=int, default=4, help="sampled rankings per episode, K >= 2 (default 4)")
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-split", default="val", help="held-out split to report (default val)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     config = {"traces": args.traces, "split": "train", "sinks": 4, "recent": 16}  # the paper protocol
-    envs = gym.make_vec("KVEvict-v0", num_envs=args.num_envs, config=config)
-    policy = TokenPolicy(envs.single_observation_space["key"].shape[-1])
+    env = gym.make("KVEvict-v0", config=config)
+    policy = TokenPolicy(env.observation_space["key"].shape[-1])
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    env.reset(seed=args.seed)
 
-    obs, _ = envs.reset(seed=args.seed)
     deadline = time.monotonic() + 60 * args.minutes
     progress = tqdm(range(args.steps), desc="REINFORCE", unit="update")
     for _ in progress:
-        rankings, log_prob = sample_rankings(policy(obs))
-        obs_next, rewards, _, _, info = envs.step(ranking_to_scores(rankings.numpy()))
-        rewards = torch.as_tensor(rewards, dtype=torch.float32)
-        advantage = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+        drawn = [env.reset() for _ in range(args.episodes)]  # (observation, {"episode": key})
+        batch = {name: np.stack([obs[name] for obs, _ in drawn]) for name in drawn[0][0]}
+        logits = policy(batch).repeat_interleave(args.rankings, 0)  # [episodes * K, T]
+        rankings, log_prob = sample_rankings(logits)
+        rewards, scores = [], []
+        for row, scores_of_ranking in enumerate(ranking_to_scores(rankings.numpy())):
+            env.reset(options={"episode": drawn[row // args.rankings][1]["episode"]})  # replay the episode
+            _, reward, _, _, info = env.step(scores_of_ranking)
+            rewards.append(reward)
+            scores.append(info["holistic_score"])
+        rewards = torch.tensor(rewards, dtype=torch.float32).view(args.episodes, args.rankings)
+        others = (rewards.sum(1, keepdim=True) - rewards) / (args.rankings - 1)  # leave-one-out baseline
+        advantage = (rewards - others).view(-1)
+        advantage = advantage / (advantage.std() + 1e-6)
         loss = -(advantage * log_prob).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        progress.set_postfix(holistic_score=f"{float(np.mean(info['holistic_score'])):.3f}")
-        obs = obs_next  # one-step episodes: the vector env has already drawn the next ones
+        progress.set_postfix(holistic_score=f"{np.mean(scores):.3f}")
         if time.monotonic() > deadline:
             break
-    envs.close()
 
     eval_env = gym.make("KVEvict-v0", config={**config, "split": args.eval_split})
     mine = EnvPolicyScorer(policy, eval_env, name="reinforce (examples/reinforce.py)")

@@ -12,7 +12,9 @@ def test_reinforce_example_trains_and_reports_beside_the_baselines(tiny_trace, c
     spec = importlib.util.spec_from_file_location("reinforce_example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    record = example.main(["--traces", str(tiny_trace), "--steps", "4", "--num-envs", "4", "--eval-split", "val"])
+    record = example.main(
+        ["--traces", str(tiny_trace), "--steps", "3", "--episodes", "2", "--rankings", "2", "--eval-split", "val"]
+    )
     out = capsys.readouterr().out
     mine = "reinforce (examples/reinforce.py)"
     assert list(record["policies"]) == [mine, *example.BASELINES]
