@@ -160,7 +160,15 @@ def train_maskable_ppo(
 
     config = {"traces": [str(t) for t in traces], "split": "train", "budget": budget}
     env = gym.make("KVEvictDecode-v0", config=config)
-    model = MaskablePPO("MultiInputPolicy", env, n_steps=256, batch_size=64, seed=seed, verbose=0)
+    model = MaskablePPO(
+        "MultiInputPolicy",
+        env,
+        n_steps=256,
+        batch_size=64,
+        seed=seed,
+        tensorboard_log=str(Path(out) / "tb") if out else None,
+        verbose=0,
+    )
     model.learn(total_timesteps=timesteps)
     if out:
         model.save(Path(out) / "maskable_ppo.zip")

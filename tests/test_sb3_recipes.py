@@ -32,6 +32,7 @@ def test_ppo_with_the_per_token_policy(tiny_trace, tmp_path):
 def test_maskable_ppo_on_the_decode_env(tiny_trace, tmp_path):
     model = train_maskable_ppo([tiny_trace], timesteps=256, budget=500, out=tmp_path)
     assert (tmp_path / "maskable_ppo.zip").exists()
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "no TensorBoard log written"
     config = {"traces": str(tiny_trace), "split": "val", "budget": 500}
     score = decode_score(
         config, lambda obs, masks, rng: int(model.predict(obs, action_masks=masks, deterministic=True)[0]), episodes=1
