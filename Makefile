@@ -42,10 +42,7 @@ fuzz: $(STAMP)
 		--out runs/fuzz/v2-resealed.json
 
 demo: $(STAMP)
-	$(BIN)/kvp-gym collect --model smollm2-135m --task niah_single --samples 8 --context 1024 --future 32 \
-		--out $(DEMO)/niah_single.h5 --resume
-	$(BIN)/kvp-gym collect --model smollm2-135m --task essay --samples 8 --context 1024 --future 64 \
-		--out $(DEMO)/essay.h5 --resume
+	$(BIN)/kvp-gym traces default --link $(DEMO)  # the no-config env's set, in the user cache; traces/demo links to it
 	$(BIN)/kvp-gym traces info $(DEMO)/niah_single.h5
 	$(BIN)/kvp-gym traces info $(DEMO)/essay.h5
 	for p in paper raw; do $(BIN)/kvp-gym evaluate --traces $(DEMO)/niah_single.h5 $(DEMO)/essay.h5 --policies all \

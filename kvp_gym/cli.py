@@ -147,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = traces_commands.add_parser(
         "upgrade", help="rewrite a trace file in the current format (version 1 -> 2: adds checksums)"
     )
+    default = traces_commands.add_parser(
+        "default",
+        help="the default trace set (shared by the no-config environments and `make demo`): collect it if missing, "
+        "print its files",
+    )
+    default.add_argument("--model", default="smollm2-135m")
+    default.add_argument(
+        "--link", type=Path, help="also make this path a symbolic link to the set's folder (e.g. traces/demo)"
+    )
     upgrade.add_argument("input", type=Path)
     upgrade.add_argument("out", type=Path, help="the new file (may be the input itself: it is replaced atomically)")
 
@@ -352,6 +361,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _traces(args: argparse.Namespace) -> int:
     from kvp_gym.traces import merge_traces, open_traces
 
+    if args.traces_command == "default":
+        return _default_traces(args)
     if args.traces_command in ("merge", "upgrade"):
         inputs = args.inputs if args.traces_command == "merge" else [args.input]
         merge_traces(args.out, inputs)
@@ -375,6 +386,25 @@ def _traces(args: argparse.Namespace) -> int:
             )
         )
         return 1 if problems else 0
+
+
+def _default_traces(args: argparse.Namespace) -> int:
+    from kvp_gym.envs.evict import default_trace_folder, default_traces
+
+    paths = default_traces(args.model)
+    folder = default_trace_folder(args.model)
+    link = args.link
+    if link and not (link.is_symlink() and link.resolve() == folder.resolve()):
+        if link.exists() or link.is_symlink():
+            raise FileExistsError(
+                f"{link} exists and is not a link to the default trace set {folder}: move it away (its files, if "
+                f"collected with the same settings, can go into {folder})"
+            )
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+    for path in paths:
+        print(path if not args.link else args.link / path.name)
+    return 0
 
 
 def describe(trace) -> str:

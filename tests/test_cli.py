@@ -145,3 +145,24 @@ def test_help_does_not_import_torch():
     """`kvp-gym --help` builds every command's parser (the `train` command included) without torch: it stays fast."""
     code = "import sys; from kvp_gym.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_default_trace_set_is_shared_through_a_link(tmp_path, monkeypatch, capsys):
+    """`kvp-gym traces default --link DIR` (what `make demo` runs) collects the set the no-config env uses, once,
+    and makes DIR point at it; an unrelated DIR is never replaced."""
+    from kvp_gym.envs.evict import default_trace_folder, default_traces
+
+    monkeypatch.setenv("KVP_GYM_CACHE", str(tmp_path / "cache"))
+    link = tmp_path / "traces" / "demo"
+    assert main(["traces", "default", "--model", "tiny-random", "--link", str(link)]) == 0
+    assert capsys.readouterr().out.split() == [str(link / "niah_single.h5"), str(link / "essay.h5")]
+    assert link.resolve() == default_trace_folder("tiny-random").resolve()
+    assert [p.resolve() for p in default_traces("tiny-random")] == [
+        (link / "niah_single.h5").resolve(),
+        (link / "essay.h5").resolve(),
+    ]
+    assert main(["traces", "default", "--model", "tiny-random", "--link", str(link)]) == 0  # again: a no-op
+    other = tmp_path / "mine"
+    other.mkdir()
+    assert main(["traces", "default", "--model", "tiny-random", "--link", str(other)]) == 2
+    assert "is not a link to the default trace set" in capsys.readouterr().err and other.is_dir()

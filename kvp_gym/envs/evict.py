@@ -121,18 +121,24 @@ def checked_scores(action: Any, shape: tuple[int, ...], what: str = "action") ->
     return scores
 
 
-def default_traces(model: str = "smollm2-135m") -> list[Path]:
-    """The default trace set in the user cache: 8 niah_single + 8 essay samples of 1k tokens, collected if missing."""
+def default_trace_folder(model: str = "smollm2-135m") -> Path:
+    """Where the default trace set of ``model`` lives: ``<user cache>/traces/default-<model>``."""
+    return cache_dir() / "traces" / f"default-{model}"
+
+
+def default_traces(model: str = "smollm2-135m", progress: bool = True) -> list[Path]:
+    """The default trace set in the user cache: 8 niah_single + 8 essay samples of 1k tokens, collected if missing
+    (resumable). The no-config environments and ``make demo`` (``kvp-gym traces default``) share it."""
     from kvp_gym.collect import CollectConfig, collect  # needs transformers: imported only when collecting
 
-    folder = cache_dir() / "traces" / f"default-{model}"
+    folder = default_trace_folder(model)
     paths = []
     for task, future in (("niah_single", 32), ("essay", 64)):
         path = folder / f"{task}.h5"
         if not path.exists():
             log.warning("collecting the default %s trace set with %s into %s (once, a few minutes)", task, model, path)
             config = CollectConfig(model=model, task=task, samples=8, context=1024, future=future)
-            collect(config, path, resume=True)
+            collect(config, path, resume=True, progress=progress)
         paths.append(path)
     return paths
 
