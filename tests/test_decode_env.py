@@ -95,3 +95,12 @@ def test_masks_protect_sinks_and_recent_and_invalid_slots_are_errors(config):
 def test_bad_decode_configuration_is_a_clear_error(config, bad, message):
     with pytest.raises(ValueError, match=message):
         gym.make("KVEvictDecode-v0", config={**config, **bad})
+
+
+def test_reset_info_is_the_episode_key_as_in_kvevict(config):
+    from kvp_gym.envs.episodes import EpisodeKey
+
+    env = gym.make("KVEvictDecode-v0", config=config)
+    _, info = env.reset(seed=3)
+    assert set(info) == {"episode"} and isinstance(info["episode"], EpisodeKey)
+    assert info["episode"].split == config["budget"] and info["episode"].layer in env.unwrapped.episodes.layers

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from kvp_gym.envs.episodes import TraceEpisodes
+from kvp_gym.envs.episodes import EpisodeKey, TraceEpisodes
 from kvp_gym.envs.evict import FLOAT16_MAX, checked_scores, trace_paths, validated_config
 
 DECODE_CONFIG: dict[str, Any] = {
@@ -122,7 +122,9 @@ class KVEvictDecodeEnv(gym.Env):
         self._t = budget
         self._cost = 0.0
         self._oracle_cost = self._greedy_oracle_cost()
-        return self._observation(), {"sample": sample.name, "layer": self._layer, "head": self._head}
+        # The same reset info as KVEvict-v0: the episode's key (its split point is where eviction starts, B).
+        key = EpisodeKey(trace=trace, sample=sample.name, layer=self._layer, head=self._head, split=budget)
+        return self._observation(), {"episode": key}
 
     def action_masks(self) -> np.ndarray:
         """Bool [B + 1]: the slots that may be evicted now (not sinks, not among the ``recent`` newest tokens)."""
