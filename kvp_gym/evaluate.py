@@ -151,11 +151,9 @@ def label_of(scorer: Scorer) -> str:
     changed = []
     if is_dataclass(scorer):
         for f in fields(scorer):
-            default = f.default if f.default is not MISSING else MISSING
-            if default is MISSING and f.default_factory is not MISSING:
-                default = f.default_factory()
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
             value = getattr(scorer, f.name)
-            if default is MISSING or _plain(value) and value != default:
+            if default is MISSING or (_plain(value) and value != default):
                 changed.append(f"{f.name}={value}")
     return f"{scorer.name}:{';'.join(changed)}" if changed else scorer.name
 
@@ -293,7 +291,10 @@ def evaluate(
         work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
         for i, trace, sample, j, layer in tqdm(work, desc=f"evaluate {split}", unit="layer", disable=not progress):
             view, all_importance, tick = _layer_view(trace, sample, layer, all_heads)
-            importance = all_importance[heads]
+            # Layer-scope scorers see every KV head of the layer; the others, and the metrics, only `heads`.
+            every_head = heads == list(range(all_heads))
+            importance = all_importance if every_head else all_importance[heads]
+            head_view = view if every_head else _heads_of(view, heads)
             importance_seconds += tick
             n = sample.prompt_length
             protected = protected_tokens(n, n, rules.sinks, rules.recent)
@@ -301,14 +302,14 @@ def evaluate(
             at = list(ABSOLUTE_BUDGETS) + [max(1, round(f * n)) for f in FRACTION_BUDGETS]
             for label, scorer in scorers.items():
                 tick = time.perf_counter()
-                whole_layer = getattr(scorer, "scope", "head") == "layer"  # pools over every KV head of the layer
-                given = view if whole_layer else _heads_of(view, heads)
+                whole_layer = getattr(scorer, "scope", "head") == "layer"
+                given = view if whole_layer else head_view
                 if scorer.needs_future:
-                    given = dataclasses.replace(given, future_importance=all_importance[heads])
+                    given = dataclasses.replace(given, future_importance=all_importance if whole_layer else importance)
                 if not scorer.needs_queries:
                     given = dataclasses.replace(given, queries=None)  # a scorer sees only what it declares
                 s = score(scorer, given)
-                s = s[heads] if whole_layer else s
+                s = s[heads] if whole_layer and not every_head else s
                 seconds[label] += time.perf_counter() - tick
                 scores[label][i, j] = holistic_score(importance * ranked, s, ranked).numpy()
                 kept[label][i, j] = retained_fraction(importance, s, at, protected=protected).numpy()

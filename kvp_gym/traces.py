@@ -509,8 +509,6 @@ class TraceFile:
             metadata=self._json_attr(group, "metadata", dict),
             future_source=self._attr(group, "future_source", str),
         )
-        if not all(isinstance(a, str) for a in answers):
-            raise self._error(f"{where}/@answers", f"expected a JSON list of strings, found {answers!r}")
         problem = _sample_problem(info, self.header)
         if problem:
             raise self._error(f"{where}/{problem[0]}", problem[1])
@@ -897,7 +895,7 @@ def _metadata_digest(h5: h5py.File) -> str:
     samples = h5.get("samples")
     if isinstance(samples, h5py.Group):
         for name in samples:
-            if samples.get(name, getlink=True).__class__ is h5py.HardLink and isinstance(samples[name], h5py.Group):
+            if isinstance(samples.get(name, getlink=True), h5py.HardLink) and isinstance(samples[name], h5py.Group):
                 record[name] = attributes(samples[name])
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 

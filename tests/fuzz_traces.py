@@ -120,19 +120,16 @@ def _delete_attr(name: str, on_sample: bool) -> Callable:
     return edit
 
 
-def _replace_dataset(make: Callable[[np.ndarray, h5py.File], np.ndarray], tensor: str | None = None) -> Callable:
+def _replace_dataset(make: Callable[[np.ndarray, h5py.File], np.ndarray], tensor: str) -> Callable:
     """Replace one dataset of a sample (``tokens`` / ``needle_spans``, or a layer's tensor) by ``make(old)``."""
 
     def edit(h5: h5py.File, rng: random.Random) -> None:
         group = _sample(h5, rng)
         if tensor in ("queries", "keys", "values"):
             group = group["layers"][rng.choice(sorted(group["layers"]))]
-            name = tensor
-        else:
-            name = tensor
-        old = group[name][()]
-        del group[name]
-        group.create_dataset(name, data=make(old, h5))
+        old = group[tensor][()]
+        del group[tensor]
+        group.create_dataset(tensor, data=make(old, h5))
 
     return edit
 
