@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from kvp_gym.tasks import TASKS, encode, get_task, make_sample
@@ -98,3 +101,42 @@ def test_text_pools_split_essays_and_words(tiny):
     assert any(s in sample.prompt for s in heldout if len(s) > 40)
     assert not any(s in sample.prompt for s in only_train if len(s) > 40)
     assert sample != make_sample(get_task("niah_single"), tokenizer, 3000, seed=3, pool="train")
+
+
+# Digests of the original tasks' samples, computed before the needle value and key types were added: shipped
+# traces, agents and committed results depend on these prompts, so they must never change.
+_PINNED_CASES = [(0, 3, "all"), (7, 60, "all"), (123, 400, "train"), (5, 150, "heldout")]
+_PINNED = {
+    "niah_single": ["52c6490f24063278", "92488ab59dcd7189", "12c7eb7d2f01dd18", "bb6cedb7b1ed9157"],
+    "niah_multikey": ["7b77a551d94e73e7", "1d206f6a601c7659", "31f67fdb50060418", "c8e454b5bd4668f2"],
+    "niah_multivalue": ["b6193a5b74909533", "598249245d24d7ff", "683b14122998d4ee", "d49faa70b290389f"],
+    "niah_multiquery": ["1fcee71642569d6a", "ab00287cb2d3891d", "4c8f4dde20ff3b56", "f822b1ed0d0b8614"],
+    "variable_tracking": ["f8c342106636ee07", "0e217393d5735499", "d202b474edf2fda2", "0008aed34e5bd0cf"],
+    "common_words": ["267bdc3bbb8c5347", "792726da2a64c49d", "67d9d2e32cdcab57", None],  # too few held-out nouns
+    "frequent_words": ["75177c3417c8b51e", "8374ea3ad1daa6f9", "93203beb57e35b77", "ba99192b30c8231d"],
+    "essay": ["0f2ad2c07f282963", "2964821004663b70", "f4e0d8a677be28e7", "5e5d0d050fe23c65"],
+}
+
+
+def _digest(sample) -> str:
+    blob = json.dumps(
+        [
+            sample.prompt,
+            sample.answer_prefix,
+            list(sample.answers),
+            [list(span) for span in sample.needle_spans],
+            sample.metadata,
+            sample.chat,
+            sample.continuation,
+        ],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", sorted(_PINNED))
+def test_original_tasks_build_the_same_samples_as_ever(name):
+    task = get_task(name)
+    for (seed, size, pool), expected in zip(_PINNED_CASES, _PINNED[name], strict=True):
+        if expected is not None:
+            assert _digest(task.build(seed, size, pool)) == expected, (name, seed, size, pool)
