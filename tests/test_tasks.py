@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
 from kvp_gym.tasks import TASKS, encode, get_task, make_sample
+from kvp_gym.tasks.ruler import NEEDLE_TYPES, NeedleInAHaystack, niah_name
 
-EXPECTED = {
+ORIGINAL = {
     "niah_single",
     "niah_multikey",
     "niah_multivalue",
@@ -19,10 +21,28 @@ EXPECTED = {
     "frequent_words",
     "essay",
 }
+# RULER's needle value types for every niah kind, and key types for the single-answer kinds.
+VARIANTS = {
+    f"niah_{kind}_{values}"
+    for kind in ("single", "multikey", "multivalue", "multiquery")
+    for values in ("words", "uuids")
+} | {
+    f"niah_{kind}{values}_{keys}keys"
+    for kind in ("single", "multikey")
+    for values in ("", "_words", "_uuids")
+    for keys in ("number", "uuid")
+}
+EXPECTED = ORIGINAL | VARIANTS
+# What a needle key or value of each type looks like: words are adjective-noun compounds, with no digit.
+_LOOKS = {
+    "numbers": re.compile(r"[1-9]\d{6}"),
+    "words": re.compile(r"[^\W\d_]+-[^\W\d_]+"),  # letters only ("jalapeño" is a noun)
+    "uuids": re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"),
+}
 
 
 def test_all_tasks_are_registered():
-    assert set(TASKS) == EXPECTED
+    assert set(TASKS) == EXPECTED and len(VARIANTS) == 20
     with pytest.raises(KeyError, match="unknown task 'nope'; available: common_words, essay"):
         get_task("nope")
 
@@ -140,3 +160,58 @@ def test_original_tasks_build_the_same_samples_as_ever(name):
     for (seed, size, pool), expected in zip(_PINNED_CASES, _PINNED[name], strict=True):
         if expected is not None:
             assert _digest(task.build(seed, size, pool)) == expected, (name, seed, size, pool)
+
+
+def _occurrences(value: str, text: str) -> int:
+    """How often ``value`` occurs in ``text`` as a whole (hyphenated) word."""
+    return len(re.findall(rf"(?<![\w-]){re.escape(value)}(?![\w-])", text))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if n.startswith("niah")))
+def test_needle_value_and_key_types(name):
+    """Over many seeds and sizes: keys and values have the task's types, every one is distinct and hidden exactly
+    once, the wording names the value type, and word values and word keys put no digit in the needles."""
+    task = get_task(name)
+    kind = "_".join(name.split("_")[:2])
+    assert isinstance(task, NeedleInAHaystack) and niah_name(kind, task.value_type, task.key_type) == name
+    one, many = NEEDLE_TYPES[task.value_type]
+    others = [NEEDLE_TYPES[t][1] for t in NEEDLE_TYPES if t != task.value_type]
+    for seed in range(40):
+        sample = task.build(seed, size=seed % 7 + 1, pool=("all", "train", "heldout")[seed % 3])
+        keys = sample.metadata["keys"]
+        assert len(keys) == task.num_keys and all(_LOOKS[task.key_type].fullmatch(k) for k in keys)
+        assert len(sample.answers) == task.num_queries * task.num_values
+        assert all(_LOOKS[task.value_type].fullmatch(v) for v in sample.answers)
+        needles = [sample.prompt[a:b] for a, b in sample.needle_spans]
+        assert all(n.startswith(f"The special magic {one} for ") for n in needles)
+        asked = f"special magic {many if len(sample.answers) > 1 else one} for "
+        assert sample.prompt.startswith(f"Some special magic {many} are hidden")
+        assert asked in sample.prompt.split("\n")[-1] and sample.answer_prefix.startswith(f"The {asked}")
+        assert not any(f"special magic {word}" in sample.prompt for word in others)
+        if task.value_type != "numbers" or task.key_type != "words":  # the original tasks may repeat a number
+            assert len(set(sample.answers) | set(keys)) == len(sample.answers) + len(keys)
+            assert all(_occurrences(v, sample.prompt) == 1 for v in sample.answers)
+        assert all(any(v in n for n in needles) for v in sample.answers)
+        if task.value_type == "words" and task.key_type == "words":
+            assert not any(c.isdigit() for n in needles for c in n)
+
+
+def test_word_and_uuid_answers_match_exactly():
+    words, uuids = get_task("niah_single_words"), get_task("niah_multivalue_uuids")
+    assert words.score(" Tall-Tree.", ("tall-tree",)) == 1.0  # case-insensitive, as every task
+    assert words.score(" tall-tree-house", ("tall-tree",)) == 0.0  # a longer hyphenated word is another word
+    assert words.score(" very-tall-tree", ("tall-tree",)) == 0.0
+    assert words.score(" tall tree", ("tall-tree",)) == 0.0
+    a, b = "e3e70682-c209-4cac-a29f-6fbed82c0cd2", "8a7d43b5-7863-4074-b797-0386fee29476"
+    assert uuids.score(f"- {a.upper()}\n- {b[:-1]}", (a, b)) == 0.5  # a UUID one character short is wrong
+    assert uuids.score(f"- {a}\n- {b}7", (a, b)) == 0.5
+    assert uuids.score("", ()) == 1.0
+    # Number values keep the original scorer: a hyphen ends a number.
+    assert get_task("niah_single").score(" 1234567-8", ("1234567",)) == 1.0
+
+
+def test_unknown_needle_type_is_an_error():
+    with pytest.raises(ValueError, match="unknown needle type 'letters'"):
+        NeedleInAHaystack(name="bad", value_type="letters")
+    with pytest.raises(ValueError, match="unknown needle type 'dates'"):
+        NeedleInAHaystack(name="bad", key_type="dates")

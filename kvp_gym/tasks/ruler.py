@@ -6,6 +6,11 @@ Each task hides what the question needs in a filler text whose size is fitted to
 - ``niah_multikey``: the target needle plus three distractor needles with other keys.
 - ``niah_multivalue``: four needles with the same key and different values; all four are asked for.
 - ``niah_multiquery``: four needles with different keys; all four are asked for.
+- RULER's needle value and key types: ``niah_<kind>_words`` and ``niah_<kind>_uuids`` hide word values
+  ("tall-tree", no digits) or UUIDs instead of 7-digit numbers, for every kind above; ``niah_single`` and
+  ``niah_multikey`` also come with number or UUID keys instead of word keys: ``niah_single_numberkeys``,
+  ``niah_multikey_uuids_uuidkeys``... (name = ``niah_<kind>[_<values>][_<key>keys]``, the defaults, number values
+  and word keys, left out). The wording follows the value type ("special magic words/UUIDs").
 - ``variable_tracking``: a chain "VAR A = 12345." "VAR B = VAR A." ... in the repeated-noise haystack; the answer
   is every variable holding the value.
 - ``common_words``: a numbered word list where ten words repeat often; the answer is those ten.
@@ -17,25 +22,47 @@ The answer prefix opens the assistant turn so that the answer follows at once (S
 from __future__ import annotations
 
 import random
+import re
 import string
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 
 from kvp_gym.tasks.base import Task, TaskSample, register
 from kvp_gym.tasks.text import NOISE_SENTENCES, essay_sentences, words
 
-_NIAH_INTRO = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the numbers afterwards."
-)
+# Needle value types and what the prompt calls them (singular, plural); the key types are the same three kinds.
+NEEDLE_TYPES = {"numbers": ("number", "numbers"), "words": ("word", "words"), "uuids": ("UUID", "UUIDs")}
+
+
+def _niah_intro(plural: str) -> str:
+    return (
+        f"Some special magic {plural} are hidden within the following text. Make sure to memorize it. "
+        f"I will quiz you about the {plural} afterwards."
+    )
 
 
 def _key(rng: random.Random, pool: str) -> str:
+    """An adjective-noun compound such as "tall-tree": RULER's word type, for keys and word values."""
     return f"{rng.choice(words('adjective', pool))}-{rng.choice(words('noun', pool))}"
 
 
 def _number(rng: random.Random) -> str:
     return str(rng.randint(1_000_000, 9_999_999))
+
+
+def _uuid(rng: random.Random) -> str:
+    """A random (version 4) UUID drawn from ``rng``, so that it is reproducible, unlike ``uuid.uuid4()``."""
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _draw(kind: str, rng: random.Random, pool: str) -> str:
+    """One needle key or value of type ``kind`` (a NEEDLE_TYPES key)."""
+    if kind == "numbers":
+        return _number(rng)
+    if kind == "words":
+        return _key(rng, pool)
+    return _uuid(rng)
 
 
 def _distinct(draw, count: int) -> list[str]:
@@ -84,7 +111,9 @@ class NeedleInAHaystack(Task):
     """Needles "The special magic number for KEY is VALUE." hidden at random depths in a haystack.
 
     num_keys: distinct keys among the needles; num_values: needles (values) per key; num_queries: keys asked for
-    (the first ``num_queries`` keys); haystack: ``essay`` or ``noise``.
+    (the first ``num_queries`` keys); haystack: ``essay`` or ``noise``; value_type and key_type: ``numbers``
+    (7 digits), ``words`` (adjective-noun, "tall-tree") or ``uuids`` (NEEDLE_TYPES); the prompt names the value
+    type ("special magic words").
     """
 
     name: str = "niah_single"
@@ -94,28 +123,43 @@ class NeedleInAHaystack(Task):
     num_queries: int = 1
     haystack: str = "essay"
     answer_tokens: int = 16
+    value_type: str = "numbers"
+    key_type: str = "words"
+
+    def __post_init__(self) -> None:
+        for kind in (self.value_type, self.key_type):
+            if kind not in NEEDLE_TYPES:
+                raise ValueError(
+                    f"{self.name}: unknown needle type {kind!r}; expected one of {', '.join(NEEDLE_TYPES)}"
+                )
 
     def build(self, seed: int, size: int, pool: str = "all") -> TaskSample:
         rng = random.Random(seed)
-        keys = _distinct(lambda: _key(rng, pool), self.num_keys)
-        values = {key: [_number(rng) for _ in range(self.num_values)] for key in keys}
+        keys = _distinct(lambda: _draw(self.key_type, rng, pool), self.num_keys)
+        if self.value_type == "numbers" and self.key_type == "words":  # the original tasks: drawn exactly as ever
+            values = {key: [_number(rng) for _ in range(self.num_values)] for key in keys}
+        else:  # every key and value distinct, so that an answer is found only where it is hidden
+            drawn = _distinct(lambda: _draw(self.value_type, rng, pool), len(keys) * (self.num_values + 1))
+            drawn = [v for v in drawn if v not in keys][: len(keys) * self.num_values]
+            values = {key: drawn[i * self.num_values : (i + 1) * self.num_values] for i, key in enumerate(keys)}
+        one, many = NEEDLE_TYPES[self.value_type]
         needles = [
-            (rng.random(), f"The special magic number for {key} is {value}.") for key in keys for value in values[key]
+            (rng.random(), f"The special magic {one} for {key} is {value}.") for key in keys for value in values[key]
         ]
         body, spans = _hide(_haystack(rng, size, self.haystack, pool), needles)
         queried = keys[: self.num_queries]
         answers = tuple(v for key in queried for v in values[key])
         if self.num_values > 1:
-            question = f"What are all the special magic numbers for {queried[0]} mentioned in the provided text?"
-            prefix = f"The special magic numbers for {queried[0]} mentioned in the provided text are"
+            question = f"What are all the special magic {many} for {queried[0]} mentioned in the provided text?"
+            prefix = f"The special magic {many} for {queried[0]} mentioned in the provided text are"
         elif self.num_queries > 1:
             listed = ", ".join(queried[:-1]) + f", and {queried[-1]}"
-            question = f"What are all the special magic numbers for {listed} mentioned in the provided text?"
-            prefix = f"The special magic numbers for {listed} mentioned in the provided text are"
+            question = f"What are all the special magic {many} for {listed} mentioned in the provided text?"
+            prefix = f"The special magic {many} for {listed} mentioned in the provided text are"
         else:
-            question = f"What is the special magic number for {queried[0]} mentioned in the provided text?"
-            prefix = f"The special magic number for {queried[0]} mentioned in the provided text is"
-        head = _NIAH_INTRO + "\n"
+            question = f"What is the special magic {one} for {queried[0]} mentioned in the provided text?"
+            prefix = f"The special magic {one} for {queried[0]} mentioned in the provided text is"
+        head = _niah_intro(many) + "\n"
         return TaskSample(
             prompt=f"{head}{body}\n{question}",
             answer_prefix=prefix,
@@ -123,6 +167,14 @@ class NeedleInAHaystack(Task):
             needle_spans=tuple((a + len(head), b + len(head)) for a, b in spans),
             metadata={"keys": keys, "queried": queried, "depths": [round(d, 4) for d, _ in needles]},
         )
+
+    def score(self, output: str, answers: tuple[str, ...]) -> float:
+        """Exact match as :meth:`Task.score`; for word and UUID values a hyphen also continues a word, so that
+        "tall-tree-house" or a longer hyphenated string does not count as "tall-tree"."""
+        if self.value_type == "numbers" or not answers:
+            return super().score(output, answers)
+        found = [re.search(rf"(?<![\w-]){re.escape(a)}(?![\w-])", output, re.IGNORECASE) is not None for a in answers]
+        return sum(found) / len(answers)
 
 
 @dataclass(frozen=True)
@@ -219,31 +271,60 @@ class FrequentWords(Task):
         )
 
 
-register(NeedleInAHaystack())
-register(
-    NeedleInAHaystack(
-        name="niah_multikey",
-        num_keys=4,
-        description="the target needle among three distractor needles with other keys",
-    )
-)
-register(
-    NeedleInAHaystack(
-        name="niah_multivalue",
-        num_values=4,
-        answer_tokens=64,
-        description="four needles with one key; name all four values",
-    )
-)
-register(
-    NeedleInAHaystack(
-        name="niah_multiquery",
-        num_keys=4,
-        num_queries=4,
-        answer_tokens=80,  # SmolLM2 lists "- key: value" lines, ~15 tokens each
-        description="four needles with four keys; name all four values",
-    )
-)
+# The original tasks (number values, word keys) and their RULER value and key type variants.
+_NIAH_KINDS = {
+    "niah_single": dict(description="one needle 'The special magic {one} for KEY is VALUE.' in essays"),
+    "niah_multikey": dict(num_keys=4, description="the target needle among three distractor needles with other keys"),
+    "niah_multivalue": dict(num_values=4, description="four needles with one key; name all four values"),
+    "niah_multiquery": dict(num_keys=4, num_queries=4, description="four needles with four keys; name all four values"),
+}
+# Greedy answer lengths: a number is ~9 SmolLM2 tokens, a word value ~4-6, a UUID ~33; SmolLM2 lists several
+# answers as "- value" or "- key: value" lines (~15 tokens each with number values).
+_ANSWER_TOKENS = {
+    ("niah_single", "numbers"): 16,
+    ("niah_single", "words"): 16,
+    ("niah_single", "uuids"): 48,
+    ("niah_multikey", "numbers"): 16,
+    ("niah_multikey", "words"): 16,
+    ("niah_multikey", "uuids"): 48,
+    ("niah_multivalue", "numbers"): 64,
+    ("niah_multivalue", "words"): 64,
+    ("niah_multivalue", "uuids"): 176,
+    ("niah_multiquery", "numbers"): 80,
+    ("niah_multiquery", "words"): 80,
+    ("niah_multiquery", "uuids"): 200,
+}
+_KEYED_KINDS = ("niah_single", "niah_multikey")  # where other key types are registered too
+
+
+def niah_name(kind: str, value_type: str = "numbers", key_type: str = "words") -> str:
+    """The registered name of a needle task: ``niah_<kind>[_<values>][_<key>keys]``, defaults left out
+    (``niah_single``, ``niah_single_uuids``, ``niah_multikey_words_numberkeys``...)."""
+    values = "" if value_type == "numbers" else f"_{value_type}"
+    keys = "" if key_type == "words" else f"_{NEEDLE_TYPES[key_type][0].lower()}keys"
+    return f"{kind}{values}{keys}"
+
+
+def _register_niah() -> None:
+    for kind, settings in _NIAH_KINDS.items():
+        for key_type in ("words", "numbers", "uuids") if kind in _KEYED_KINDS else ("words",):
+            for value_type in NEEDLE_TYPES:
+                one, key_one = NEEDLE_TYPES[value_type][0], NEEDLE_TYPES[key_type][0].lower()
+                description = settings["description"].format(one=one)
+                if (value_type, key_type) != ("numbers", "words"):
+                    description += f" ({one} values)" if key_type == "words" else f" ({one} values, {key_one} keys)"
+                register(
+                    NeedleInAHaystack(
+                        **{**settings, "description": description},
+                        name=niah_name(kind, value_type, key_type),
+                        answer_tokens=_ANSWER_TOKENS[kind, value_type],
+                        value_type=value_type,
+                        key_type=key_type,
+                    )
+                )
+
+
+_register_niah()
 register(VariableTracking())
 register(CommonWords())
 register(FrequentWords())
