@@ -42,10 +42,41 @@ def save_checkpoint(path: str | Path, network: KVPNetwork, heads: list[tuple[int
         "heads": [list(h) for h in heads],
         "network": network.config(),
     }
-    tensors = {name: t.detach().contiguous() for name, t in network.state_dict().items()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in network.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"kvp_gym": json.dumps(record)})
     return Path(path)
+
+
+def merge_checkpoints(paths: list[str | Path], out: str | Path) -> dict:
+    """Join checkpoints of disjoint head groups (``kvp-gym train --parallel heads``) into one, in the given order;
+    return its metadata. They must share the model, geometry and network settings; each group's validation
+    record is kept (``validation.groups``), the merged score is the mean over every head."""
+    networks, records = zip(*(read_checkpoint(p) for p in paths), strict=True)
+    first = records[0]
+    for path, network, record in zip(paths, networks, records, strict=True):
+        for key in ("model", "geometry"):
+            if record[key] != first[key]:
+                raise ValueError(f"{path}: {key} {record[key]!r} differs from {paths[0]}'s {first[key]!r}")
+        differs = {k for k, v in network.config().items() if k != "heads" and v != networks[0].config()[k]}
+        if differs:
+            raise ValueError(f"{path}: network settings {sorted(differs)} differ from {paths[0]}'s")
+    heads = [tuple(h) for record in records for h in record["heads"]]
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"{[str(p) for p in paths]}: the head groups overlap")
+    merged = KVPNetwork(**{**networks[0].config(), "heads": len(heads)})
+    merged.load_state_dict({name: torch.cat([n.state_dict()[name] for n in networks]) for name in merged.state_dict()})
+    per_head = [s for record in records for s in record["validation"]["per_head"]]
+    metadata = {
+        **{k: v for k, v in first.items() if k not in ("format", "kvp_gym_version", "heads", "network")},
+        "validation": {
+            "score": sum(per_head) / len(per_head),
+            "per_head": per_head,
+            "groups": [{"checkpoint": str(p), **r["validation"]} for p, r in zip(paths, records, strict=True)],
+        },
+    }
+    save_checkpoint(out, merged, heads, metadata)
+    return read_checkpoint(out)[1]
 
 
 def read_checkpoint(path: str | Path) -> tuple[KVPNetwork, dict]:

@@ -16,8 +16,11 @@ TRAIN_DOC = """Train KVP agents (one small scorer per KV head) with RLOO on trac
     kvp-gym train --traces traces/demo/niah_single.h5 traces/demo/essay.h5 --heads all --out runs/kvp --preset demo
 
 Writes OUT/agents.safetensors (the best EMA weights by validation score), OUT/last.pt (to resume) and TensorBoard
-logs in OUT/tb. Several processes or machines: torchrun --nproc_per_node N -m kvp_gym.cli train ... (DDP; gloo on
-CPU, NCCL on GPUs). Every option below defaults to the paper's value; --preset demo sizes it for 2 CPU cores."""
+logs in OUT/tb. Batches stream from the trace files; future importance is computed once and kept in the user
+cache ($KVP_GYM_IMPORTANCE, or importance/ in $KVP_GYM_CACHE). --device auto uses CUDA when present. Several
+processes or machines: torchrun --nproc_per_node N -m kvp_gym.cli train ... (DDP: gloo on CPU, NCCL with one GPU
+per process; --parallel heads trains a disjoint head group per process instead). Every option below defaults to
+the paper's value; --preset demo sizes it for 2 CPU cores."""
 
 
 @dataclass
@@ -45,6 +48,11 @@ class TrainConfig:
     min_prompt: int = 16
     eval_every: int = 200
     seed: int = 0
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda; under torchrun, each process its own GPU
+    bf16: bool = False  # bf16 autocast for the network on a GPU (rewards stay float32)
+    parallel: str = "data"  # under torchrun: data (DDP over batches) | heads (a disjoint head group per process)
+    in_memory: bool = False  # hold every episode in RAM instead of streaming batches from the trace files
+    chunk_tokens: int = 0  # heads x episodes x tokens per chunk of a step (bounds memory); 0 = by device
 
 
 PRESETS = {
@@ -64,6 +72,13 @@ PRESETS = {
 }
 
 
+CHOICES = {"device": ("auto", "cpu", "cuda"), "parallel": ("data", "heads")}
+FLAG_HELP = {
+    "bf16": "bf16 autocast for the network on a GPU",
+    "in_memory": "hold every episode in RAM (faster for small sets) instead of streaming from the trace files",
+}
+
+
 def add_command(commands: argparse._SubParsersAction) -> None:
     """The ``kvp-gym train`` command (registered through the ``kvp_gym.commands`` entry points)."""
     parser = commands.add_parser(
@@ -77,11 +92,15 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/kvp")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="smaller settings (demo: 2 CPU cores)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in ("traces", "heads", "out"):
-            demo = f"; demo preset {PRESETS['demo'][f.name]}" if f.name in PRESETS["demo"] else ""
-            parser.add_argument(
-                f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default {f.default}{demo}"
-            )
+        if f.name in ("traces", "heads", "out"):
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=FLAG_HELP[f.name])
+            continue
+        demo = f"; demo preset {PRESETS['demo'][f.name]}" if f.name in PRESETS["demo"] else ""
+        extra = {"choices": CHOICES[f.name]} if f.name in CHOICES else {}
+        parser.add_argument(flag, type=type(f.default), default=None, help=f"default {f.default}{demo}", **extra)
     parser.set_defaults(handler=_run)
 
 

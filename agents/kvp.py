@@ -174,8 +174,18 @@ def plackett_luce_log_prob(scores: torch.Tensor, ranking: torch.Tensor, valid: t
     return terms.sum(-1)
 
 
-def gumbel_ranking(scores: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample a Plackett-Luce ranking by Gumbel-sort: argsort(scores + Gumbel noise), padding last. [..., n]."""
-    uniform = torch.rand(scores.shape, generator=generator).clamp_(1e-10, 1.0)
+def gumbel_ranking(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample a Plackett-Luce ranking by Gumbel-sort: argsort(scores + Gumbel noise), padding last. [..., n].
+
+    The noise comes from ``uniform`` (U(0, 1) draws of the scores' shape, on their device) when given, else from
+    ``generator`` (on the scores' device)."""
+    if uniform is None:
+        uniform = torch.rand(scores.shape, generator=generator, device=scores.device)
+    uniform = uniform.clamp(1e-10, 1.0)
     noisy = (scores - torch.log(-torch.log(uniform))).masked_fill(~valid, float("-inf"))
     return torch.sort(noisy, dim=-1, descending=True, stable=True).indices

@@ -51,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvp_gym import __version__
+from kvp_gym.importance import ImportanceStore
 from kvp_gym.scorers import (
     HeadView,
     Scorer,
@@ -63,7 +64,7 @@ from kvp_gym.scorers import (
 )
 from kvp_gym.storage import atomic_path
 from kvp_gym.traces import SPLITS, open_compatible
-from kvp_gym.utility import future_importance, holistic_score, protected_tokens, retained_fraction
+from kvp_gym.utility import holistic_score, protected_tokens, retained_fraction
 
 SCHEMA, SCHEMA_VERSION = "kvp-gym/trace-evaluation", 2
 ABSOLUTE_BUDGETS = (16, 32, 64, 128, 256, 512)
@@ -277,6 +278,7 @@ def evaluate(
             skipped[label] = reason
             del scorers[label]
         labels = list(scorers)
+        stores = {trace: ImportanceStore(trace) for trace in files}  # importance computed once per trace, kept
         samples = [(files[i], s) for i, s in evaluation_samples(files, split, max_samples)]
         if not samples:
             present = sorted({s.split for t in files for s in t.samples.values()})
@@ -290,7 +292,7 @@ def evaluate(
         importance_seconds = 0.0
         work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
         for i, trace, sample, j, layer in tqdm(work, desc=f"evaluate {split}", unit="layer", disable=not progress):
-            view, all_importance, tick = _layer_view(trace, sample, layer, all_heads)
+            view, all_importance, tick = _layer_view(trace, stores[trace], sample, layer, all_heads)
             # Layer-scope scorers see every KV head of the layer; the others, and the metrics, only `heads`.
             every_head = heads == list(range(all_heads))
             importance = all_importance if every_head else all_importance[heads]
@@ -420,15 +422,16 @@ def paired_comparison(
     return found
 
 
-def _layer_view(trace, sample, layer: int, heads: int) -> tuple[HeadView, torch.Tensor, float]:
-    """All KV heads of one layer of one sample, cut at the prompt boundary, and their future importance."""
+def _layer_view(trace, store: ImportanceStore, sample, layer: int, heads: int) -> tuple[HeadView, torch.Tensor, float]:
+    """All KV heads of one layer of one sample, cut at the prompt boundary, and their future importance (from
+    ``store``, computed there if new)."""
     reads = [trace.head(sample, layer, h) for h in range(heads)]
     n = sample.prompt_length
     attention = trace.header.attention_of(layer)
     queries = torch.stack([r.queries for r in reads])  # [H, G, S, D]
     keys = torch.stack([r.keys for r in reads])  # [H, S, D]
     tick = time.perf_counter()
-    importance = future_importance(queries, keys, n, attention=attention)  # [H, n]
+    importance = store.layer(sample, layer, n, tensors=(queries, keys))  # [H, n]
     tick = time.perf_counter() - tick
     view = HeadView(
         keys=keys[:, :n],

@@ -259,8 +259,9 @@ class TraceFile:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return [s for s in self.samples.values() if s.split == split]
 
-    def head(self, sample: SampleInfo | str, layer: int, kv_head: int) -> HeadTrace:
-        """Read one KV head of one layer of one sample: only that head's chunks are read (and checksummed)."""
+    def head(self, sample: SampleInfo | str, layer: int, kv_head: int, queries: bool = True) -> HeadTrace:
+        """Read one KV head of one layer of one sample: only that head's chunks are read (and checksummed);
+        ``queries=False`` skips the queries (an empty [G, 0, D] in their place)."""
         info = self.samples[sample] if isinstance(sample, str) else sample
         geometry = self.header.geometry
         if layer not in self.header.layers:
@@ -271,11 +272,14 @@ class TraceFile:
             raise ValueError(f"{self.path}: kv_head {kv_head} out of range [0, {geometry.num_kv_heads})")
         base = f"samples/{info.name}/layers/{layer}"
         group = geometry.query_heads_of(kv_head)
-        queries = self._read(f"{base}/queries", slice(group[0], group[-1] + 1) if _contiguous(group) else group)
+        if queries:
+            query_data = self._read(f"{base}/queries", slice(group[0], group[-1] + 1) if _contiguous(group) else group)
+        else:
+            query_data = np.zeros((len(group), 0, geometry.head_dim), STORED_DTYPE)
         keys = self._read(f"{base}/keys", kv_head)
         values = self._read(f"{base}/values", kv_head)
         return HeadTrace(
-            queries=torch.from_numpy(queries),
+            queries=torch.from_numpy(query_data),
             keys=torch.from_numpy(keys),
             values=torch.from_numpy(values),
             positions=torch.arange(info.num_tokens),
@@ -303,6 +307,15 @@ class TraceFile:
                         self._read(f"samples/{info.name}/layers/{layer}/{tensor}", slice(None))
                     except TraceFormatError as err:
                         yield err
+
+    @property
+    def content_id(self) -> str | None:
+        """SHA-256 (hex) naming the file's content, from its verified seal's digests of the tensors, the structure
+        and the attributes; None for an unsealed (version-1) file."""
+        if self._seal is None:
+            return None
+        digests = (self._seal["skeleton_sha256"], self._seal["data_sha256"], self._seal["metadata_sha256"])
+        return hashlib.sha256(":".join(digests).encode()).hexdigest()
 
     @property
     def sealed(self) -> bool:

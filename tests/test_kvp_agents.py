@@ -13,13 +13,14 @@ import torch
 import kvp_gym  # noqa: F401
 from kvp_gym.envs.episodes import EpisodeKey
 from kvp_gym.evaluate import evaluate
+from kvp_gym.importance import ImportanceStore
 from kvp_gym.scorers import HeadView, ScorerError, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import holistic_reward
 from kvp_gym_agents.checkpoint import SHIPPED, read_checkpoint, save_checkpoint
 from kvp_gym_agents.config import TrainConfig
 from kvp_gym_agents.kvp import KVPNetwork, age_bucket, gumbel_ranking, plackett_luce_log_prob
-from kvp_gym_agents.train import EpisodePool, train
+from kvp_gym_agents.train import Episodes, StreamingPool, model_inputs, train
 
 
 def small_network(seed: int = 0) -> KVPNetwork:
@@ -183,18 +184,24 @@ def test_kvp_scorer_from_a_checkpoint(trained, tiny_trace, tmp_path):
         save_checkpoint(tmp_path / "no.safetensors", network, [(0, 0), (1, 1)], {})
 
 
+def streaming_pool(path, heads, split="train", random_splits=0, min_prompt=16, sidecar=True) -> StreamingPool:
+    files = [open_traces(path)]
+    episodes = Episodes(files, split, random_splits, min_prompt, np.random.default_rng(0))
+    return StreamingPool(files, [ImportanceStore(files[0], sidecar=sidecar)], episodes, heads)
+
+
 def test_trainer_rewards_equal_the_environments(tiny_trace):
-    pool = EpisodePool(
-        [str(tiny_trace)], "train", [(1, 0)], random_splits=0, min_prompt=16, rng=np.random.default_rng(0)
-    )
+    pool = streaming_pool(tiny_trace, [(1, 0)])
     env = gym.make("KVEvict-v0", config={"traces": str(tiny_trace)}).unwrapped
     names = [s.name for s in env.episodes.traces[0].split("train")]
-    keys, values, positions, ages, valid, importance = pool.batch(torch.arange(len(names))[None])
+    batch = pool.batch(torch.arange(len(names))[None], torch.tensor([0]))
+    keys, values, positions, ages, valid, importance = model_inputs(batch, torch.device("cpu"))
     rng = np.random.default_rng(1)
     for e, name in enumerate(names):
         n = int(valid[0, e].sum())
         episode = env.episodes.load(EpisodeKey(trace=0, sample=name, layer=1, head=0, split=n))
         torch.testing.assert_close(importance[0, e, :n], episode.importance)
+        torch.testing.assert_close(keys[0, e, :n], episode.keys)
         env._episode = episode
         action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
         _, env_reward, _, _, _ = env.step(action)
@@ -203,12 +210,10 @@ def test_trainer_rewards_equal_the_environments(tiny_trace):
 
 
 def test_length_groups_partition_the_episodes(tiny_trace):
-    pool = EpisodePool(
-        [str(tiny_trace)], "train", [(0, 0)], random_splits=0, min_prompt=4, rng=np.random.default_rng(0)
-    )
-    pool.split = torch.tensor([5, 8, 9, 16, 17, 100, 128, 129])  # split points of every octave boundary case
-    pool.sample = torch.zeros(8, dtype=torch.long)
-    groups = [g.tolist() for g in pool.length_groups()]
+    pool = streaming_pool(tiny_trace, [(0, 0)], min_prompt=4)
+    pool.episodes.split = torch.tensor([5, 8, 9, 16, 17, 100, 128, 129])  # split points of every octave boundary case
+    pool.episodes.sample = torch.zeros(8, dtype=torch.long)
+    groups = [g.tolist() for g in pool.episodes.length_groups()]
     assert groups == [[0, 1], [2, 3], [4], [5, 6], [7]]  # (4, 8], (8, 16], (16, 32], (64, 128], (128, 256]
 
 

@@ -1,8 +1,9 @@
 """Episodes drawn from trace files: one (sample, layer, KV head, split point) each, shared by every environment.
 
 An episode's data are the head's keys and values up to the split point (the cache), its positions, optionally
-prompt queries, and the future importance of each cached token (computed once per episode key and kept in a
-bounded cache, since environments revisit the same heads).
+prompt queries, and the future importance of each cached token (kept in a bounded cache, since environments
+revisit the same heads). Importance at the prompt boundary comes from the traces' importance store
+(:mod:`kvp_gym.importance`, shared with training and evaluation); at other split points it is computed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvp_gym.importance import ImportanceStore
 from kvp_gym.traces import SampleInfo, TraceFile, open_compatible
 from kvp_gym.utility import future_importance
 
@@ -108,6 +110,7 @@ class TraceEpisodes:
         if split_point == "prompt" and largest > self.max_tokens:
             raise ValueError(f"max_tokens={self.max_tokens} is below the longest prompt ({largest} tokens)")
         self.keep_queries = keep_queries
+        self.importance = [ImportanceStore(trace) for trace in self.traces]
         self._cache: OrderedDict[EpisodeKey, Episode] = OrderedDict()
         self._cache_size = cache_size
 
@@ -140,13 +143,17 @@ class TraceEpisodes:
         trace = self.traces[key.trace]
         head = trace.head(key.sample, key.layer, key.head)
         n = key.split
+        if n == trace.samples[key.sample].prompt_length:  # stored; random split points are too many to keep
+            importance = self.importance[key.trace].layer(key.sample, key.layer, n)[key.head].clone()
+        else:
+            importance = future_importance(head.queries, head.keys, n, attention=trace.header.attention_of(key.layer))
         episode = Episode(
             key=key,
             keys=head.keys[:n],
             values=head.values[:n],
             positions=head.positions[:n],
             queries=head.queries[:, :n] if self.keep_queries else head.queries[:, :0],
-            importance=future_importance(head.queries, head.keys, n, attention=trace.header.attention_of(key.layer)),
+            importance=importance,
             num_tokens=len(head.positions),
         )
         self._cache[key] = episode
