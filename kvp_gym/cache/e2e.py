@@ -289,7 +289,6 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
             raise ValueError(f"{out}: sample {task} {index} is not evaluated yet (resume the run, or merge shards)")
         records[task, index] = json.loads(path.read_text())
     labels = [label for label in scorers if all(label in r["policies"] for r in records.values())]
-    rng = np.random.default_rng(seed)
     budgets = [str(b) for b in config.budgets]
     record: dict[str, Any] = {
         "schema": SCHEMA,
@@ -314,19 +313,19 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
     for task in config.tasks:
         rows = [r for (t, _), r in records.items() if t == task]
         record["accuracy"][task] = {
-            FULL: _mean_ci([r[FULL]["score"] for r in rows], rng),
+            FULL: _mean_ci([r[FULL]["score"] for r in rows], seed),
             "policies": {
-                label: {b: _mean_ci([r["policies"][label]["budgets"][b]["score"] for r in rows], rng) for b in budgets}
+                label: {b: _mean_ci([r["policies"][label]["budgets"][b]["score"] for r in rows], seed) for b in budgets}
                 for label in labels
             },
         }
     essays = [r for (t, _), r in records.items() if t == "essay"]
     if essays:
         record["perplexity"] = {
-            FULL: _geometric_ci([r[FULL]["perplexity"] for r in essays], rng),
+            FULL: _geometric_ci([r[FULL]["perplexity"] for r in essays], seed),
             "policies": {
                 label: {
-                    b: _geometric_ci([r["policies"][label]["budgets"][b]["perplexity"] for r in essays], rng)
+                    b: _geometric_ci([r["policies"][label]["budgets"][b]["perplexity"] for r in essays], seed)
                     for b in budgets
                 }
                 for label in labels
@@ -354,18 +353,19 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
     return record
 
 
-def _mean_ci(values: list[float], rng: np.random.Generator, resamples: int = 1000) -> dict:
-    """Mean with a 95% bootstrap interval over samples."""
+def _mean_ci(values: list[float], seed: int, resamples: int = 1000) -> dict:
+    """Mean with a 95% bootstrap interval over samples. Every interval draws from its own generator seeded with
+    ``seed``, so a policy's interval does not depend on which other policies were evaluated with it."""
     data = np.asarray(values, float)
     if len(data) == 0:
         return {"mean": None, "ci95": [None, None]}
-    boot = rng.choice(data, size=(resamples, len(data))).mean(1)
+    boot = np.random.default_rng(seed).choice(data, size=(resamples, len(data))).mean(1)
     return {"mean": float(data.mean()), "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
 
 
-def _geometric_ci(values: list[float], rng: np.random.Generator) -> dict:
+def _geometric_ci(values: list[float], seed: int) -> dict:
     """Geometric mean (exp of the mean log) with a 95% bootstrap interval: perplexities multiply."""
-    logged = _mean_ci([math.log(v) for v in values], rng)
+    logged = _mean_ci([math.log(v) for v in values], seed)
     return {"mean": math.exp(logged["mean"]), "ci95": [math.exp(v) for v in logged["ci95"]]}
 
 

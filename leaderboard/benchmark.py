@@ -1,0 +1,347 @@
+"""Standard benchmarks: a frozen definition (TOML), its trace set, and the manifest that pins that set.
+
+A benchmark (``leaderboard/benchmarks/<id>.toml``) fixes the model, the tasks, prompt lengths, sample counts,
+seeds, text pool, protocol and budgets of the trace-level evaluation, and the settings of the end-to-end one.
+:func:`prepare` collects its trace set (one file per task and prompt length, every sample in the test split) and
+checks it against the committed manifest ``<id>.manifest.json``:
+
+- exactly: the collection settings of every file, and per sample its name, prompt length and the SHA-256 of its
+  prompt token ids and of its recorded continuation; the SHA-256 of the end-to-end prompts' token ids;
+- within a tolerance: per sample, tensor kind (queries, keys, values) and layer, the mean, the root mean square
+  and a position-weighted mean of the float16 tensor (float64 sums). Another CPU may round a few float16 values
+  differently, which moves these by about 1e-6 of the RMS; a wrong token, position or layer moves them by far more
+  than the tolerance (:data:`TOLERANCE` x RMS).
+
+The manifest's SHA-256 (:func:`manifest_sha256`) identifies the benchmark in every submission.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvp_gym.storage import atomic_path, cache_dir
+
+BENCHMARKS = Path(__file__).parent / "benchmarks"
+TOLERANCE = 1e-3  # of the tensor's RMS, for each fingerprint number
+KINDS = ("queries", "keys", "values")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark definition, trace set or manifest that is not what it should be."""
+
+
+@dataclass(frozen=True)
+class TraceLevel:
+    tasks: tuple[str, ...]
+    contexts: tuple[int, ...]
+    samples: int
+    future: int
+    seed: int
+    protocol: str
+    budgets: tuple[int, ...]
+    bootstrap: int
+    bootstrap_seed: int
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    tasks: tuple[str, ...]
+    context: int
+    budgets: tuple[int, ...]
+    samples: int
+    essays: int
+    continuation: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A parsed benchmark definition; ``path`` is its TOML file, the manifest lies beside it."""
+
+    id: str
+    title: str
+    model: str
+    text: str
+    held_out_tasks: tuple[str, ...]
+    trace_level: TraceLevel
+    end_to_end: EndToEnd
+    path: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path.with_name(f"{self.id}.manifest.json")
+
+    def trace_files(self) -> list[tuple[str, int, str]]:
+        """(task, context, file name) of every trace file of the set, in evaluation order."""
+        level = self.trace_level
+        return [(task, context, f"{task}-{context}.h5") for context in level.contexts for task in level.tasks]
+
+    def collect_config(self, task: str, context: int):
+        """The :class:`kvp_gym.collect.CollectConfig` of one trace file (all samples in the test split)."""
+        from kvp_gym.collect import CollectConfig
+
+        level = self.trace_level
+        return CollectConfig(
+            model=self.model,
+            task=task,
+            samples=level.samples,
+            context=context,
+            future=level.future,
+            seed=level.seed,
+            splits=(0.0, 0.0, 1.0),
+            text=self.text,
+        )
+
+    def e2e_config(self, policies: tuple[str, ...]):
+        """The :class:`kvp_gym.cache.e2e.E2EConfig` of the end-to-end evaluation of ``policies`` (scorer specs)."""
+        from kvp_gym.cache.e2e import E2EConfig
+
+        e2e = self.end_to_end
+        return E2EConfig(
+            model=self.model,
+            tasks=e2e.tasks,
+            context=e2e.context,
+            budgets=e2e.budgets,
+            policies=policies,
+            samples=e2e.samples,
+            essays=e2e.essays,
+            continuation=e2e.continuation,
+            seed=e2e.seed,
+            text=self.text,
+        )
+
+    def default_folder(self) -> Path:
+        """Where :func:`prepare` puts the trace set unless told otherwise: the user cache."""
+        return cache_dir() / "benchmarks" / self.id
+
+
+def load_benchmark(name: str | Path) -> Benchmark:
+    """A benchmark by id (``bench-v0``, from leaderboard/benchmarks/) or by the path of its TOML file."""
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = BENCHMARKS / f"{name}.toml"
+        if not path.exists():
+            known = sorted(p.stem for p in BENCHMARKS.glob("*.toml"))
+            raise BenchmarkError(f"unknown benchmark {str(name)!r}; known: {', '.join(known)}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise BenchmarkError(f"{path}: no such benchmark file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise BenchmarkError(f"{path}: not valid TOML: {err}") from None
+    try:
+        level, e2e = raw["trace_level"], raw["end_to_end"]
+        benchmark = Benchmark(
+            id=str(raw["id"]),
+            title=str(raw["title"]),
+            model=str(raw["model"]),
+            text=str(raw["text"]),
+            held_out_tasks=tuple(raw.get("held_out_tasks", ())),
+            trace_level=TraceLevel(
+                tasks=tuple(level["tasks"]),
+                contexts=tuple(int(c) for c in level["contexts"]),
+                samples=int(level["samples"]),
+                future=int(level["future"]),
+                seed=int(level["seed"]),
+                protocol=str(level["protocol"]),
+                budgets=tuple(int(b) for b in level["budgets"]),
+                bootstrap=int(level["bootstrap"]),
+                bootstrap_seed=int(level["bootstrap_seed"]),
+            ),
+            end_to_end=EndToEnd(
+                tasks=tuple(e2e["tasks"]),
+                context=int(e2e["context"]),
+                budgets=tuple(int(b) for b in e2e["budgets"]),
+                samples=int(e2e["samples"]),
+                essays=int(e2e["essays"]),
+                continuation=int(e2e["continuation"]),
+                seed=int(e2e["seed"]),
+            ),
+            path=path,
+        )
+    except KeyError as err:
+        raise BenchmarkError(f"{path}: missing field {err.args[0]!r}") from None
+    if benchmark.id != path.stem:
+        raise BenchmarkError(f"{path}: id {benchmark.id!r} differs from the file name {path.stem!r}")
+    from kvp_gym.evaluate import ABSOLUTE_BUDGETS
+
+    if not set(benchmark.trace_level.budgets) <= set(ABSOLUTE_BUDGETS):
+        raise BenchmarkError(f"{path}: trace_level.budgets must be among {list(ABSOLUTE_BUDGETS)}")
+    return benchmark
+
+
+def manifest_sha256(benchmark: Benchmark) -> str:
+    """SHA-256 of the committed manifest file: the benchmark's identity in submissions."""
+    try:
+        return hashlib.sha256(benchmark.manifest_path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise BenchmarkError(
+            f"{benchmark.manifest_path}: no manifest for {benchmark.id} (kvp-gym leaderboard prepare "
+            f"{benchmark.id} --write-manifest creates it)"
+        ) from None
+
+
+def shard_files(benchmark: Benchmark, shard: tuple[int, int]) -> list[tuple[str, int, str]]:
+    """The trace files shard ``i`` of ``N`` collects: longest prompts first, dealt out in turn (a rough balance)."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise BenchmarkError(f"shard must be i/N with 0 <= i < N, got {index}/{count}")
+    ordered = sorted(benchmark.trace_files(), key=lambda f: -f[1])
+    return ordered[index::count]
+
+
+def prepare(
+    benchmark: Benchmark,
+    folder: Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    write_manifest: bool = False,
+    progress: bool = True,
+) -> list[str]:
+    """Collect (or resume) the benchmark's trace set into ``folder`` and check it against the manifest.
+
+    With ``shard=(i, N)`` only shard i's files are collected and checked (copy the shards' files into one
+    folder afterwards). ``write_manifest`` (maintainers, when a benchmark is created) writes the manifest from
+    this set instead of checking it. Returns the problems found, one line each (empty: the set matches).
+    """
+    from kvp_gym.collect import collect
+
+    folder = Path(folder or benchmark.default_folder())
+    files = shard_files(benchmark, shard)
+    for task, context, name in files:
+        config = benchmark.collect_config(task, context)
+        summary = collect(config, folder / name, resume=True, progress=progress)
+        if progress:
+            print(summary)
+    found = fingerprint_set(benchmark, folder, [name for _, _, name in files])
+    if write_manifest:
+        if shard != (0, 1):
+            raise BenchmarkError("--write-manifest needs the whole set (no --shard)")
+        with atomic_path(benchmark.manifest_path) as tmp:
+            tmp.write_text(_dumps(found))
+        return []
+    expected = read_manifest(benchmark)
+    return list(compare(expected, found, only=[name for _, _, name in files]))
+
+
+def read_manifest(benchmark: Benchmark) -> dict[str, Any]:
+    manifest_sha256(benchmark)  # a clear error when it is missing
+    try:
+        return json.loads(benchmark.manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise BenchmarkError(f"{benchmark.manifest_path}: not valid JSON: {err}") from None
+
+
+def fingerprint_set(benchmark: Benchmark, folder: Path, names: list[str], tensors: bool = True) -> dict[str, Any]:
+    """The manifest record of the trace files ``names`` in ``folder`` plus the end-to-end prompts (without the
+    tensor fingerprints if ``tensors`` is false: reads metadata only)."""
+    from kvp_gym.traces import open_traces
+
+    record: dict[str, Any] = {
+        "benchmark": benchmark.id,
+        "definition_sha256": hashlib.sha256(benchmark.path.read_bytes()).hexdigest(),
+        "tolerance": TOLERANCE,
+        "files": {},
+        "end_to_end": e2e_prompt_hashes(benchmark),
+    }
+    for name in names:
+        with open_traces(folder / name) as trace:
+            samples = {}
+            for sample_name, info in sorted(trace.samples.items()):
+                samples[sample_name] = {
+                    "split": info.split,
+                    "prompt_length": info.prompt_length,
+                    "prompt_sha256": _sha(info.tokens[: info.prompt_length]),
+                    "continuation_sha256": _sha(info.tokens[info.prompt_length :]),
+                }
+                if tensors:
+                    arrays = trace.tensors(sample_name)
+                    samples[sample_name]["tensors"] = {
+                        kind: [_fingerprint(arrays[layer][k]) for layer in trace.header.layers]
+                        for k, kind in enumerate(KINDS)
+                    }
+            record["files"][name] = {"collection": list(trace.header.collection), "samples": samples}
+    return record
+
+
+def e2e_prompt_hashes(benchmark: Benchmark) -> dict[str, str]:
+    """SHA-256 of the token ids of every end-to-end prompt (``task/index``), from the task generators alone."""
+    from kvp_gym import models
+    from kvp_gym.generation import sample_seed
+    from kvp_gym.tasks import encode, get_task, make_sample
+
+    _, tokenizer = models.load(benchmark.model)
+    config = benchmark.e2e_config(("random",))
+    hashes = {}
+    for task, index in config.work():
+        sample = make_sample(get_task(task), tokenizer, config.context, sample_seed(config.seed, index), config.text)
+        hashes[f"{task}/{index}"] = _sha(np.asarray(encode(tokenizer, sample).ids, np.int32))
+    return hashes
+
+
+def compare(expected: dict[str, Any], found: dict[str, Any], only: list[str] | None = None) -> Iterator[str]:
+    """Every difference between two manifest records, one line each, naming the file, sample and field."""
+    for field in ("benchmark", "definition_sha256"):
+        if expected.get(field) != found.get(field):
+            yield f"{field}: manifest has {expected.get(field)!r}, this set {found.get(field)!r}"
+    if expected.get("end_to_end") != found.get("end_to_end"):
+        differ = sorted(
+            k for k in expected.get("end_to_end", {}) if expected["end_to_end"][k] != found["end_to_end"].get(k)
+        )
+        yield f"end-to-end prompts: token ids differ for {', '.join(differ) or 'the set of prompts'}"
+    tolerance = expected.get("tolerance", TOLERANCE)
+    for name in only if only is not None else expected["files"]:
+        want, got = expected["files"].get(name), found["files"].get(name)
+        if want is None:
+            yield f"{name}: not in the manifest"
+            continue
+        if want["collection"] != got["collection"]:
+            yield f"{name}: collection settings differ: manifest {want['collection']}, file {got['collection']}"
+        for sample in sorted(set(want["samples"]) ^ set(got["samples"])):
+            where = "missing from the file" if sample in want["samples"] else "not in the manifest"
+            yield f"{name}: sample {sample} {where}"
+        for sample in sorted(set(want["samples"]) & set(got["samples"])):
+            yield from _compare_sample(
+                f"{name}: sample {sample}", want["samples"][sample], got["samples"][sample], tolerance
+            )
+
+
+def _compare_sample(where: str, want: dict, got: dict, tolerance: float) -> Iterator[str]:
+    for field in ("split", "prompt_length", "prompt_sha256", "continuation_sha256"):
+        if want[field] != got[field]:
+            yield f"{where}: {field} differs (manifest {want[field]!r}, file {got[field]!r})"
+    for kind in KINDS if "tensors" in want and "tensors" in got else ():
+        for layer, (a, b) in enumerate(zip(want["tensors"][kind], got["tensors"][kind], strict=True)):
+            allowed = tolerance * max(a[1], 1e-6)
+            for label, x, y in zip(("mean", "rms", "position-weighted mean"), a, b, strict=True):
+                if abs(x - y) > allowed:
+                    yield (
+                        f"{where}: {kind} of layer {layer}: {label} {y:.6g} differs from the manifest's {x:.6g} "
+                        f"by more than {allowed:.3g} ({tolerance:g} x RMS)"
+                    )
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    """Indented JSON with every list of numbers on one line (a manifest stays readable and diffable)."""
+    text = json.dumps(record, indent=1, sort_keys=True)
+    return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
+
+
+def _fingerprint(tensor: np.ndarray) -> list[float]:
+    """[mean, RMS, position-weighted mean] of a float16 tensor [H, S, D] (float64 sums; weights (s + 1) / S)."""
+    data = tensor.astype(np.float64)
+    weights = (np.arange(data.shape[1]) + 1) / data.shape[1]
+    weighted = float((data * weights[None, :, None]).mean())
+    return [float(f"{v:.7g}") for v in (data.mean(), np.sqrt((data**2).mean()), weighted)]
+
+
+def _sha(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int32).tobytes()).hexdigest()

@@ -1,0 +1,406 @@
+"""The board: one static HTML page (no network needed), its SVG plots, and a Markdown table for the README.
+
+Ranks follow the holistic score, and tie where the 95% intervals overlap (as MTEB and HELM do): an entry's rank is
+1 + the number of ranked entries whose interval lies wholly above its own. Privileged upper bounds (oracles) are
+shown, marked, and not ranked. The page sorts by any column when its header is clicked (a few lines of inline
+JavaScript), shows the retained fraction and end-to-end accuracy against the budget, the per-layer x head scores of
+the top entry, and how to submit.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvp_gym.storage import atomic_path
+from kvp_gym_leaderboard.submission import KINDS, kind_of
+
+UPPER_BOUND = KINDS["future"]
+KIND_BADGES = {KINDS["attention-free"]: "K/V only", KINDS["queries"]: "uses queries", UPPER_BOUND: "upper bound"}
+
+
+def ranks(entries: Sequence[dict[str, Any]]) -> list[int | None]:
+    """Rank of each entry (None for upper bounds): 1 + the ranked entries whose interval is wholly above its own."""
+    intervals = [e["results"]["trace_level"]["holistic_score"]["ci95"] for e in entries]
+    ranked = [i for i, e in enumerate(entries) if e["kind"] != UPPER_BOUND]
+    return [
+        None if e["kind"] == UPPER_BOUND else 1 + sum(intervals[j][0] > intervals[i][1] for j in ranked)
+        for i, e in enumerate(entries)
+    ]
+
+
+def ordered(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Upper bounds first, then by rank, then by holistic score (a wide interval can rank an entry above one with a
+    higher mean: fewer entries are surely better than it)."""
+    rank_of = {id(e): r for e, r in zip(entries, ranks(entries), strict=True)}
+    return sorted(
+        entries,
+        key=lambda e: (
+            e["kind"] != UPPER_BOUND,
+            rank_of[id(e)] or 0,
+            -e["results"]["trace_level"]["holistic_score"]["mean"],
+        ),
+    )
+
+
+def columns(entries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, header) of the table's score columns: tasks, prompt lengths, end-to-end accuracy and perplexity per
+    budget (only those some entry has)."""
+    first = lambda field: next((e["results"]["trace_level"][field] for e in entries), {})  # noqa: E731
+    cols = [(f"task:{t}", t) for t in first("per_task")]
+    cols += [(f"context:{c}", f"{c} tokens") for c in first("per_context")]
+    e2e = [e["results"]["end_to_end"] for e in entries if e["results"]["end_to_end"]]
+    if e2e:
+        budgets = sorted({int(b) for r in e2e for task in r["accuracy"].values() for b in task})
+        cols += [(f"accuracy:{b}", f"accuracy @{b}") for b in budgets]
+        cols += [(f"ppl:{b}", f"ppl @{b}") for b in sorted({int(b) for r in e2e for b in r["perplexity"]})]
+    return cols
+
+
+def cell(entry: dict[str, Any], key: str) -> float | None:
+    """The value of one score column for one entry (None: not measured)."""
+    kind, _, what = key.partition(":")
+    trace, e2e = entry["results"]["trace_level"], entry["results"]["end_to_end"]
+    if kind == "task":
+        return trace["per_task"].get(what)
+    if kind == "context":
+        return trace["per_context"].get(what)
+    if e2e is None:
+        return None
+    if kind == "accuracy":  # mean over tasks, each task weighted equally
+        values = [by_budget[what]["mean"] for by_budget in e2e["accuracy"].values() if what in by_budget]
+        return float(np.mean(values)) if values else None
+    interval = e2e["perplexity"].get(what)
+    return None if interval is None else interval["mean"]
+
+
+def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
+    """The board as a Markdown table (the README embeds it)."""
+    entries = ordered(entries)
+    cols = columns(entries)
+    head = ["rank", "method", "kind", "holistic score (95% CI)"] + [h for _, h in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rank, entry in zip(ranks(entries), entries, strict=True):
+        score = entry["results"]["trace_level"]["holistic_score"]
+        low, high = score["ci95"]
+        row = [
+            "-" if rank is None else str(rank),
+            entry["name"],
+            KIND_BADGES[entry["kind"]],
+            f"{score['mean']:.3f} ({low:.3f}-{high:.3f})",
+        ] + [_format(key, cell(entry, key)) for key, _ in cols]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _format(key: str, value: float | None) -> str:
+    if value is None:
+        return "pending" if key.startswith(("accuracy", "ppl")) else ""
+    return f"{value:.2f}" if key.startswith("ppl") else f"{value:.3f}"
+
+
+def build_site(entries: Sequence[dict[str, Any]], out: str | Path, title: str | None = None) -> Path:
+    """Write ``out/index.html``, its SVG plots and ``out/leaderboard.md`` (the folder is replaced atomically).
+    Returns the page's path."""
+    if not entries:
+        raise ValueError("no entries to build a board from")
+    entries = ordered(entries)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        plots = {
+            "retained.svg": _retained_plot(entries),
+            "accuracy.svg": _accuracy_plot(entries),
+            "heatmap.svg": _heatmap(entries),
+        }
+        for name, svg in plots.items():
+            if svg is not None:
+                (tmp / name).write_text(svg)
+        (tmp / "index.html").write_text(_page(entries, title, [n for n, svg in plots.items() if svg is not None]))
+        (tmp / "leaderboard.md").write_text(markdown_table(entries))
+    return out / "index.html"
+
+
+def entries_from_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
+    """Board entries from ``kvp-gym evaluate`` results.json files (trace level) and ``kvp-gym evaluate-e2e`` ones
+    (end to end), matched by policy label; for a board of one's own runs (``make demo``), not for submissions."""
+    trace_records, e2e_records = [], []
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        {"kvp-gym/trace-evaluation": trace_records, "kvp-gym/e2e-evaluation": e2e_records}.get(
+            record.get("schema"), []
+        ).append(record)
+        if record.get("schema") not in ("kvp-gym/trace-evaluation", "kvp-gym/e2e-evaluation"):
+            raise ValueError(f"{path}: not a kvp-gym evaluate or evaluate-e2e results.json")
+    if len(trace_records) != 1 or len(e2e_records) > 1:
+        raise ValueError("give one trace-level results.json and at most one end-to-end results.json")
+    trace, e2e = trace_records[0], (e2e_records or [None])[0]
+    entries = []
+    for label, policy in trace["policies"].items():
+        entries.append(
+            {
+                "name": label,
+                "description": "",
+                "kind": kind_of(policy["needs_queries"], policy["privileged"]),
+                "results": {
+                    "trace_level": {
+                        "holistic_score": policy["holistic_score"],
+                        "per_task": policy["per_task"],
+                        "per_context": {},
+                        "retained_fraction": {
+                            b: v for b, v in policy["retained_fraction"]["absolute"].items() if v is not None
+                        },
+                        "per_layer_head": policy["per_head"],
+                    },
+                    "end_to_end": _e2e_of(e2e, label),
+                },
+            }
+        )
+    samples = len(trace["samples"])
+    title = f"{trace['model']}: {samples} samples of {', '.join(sorted(set(trace['tasks'])))} (your own runs)"
+    return entries, title
+
+
+def _e2e_of(record: dict[str, Any] | None, label: str) -> dict[str, Any] | None:
+    if record is None or label not in record["policies"]:
+        return None
+    perplexity = record["perplexity"]
+    return {
+        "accuracy": {task: rows["policies"][label] for task, rows in record["accuracy"].items()},
+        "perplexity": perplexity["policies"][label] if perplexity else {},
+        "full_cache": {
+            "accuracy": {task: rows["full_cache"] for task, rows in record["accuracy"].items()},
+            "perplexity": perplexity.get("full_cache") if perplexity else None,
+        },
+    }
+
+
+# --- plots (matplotlib, written as SVG text) -----------------------------------------------------------------------
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _figure(width: float = 6.4, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def _style(entry: dict[str, Any], index: int) -> dict[str, Any]:
+    """Line style by kind (dashed: upper bound, dotted: uses queries), colour by position (20 distinct)."""
+    import matplotlib
+
+    dash = "--" if entry["kind"] == UPPER_BOUND else ":" if entry["kind"] == KINDS["queries"] else "-"
+    return {"linestyle": dash, "color": matplotlib.colormaps["tab20"](index % 20)}
+
+
+def _retained_plot(entries: Sequence[dict[str, Any]]) -> str | None:
+    fig, ax = _figure()
+    for index, entry in enumerate(entries):
+        curve = entry["results"]["trace_level"]["retained_fraction"]
+        budgets = sorted(curve, key=int)
+        ax.plot(
+            [int(b) for b in budgets],
+            [curve[b] for b in budgets],
+            marker="o",
+            label=entry["name"],
+            **_style(entry, index),
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("budget (tokens kept per KV head)")
+    ax.set_ylabel("retained fraction of the future's attention")
+    ax.set_title("Retained fraction vs budget (trace level)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _svg(fig)
+
+
+def _accuracy_plot(entries: Sequence[dict[str, Any]]) -> str | None:
+    measured = [e for e in entries if e["results"]["end_to_end"]]
+    if not measured:
+        return None
+    fig, ax = _figure()
+    budgets = sorted({int(b) for e in measured for t in e["results"]["end_to_end"]["accuracy"].values() for b in t})
+    for entry in measured:
+        index = entries.index(entry)  # the same colour as in the retained-fraction plot
+        ax.plot(
+            budgets,
+            [cell(entry, f"accuracy:{b}") for b in budgets],
+            marker="o",
+            label=entry["name"],
+            **_style(entry, index),
+        )
+    full = measured[0]["results"]["end_to_end"]["full_cache"]["accuracy"]
+    ax.axhline(float(np.mean([v["mean"] for v in full.values()])), color="black", linewidth=1, label="full cache")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("budget (tokens kept per KV head)")
+    ax.set_ylabel("exact-match accuracy (mean over tasks)")
+    ax.set_title("End-to-end accuracy vs budget")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _svg(fig)
+
+
+def _heatmap(entries: Sequence[dict[str, Any]]) -> str | None:
+    ranked = [e for e in entries if e["kind"] != UPPER_BOUND]
+    if not ranked:
+        return None
+    top = ranked[0]
+    grid = np.asarray(top["results"]["trace_level"]["per_layer_head"], float)
+    fig, ax = _figure(3.2 + 0.4 * grid.shape[1], 4.5)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="holistic score")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_title(f"{top['name']}: per layer and KV head")
+    return _svg(fig)
+
+
+# --- the page ------------------------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }
+table { border-collapse: collapse; font-size: 0.9rem; width: 100%; }
+th, td { padding: 0.35rem 0.5rem; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; cursor: pointer; user-select: none; position: sticky; top: 0; }
+th[aria-sort="descending"]::after { content: " \\25BC"; } th[aria-sort="ascending"]::after { content: " \\25B2"; }
+td.name, th.name, td.kind { text-align: left; } tr.upper-bound { color: #777; font-style: italic; }
+.badge { font-size: 0.75rem; padding: 0.1rem 0.4rem; border-radius: 0.6rem; background: #e8eef8; }
+.ci { color: #777; font-size: 0.8rem; } .pending { color: #aaa; }
+figure { display: inline-block; margin: 1rem; vertical-align: top; } figure img { max-width: 560px; }
+pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; }
+"""
+
+_SCRIPT = """
+document.querySelectorAll("#board th").forEach((th, column) => th.addEventListener("click", () => {
+  const body = document.querySelector("#board tbody");
+  const descending = th.getAttribute("aria-sort") !== "descending";
+  document.querySelectorAll("#board th").forEach(h => h.removeAttribute("aria-sort"));
+  th.setAttribute("aria-sort", descending ? "descending" : "ascending");
+  const key = row => row.children[column].dataset.value;
+  const rows = Array.from(body.rows).sort((a, b) => {
+    const x = key(a), y = key(b);
+    const numeric = x !== "" && y !== "" && !isNaN(x) && !isNaN(y);
+    const order = numeric ? Number(x) - Number(y) : (x === "" ? 1 : y === "" ? -1 : x.localeCompare(y));
+    return descending ? -order : order;
+  });
+  rows.forEach(row => body.appendChild(row));
+}));
+"""
+
+_HOW_TO_SUBMIT = """
+<h2 id="submit">How to submit</h2>
+<ol>
+<li>Register your scorer under the <code>kvp_gym.scorers</code> entry points of your package (docs/evaluation.md
+shows the contract), or train KVP agents into a checkpoint file.</li>
+<li>Prepare the benchmark's trace set once (it is checked against the committed manifest):
+<pre>kvp-gym leaderboard prepare bench-v0</pre></li>
+<li>Run the standard evaluation; it writes a valid entry:
+<pre>kvp-gym submit --benchmark bench-v0 --policy NAME[:param=value;...] [--checkpoint FILE] \\
+    --name NAME --authors "A, B" --description "..." --out my-entry.json</pre></li>
+<li>Check it, add it (and its checkpoint) to <code>leaderboard/entries/</code> in a pull request; the maintainers
+reproduce it with <code>kvp-gym leaderboard validate --rerun my-entry.json</code>.</li>
+</ol>
+"""
+
+
+def _page(entries: Sequence[dict[str, Any]], title: str | None, plots: list[str]) -> str:
+    cols = columns(entries)
+    header = "".join(
+        f"<th{cls}>{html.escape(text)}</th>"
+        for cls, text in [(' class="name"', "method"), ("", "rank"), (' class="name"', "kind"), ("", "holistic score")]
+        + [("", h) for _, h in cols]
+    )
+    rows = []
+    for rank, entry in zip(ranks(entries), entries, strict=True):
+        score = entry["results"]["trace_level"]["holistic_score"]
+        low, high = score["ci95"]
+        cells = [
+            f'<td class="name" data-value="{html.escape(entry["name"])}" title="{html.escape(entry["description"])}">'
+            f"{html.escape(entry['name'])}</td>",
+            f'<td data-value="{"" if rank is None else rank}">{"-" if rank is None else rank}</td>',
+            f'<td class="kind" data-value="{entry["kind"]}">'
+            f'<span class="badge">{KIND_BADGES[entry["kind"]]}</span></td>',
+            f'<td data-value="{score["mean"]:.6f}">{score["mean"]:.3f} '
+            f'<span class="ci">[{low:.3f}, {high:.3f}]</span></td>',
+        ]
+        for key, _ in cols:
+            value = cell(entry, key)
+            text = _format(key, value)
+            cells.append(
+                f'<td data-value="{"" if value is None else f"{value:.6f}"}"'
+                f"{' class=pending' if value is None else ''}>{text}</td>"
+            )
+        kind = ' class="upper-bound"' if entry["kind"] == UPPER_BOUND else ""
+        rows.append(f"<tr{kind}>" + "".join(cells) + "</tr>")
+    figures = {
+        "retained.svg": "Share of the future's attention kept, against the budget (trace level).",
+        "accuracy.svg": "Exact-match accuracy with the evicting cache, against the budget.",
+        "heatmap.svg": "The top entry's holistic score per layer and KV head.",
+    }
+    figure_html = "".join(
+        f'<figure><img src="{name}" alt="{html.escape(figures[name])}">'
+        f"<figcaption>{figures[name]}</figcaption></figure>"
+        for name in plots
+    )
+    pending = any(e["results"]["end_to_end"] is None for e in entries)
+    heading = title or _benchmark_title(entries)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>kvp-gym leaderboard</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
+<style>{_STYLE}</style></head>
+<body>
+<h1>kvp-gym leaderboard</h1>
+<p>{html.escape(heading)}</p>
+<p>Holistic score: how well a policy's ranking of the cached tokens keeps the attention the future really pays, at
+every budget at once (1 = the oracle ranking), mean over samples and KV heads with a 95% bootstrap interval over
+samples. Ranks tie where intervals overlap. Kinds: <span class="badge">K/V only</span> reads keys, values and
+positions; <span class="badge">uses queries</span> also reads the prompt's queries; <span class="badge">upper
+bound</span> sees the future (not ranked). Accuracy and perplexity are end to end with the evicting cache
+(mean over tasks){"; <span class=pending>pending</span> = not evaluated end to end yet" if pending else ""}. Click a
+column header to sort.</p>
+<table id="board"><thead><tr>{header}</tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<h2>Plots</h2>
+{figure_html}
+{_HOW_TO_SUBMIT}
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+
+
+def _benchmark_title(entries: Sequence[dict[str, Any]]) -> str:
+    ids = sorted({e["benchmark"]["id"] for e in entries if "benchmark" in e})
+    if len(ids) != 1:
+        return "Entries of several benchmarks"
+    from kvp_gym_leaderboard.benchmark import load_benchmark
+
+    benchmark = load_benchmark(ids[0])
+    level = benchmark.trace_level
+    return (
+        f"{benchmark.id}: {benchmark.title}. Trace level: {len(level.tasks) * len(level.contexts) * level.samples} "
+        f"test samples ({', '.join(level.tasks)}; {', '.join(map(str, level.contexts))} prompt tokens; "
+        f"{level.protocol} protocol). End to end: {benchmark.end_to_end.samples} prompts per task "
+        f"({', '.join(benchmark.end_to_end.tasks)}) and {benchmark.end_to_end.essays} essays, "
+        f"{benchmark.end_to_end.context} tokens."
+    )

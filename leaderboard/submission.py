@@ -1,0 +1,399 @@
+"""Submission entries: the standard evaluation of a policy on a benchmark, and the checks every entry must pass.
+
+An entry (schema leaderboard/schema/submission-v1.json) says what the policy is and how to load it (a scorer of
+the ``kvp_gym.scorers`` entry points with its parameters, optionally a checkpoint file pinned by SHA-256), which
+benchmark it ran (id and manifest hash), and its results: the trace-level holistic score with a 95% bootstrap
+interval over samples, per task and per prompt length, the retained fraction at the benchmark's budgets and the
+per-layer x head scores (paper protocol); and end to end, the exact-match accuracy per task and budget and the
+essays' perplexity with the evicting cache, next to the full cache's.
+
+:func:`standard_evaluation` produces entries (``kvp-gym submit``); :func:`validate` checks files (``kvp-gym
+leaderboard validate``); :func:`rerun` re-evaluates an entry and reports numbers that fall outside its own interval.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import platform
+from collections.abc import Iterator, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvp_gym_leaderboard.benchmark import (
+    Benchmark,
+    BenchmarkError,
+    compare,
+    fingerprint_set,
+    load_benchmark,
+    manifest_sha256,
+    read_manifest,
+)
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "submission-v1.json"
+ENTRIES = Path(__file__).parent / "entries"
+SCHEMA, SCHEMA_VERSION = "kvp-gym/leaderboard-submission", 1
+KINDS = {"attention-free": "attention-free", "queries": "uses-prefill-queries", "future": "privileged-upper-bound"}
+
+
+def kind_of(needs_queries: bool, privileged: bool) -> str:
+    """The board's kind of a policy, from what its scorer declares it reads."""
+    return KINDS["future"] if privileged else KINDS["queries"] if needs_queries else KINDS["attention-free"]
+
+
+def policy_spec(scorer_name: str, parameters: dict[str, Any], checkpoint: str | None = None) -> str:
+    """The scorer spec (``name:param=value;...``) that rebuilds a scorer: the parameters that differ from its
+    defaults, and the checkpoint path if any."""
+    from kvp_gym.scorers import get_scorer
+    from kvp_gym.scorers import parameters as defaults_of
+
+    defaults = defaults_of(get_scorer(scorer_name)) if not checkpoint else {}
+    changed = {k: v for k, v in parameters.items() if k != "checkpoint" and defaults.get(k, object()) != v}
+    if checkpoint:
+        changed["checkpoint"] = checkpoint
+    return scorer_name + (":" + ";".join(f"{k}={v}" for k, v in changed.items()) if changed else "")
+
+
+def check_trace_set(benchmark: Benchmark, folder: Path) -> None:
+    """Raise BenchmarkError unless ``folder`` holds the benchmark's trace files with the manifest's samples, token
+    ids and settings (tensors are checked by ``kvp-gym leaderboard prepare``; the files' seals guard them since)."""
+    names = [name for _, _, name in benchmark.trace_files()]
+    missing = [name for name in names if not (folder / name).exists()]
+    if missing:
+        raise BenchmarkError(
+            f"{folder}: the {benchmark.id} trace set is missing {', '.join(missing)}; run kvp-gym leaderboard prepare "
+            f"{benchmark.id}" + (f" --dir {folder}" if folder != benchmark.default_folder() else "")
+        )
+    found = fingerprint_set(benchmark, folder, names, tensors=False)
+    problems = list(compare(read_manifest(benchmark), found, only=names))
+    if problems:
+        raise BenchmarkError(f"{folder}: not the {benchmark.id} trace set:\n  " + "\n  ".join(problems))
+
+
+def standard_evaluation(
+    benchmark: Benchmark,
+    policies: Sequence[str],
+    traces: Path,
+    work: Path,
+    *,
+    checkpoint: Path | None = None,
+    end_to_end: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate scorer specs on ``benchmark``; return an entry (without name, description and authors) per spec.
+
+    ``traces``: the prepared trace set; ``work``: where the end-to-end run keeps its resumable parts;
+    ``checkpoint``: a checkpoint file handed to every policy as its ``checkpoint`` parameter.
+    """
+    from kvp_gym.cache.e2e import run
+    from kvp_gym.evaluate import evaluate
+
+    check_trace_set(benchmark, traces)
+    specs = {
+        spec: spec if checkpoint is None else f"{spec}{';' if ':' in spec else ':'}checkpoint={checkpoint}"
+        for spec in policies
+    }
+    level = benchmark.trace_level
+    paths = [traces / name for _, _, name in benchmark.trace_files()]
+    record = evaluate(
+        paths,
+        specs,
+        split="test",
+        seed=level.bootstrap_seed,
+        bootstrap=level.bootstrap,
+        protocol=level.protocol,
+        progress=progress,
+    )
+    e2e = None
+    if end_to_end:
+        e2e = run(benchmark.e2e_config(tuple(specs.values())), work / "e2e", device=device, progress=progress)
+    contexts = _context_of_samples(benchmark)
+    entries = {}
+    for spec, full_spec in specs.items():
+        policy = record["policies"][spec]
+        entry: dict[str, Any] = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "kind": kind_of(policy["needs_queries"], policy["privileged"]),
+            "load": _load_record(policy["name"], policy["parameters"], checkpoint),
+            "benchmark": {"id": benchmark.id, "manifest_sha256": manifest_sha256(benchmark)},
+            "kvp_gym_version": record["kvp_gym_version"],
+            "hardware": _hardware(device),
+            "seeds": {
+                "trace_level": level.seed,
+                "end_to_end": benchmark.end_to_end.seed,
+                "bootstrap": level.bootstrap_seed,
+            },
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "results": {
+                "trace_level": _trace_level(
+                    record, spec, contexts, level.bootstrap, level.bootstrap_seed, level.budgets
+                ),
+                "end_to_end": None if e2e is None else _end_to_end(e2e, full_spec),
+            },
+        }
+        entries[spec] = entry
+    return entries
+
+
+def _load_record(name: str, parameters: dict[str, Any], checkpoint: Path | None) -> dict[str, Any]:
+    group = entry_points(group="kvp_gym.scorers")
+    load = {
+        "scorer": name,
+        "parameters": {k: v for k, v in parameters.items() if k != "checkpoint"},
+        "entry_point": group[name].value,
+    }
+    if checkpoint is not None:
+        load["checkpoint"] = {"path": str(checkpoint), "sha256": _file_sha256(checkpoint)}
+    return load
+
+
+def _context_of_samples(benchmark: Benchmark) -> dict[str, int]:
+    manifest = read_manifest(benchmark)
+    return {
+        sample: context
+        for _, context, name in benchmark.trace_files()
+        for sample in manifest["files"].get(name, {}).get("samples", {})
+    }
+
+
+def _trace_level(
+    record: dict, label: str, contexts: dict[str, int], bootstrap: int, seed: int, budgets: Sequence[int]
+) -> dict[str, Any]:
+    """The trace-level results of one policy; the interval is drawn from its own generator (``seed``), so it does
+    not depend on which other policies ran in the same evaluation."""
+    policy = record["policies"][label]
+    per_sample = np.asarray(policy["per_sample_head"]).mean((1, 2))
+    resampled = np.random.default_rng(seed).choice(per_sample, size=(bootstrap, len(per_sample))).mean(1)
+    of_context = np.array([contexts[name] for name in record["samples"]])
+    return {
+        "holistic_score": {
+            "mean": float(per_sample.mean()),
+            "ci95": [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))],
+        },
+        "per_task": policy["per_task"],
+        "per_context": {str(c): float(per_sample[of_context == c].mean()) for c in sorted(set(of_context.tolist()))},
+        "retained_fraction": {str(b): policy["retained_fraction"]["absolute"][str(b)] for b in budgets},
+        "per_layer_head": [[round(x, 6) for x in row] for row in policy["per_head"]],
+        "samples": len(per_sample),
+        "heads": len(record["layers"]) * record["num_kv_heads"],
+        "seconds": round(policy["seconds"], 3),
+    }
+
+
+def _end_to_end(e2e: dict, label: str) -> dict[str, Any]:
+    accuracy = {task: rows["policies"][label] for task, rows in e2e["accuracy"].items()}
+    perplexity = e2e["perplexity"]
+    return {
+        "accuracy": accuracy,
+        "perplexity": perplexity["policies"][label] if perplexity else {},
+        "full_cache": {
+            "accuracy": {task: rows["full_cache"] for task, rows in e2e["accuracy"].items()},
+            "perplexity": perplexity.get("full_cache") if perplexity else None,
+        },
+        "samples": e2e["samples"],
+    }
+
+
+def _hardware(device: str) -> dict[str, str]:
+    import torch
+
+    from kvp_gym.cache.e2e import resolve_device
+
+    resolved = resolve_device(device)
+    name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"cpu ({platform.processor() or '?'})"
+    return {"device": name, "platform": platform.platform(), "torch": torch.__version__}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+
+def validate(paths: Sequence[Path], benchmark: Benchmark | None = None) -> list[str]:
+    """Every problem of the entry files ``paths``, one line each: ``FILE: JSON-PATH: what is wrong``.
+
+    Checks: valid JSON, the schema, a known benchmark (``benchmark`` if given, else the entry's id) with the current
+    manifest hash, internal consistency (intervals contain their mean, retained fraction non-decreasing in the
+    budget, the benchmark's tasks, lengths, budgets, sample counts and seeds), a checkpoint whose SHA-256 matches,
+    and no two entries with the same name.
+    """
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    problems: list[str] = []
+    names: dict[str, Path] = {}
+    for path in paths:
+        path = Path(path)
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            problems.append(f"{path}: $: cannot read: {err}")
+            continue
+        except json.JSONDecodeError as err:
+            problems.append(f"{path}: $: not valid JSON: {err}")
+            continue
+        errors = sorted(validator.iter_errors(entry), key=lambda e: list(map(str, e.absolute_path)))
+        problems += [f"{path}: {_json_path(e.absolute_path)}: {_schema_message(e)}" for e in errors]
+        if errors:
+            continue
+        problems += [f"{path}: {where}: {message}" for where, message in _consistency(entry, path, benchmark)]
+        if entry["name"] in names:
+            problems.append(f"{path}: $.name: {entry['name']!r} is already the name of {names[entry['name']]}")
+        names.setdefault(entry["name"], path)
+    return problems
+
+
+def _json_path(parts) -> str:
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+
+
+def _schema_message(error) -> str:
+    if error.validator == "additionalProperties":
+        return error.message.replace("Additional properties are not allowed", "unknown field(s)")
+    if error.validator == "oneOf" and error.instance is not None:
+        return "expected null or " + "; ".join(sorted({e.message for e in error.context if e.validator != "type"}))
+    return error.message
+
+
+def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[tuple[str, str]]:
+    """(JSON path, problem) for everything the schema cannot express."""
+    wanted = entry["benchmark"]["id"]
+    if given is not None and given.id != wanted:
+        yield "$.benchmark.id", f"entry is for {wanted!r}, this board is {given.id!r}"
+        return
+    try:
+        benchmark = given or load_benchmark(wanted)
+        current = manifest_sha256(benchmark)
+    except BenchmarkError as err:
+        yield "$.benchmark.id", str(err)
+        return
+    if entry["benchmark"]["manifest_sha256"] != current:
+        yield "$.benchmark.manifest_sha256", f"stale: the {benchmark.id} manifest's SHA-256 is now {current}"
+    level, e2e_settings = benchmark.trace_level, benchmark.end_to_end
+    seeds = {"trace_level": level.seed, "end_to_end": e2e_settings.seed, "bootstrap": level.bootstrap_seed}
+    for key, value in seeds.items():
+        if entry["seeds"][key] != value:
+            yield f"$.seeds.{key}", f"{entry['seeds'][key]} is not the benchmark's {value}"
+    trace = entry["results"]["trace_level"]
+    yield from _interval_problems("$.results.trace_level.holistic_score", trace["holistic_score"])
+    yield from _same_keys("$.results.trace_level.per_task", trace["per_task"], level.tasks)
+    yield from _same_keys("$.results.trace_level.per_context", trace["per_context"], [str(c) for c in level.contexts])
+    retained = trace["retained_fraction"]
+    yield from _same_keys("$.results.trace_level.retained_fraction", retained, [str(b) for b in level.budgets])
+    curve = [retained[str(b)] for b in sorted(level.budgets) if str(b) in retained]
+    if any(later < earlier - 1e-9 for earlier, later in zip(curve, curve[1:], strict=False)):
+        yield "$.results.trace_level.retained_fraction", f"must not decrease as the budget grows, got {curve}"
+    samples = len(level.tasks) * len(level.contexts) * level.samples
+    if trace["samples"] != samples:
+        yield "$.results.trace_level.samples", f"{trace['samples']}, but the benchmark has {samples} samples"
+    cells = sum(len(row) for row in trace["per_layer_head"])
+    if cells != trace["heads"]:
+        yield "$.results.trace_level.per_layer_head", f"{cells} values for {trace['heads']} heads"
+    mean_of_heads = float(np.mean([x for row in trace["per_layer_head"] for x in row]))
+    if abs(mean_of_heads - trace["holistic_score"]["mean"]) > 1e-4:
+        yield (
+            "$.results.trace_level.per_layer_head",
+            f"its mean {mean_of_heads:.4f} is not the holistic score {trace['holistic_score']['mean']:.4f}",
+        )
+    e2e = entry["results"]["end_to_end"]
+    if e2e is not None:
+        budgets = [str(b) for b in e2e_settings.budgets]
+        yield from _same_keys("$.results.end_to_end.accuracy", e2e["accuracy"], e2e_settings.tasks)
+        for task, by_budget in e2e["accuracy"].items():
+            yield from _same_keys(f"$.results.end_to_end.accuracy.{task}", by_budget, budgets)
+            for budget, interval in by_budget.items():
+                yield from _interval_problems(f"$.results.end_to_end.accuracy.{task}.{budget}", interval)
+        if e2e_settings.essays:
+            yield from _same_keys("$.results.end_to_end.perplexity", e2e["perplexity"], budgets)
+        for budget, interval in e2e["perplexity"].items():
+            yield from _interval_problems(f"$.results.end_to_end.perplexity.{budget}", interval)
+    checkpoint = entry["load"].get("checkpoint")
+    if checkpoint is not None:
+        file = resolve_checkpoint(checkpoint["path"], path)
+        if not file.exists():
+            yield "$.load.checkpoint.path", f"no such file {file}"
+        elif _file_sha256(file) != checkpoint["sha256"]:
+            yield "$.load.checkpoint.sha256", f"{file} has SHA-256 {_file_sha256(file)}, not the entry's"
+
+
+def resolve_checkpoint(path: str, entry_file: Path) -> Path:
+    """A checkpoint path of an entry: absolute, or relative to the entry file's folder."""
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else Path(entry_file).parent / candidate
+
+
+def _interval_problems(where: str, interval: dict) -> Iterator[tuple[str, str]]:
+    low, high = interval["ci95"]
+    if not low - 1e-9 <= interval["mean"] <= high + 1e-9:
+        yield where, f"the interval {interval['ci95']} does not contain the mean {interval['mean']}"
+
+
+def _same_keys(where: str, found: dict, expected: Sequence[str]) -> Iterator[tuple[str, str]]:
+    missing, unknown = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        yield where, f"missing {', '.join(missing)} (the benchmark's are {', '.join(expected)})"
+    if unknown:
+        yield where, f"unknown {', '.join(unknown)} (the benchmark's are {', '.join(expected)})"
+
+
+# --- reproduction -------------------------------------------------------------------------------------------------
+
+
+def rerun(path: Path, traces: Path, work: Path, device: str = "auto", progress: bool = True) -> list[str]:
+    """Re-evaluate the entry in ``path`` and return every number outside the entry's own 95% interval."""
+    path = Path(path)
+    entry = json.loads(path.read_text())
+    benchmark = load_benchmark(entry["benchmark"]["id"])
+    load = entry["load"]
+    checkpoint = resolve_checkpoint(load["checkpoint"]["path"], path) if "checkpoint" in load else None
+    spec = policy_spec(load["scorer"], load["parameters"])
+    fresh = standard_evaluation(
+        benchmark,
+        [spec],
+        traces,
+        work,
+        checkpoint=checkpoint,
+        end_to_end=entry["results"]["end_to_end"] is not None,
+        device=device,
+        progress=progress,
+    )[spec]["results"]
+    return list(_outside(entry["results"], fresh, path))
+
+
+def _outside(claimed: dict, fresh: dict, path: Path) -> Iterator[str]:
+    pairs = [
+        (
+            "$.results.trace_level.holistic_score",
+            claimed["trace_level"]["holistic_score"],
+            fresh["trace_level"]["holistic_score"],
+        )
+    ]
+    if claimed["end_to_end"] is not None:
+        for task, by_budget in claimed["end_to_end"]["accuracy"].items():
+            for budget, interval in by_budget.items():
+                pairs.append(
+                    (
+                        f"$.results.end_to_end.accuracy.{task}.{budget}",
+                        interval,
+                        fresh["end_to_end"]["accuracy"][task][budget],
+                    )
+                )
+    for where, interval, again in pairs:
+        low, high = interval["ci95"]
+        if not low - 1e-9 <= again["mean"] <= high + 1e-9:
+            yield (
+                f"{path}: {where}: rerun gives {again['mean']:.4f}, outside the entry's interval "
+                f"[{low:.4f}, {high:.4f}]"
+            )
