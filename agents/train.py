@@ -60,7 +60,7 @@ Head = tuple[int, int]  # (layer, KV head)
 # Tokens (heads x episodes x cache tokens) per chunk of a step when ``chunk_tokens`` is 0: about 0.5 GB of
 # activations for the demo preset's width 32 on a CPU; GPUs take bigger chunks.
 AUTO_CHUNK_TOKENS = {"cpu": 2**18, "cuda": 2**21}
-PREFETCH = 4  # chunks read ahead of the one being trained on
+PREFETCH = 2  # chunks read ahead of the one being trained on
 
 
 def parse_heads(spec: str, layers: tuple[int, ...], num_kv_heads: int) -> list[Head]:
@@ -162,14 +162,17 @@ class StreamingPool:
         self.files, self.stores, self.episodes, self.heads = files, stores, episodes, list(heads)
         self.head_dim = files[0].header.geometry.head_dim
 
-    def batch(self, index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def batch(self, index: torch.Tensor, rows: torch.Tensor, buffers: dict | None = None) -> tuple[torch.Tensor, ...]:
         """index [H', B] episode indices for the heads ``rows`` [H'] (indices into ``heads``) -> keys, values float16
-        [H', B, n, D], importance float32 [H', B, n] (0 past each split), splits [H', B]; n = the longest split."""
+        [H', B, n, D], importance float32 [H', B, n] (0 past each split), splits [H', B]; n = the longest split.
+        ``buffers`` (a dict this pool fills and reuses) holds the tensors' memory from one call to the next."""
         splits = self.episodes.split[index]
         n = int(splits.max())
-        keys = torch.zeros(*index.shape, n, self.head_dim, dtype=torch.float16)
-        values = torch.zeros_like(keys)
-        importance = torch.zeros(*index.shape, n)
+        buffers = {} if buffers is None else buffers
+        shape = (*index.shape, n)
+        keys = reused(buffers, "keys", (*shape, self.head_dim), torch.float16)
+        values = reused(buffers, "values", (*shape, self.head_dim), torch.float16)
+        importance = reused(buffers, "importance", shape, torch.float32)
         read: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (row, sample) -> keys, values
         stored: dict[tuple[int, int, int], torch.Tensor] = {}  # (sample, layer, split) -> importance [H_kv, split]
         for i, row in enumerate(rows.tolist()):
@@ -180,13 +183,22 @@ class StreamingPool:
                 if (row, sample) not in read:
                     trace = self.files[file].head(info, layer, head, queries=False)
                     read[row, sample] = trace.keys, trace.values
-                k, v = read[row, sample]
-                keys[i, j, :split] = k[:split]
-                values[i, j, :split] = v[:split]
                 if (sample, layer, split) not in stored:
                     stored[sample, layer, split] = self.stores[file].layer(info, layer, split)
-                importance[i, j, :split] = stored[sample, layer, split][head]
+                k, v = read[row, sample]
+                for out, data in ((keys, k), (values, v), (importance, stored[sample, layer, split][head])):
+                    out[i, j, :split].copy_(data[:split])
+                    out[i, j, split:].zero_()
         return keys, values, importance, splits
+
+
+def reused(buffers: dict, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``shape`` on the memory ``buffers[name]`` (grown when too small). Batches reuse memory: fresh
+    multi-megabyte tensors per batch cost more in page faults than filling them."""
+    size = math.prod(shape)
+    if name not in buffers or buffers[name].numel() < size:
+        buffers[name] = torch.empty(size, dtype=dtype, pin_memory=buffers.get("pin", False))
+    return buffers[name][:size].view(shape)
 
 
 class MemoryPool:
@@ -213,8 +225,8 @@ class MemoryPool:
             for h, (layer, head) in enumerate(heads):
                 self.importance[h, e, :split] = stores[file].layer(info, layer, split)[head]
 
-    def batch(self, index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """As :meth:`StreamingPool.batch`."""
+    def batch(self, index: torch.Tensor, rows: torch.Tensor, buffers: dict | None = None) -> tuple[torch.Tensor, ...]:
+        """As :meth:`StreamingPool.batch` (``buffers`` unused)."""
         splits = self.episodes.split[index]
         n = int(splits.max())
         samples = self.episodes.sample[index]
@@ -236,7 +248,7 @@ def model_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys, values, importance, splits) of a pool batch -> on ``device``: keys, values [H', B, n, D], positions
     [1, 1, n], ages [H', B, n], valid [H', B, n], importance [H', B, n]."""
-    keys, values, importance, splits = (t.to(device, non_blocking=True) for t in batch)
+    keys, values, importance, splits = (t.to(device) for t in batch)  # synchronous: the memory is reused
     n = keys.shape[2]
     positions = torch.arange(n, device=device)
     return (
@@ -344,6 +356,50 @@ def evaluate_heads(
     return total.cpu() / episodes
 
 
+def chunk_loss(
+    model: torch.nn.Module,
+    rows: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    ages: torch.Tensor,
+    valid: torch.Tensor,
+    importance: torch.Tensor,
+    noise: torch.Tensor,
+    config: TrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RLOO loss of one chunk of heads ``rows`` [H'] (inputs as :func:`model_inputs` gives them; ``noise``
+    [H', B, K, n] uniform draws for the rankings), and its statistics [4]: sums over the heads of the mean reward,
+    holistic score, advantage std and log-probability. Heads' losses add up: a step's loss is the sum over its
+    chunks, whatever the chunks."""
+    device = keys.device
+    # 1. K sampled rankings per episode from one network pass: [H', B, K, n].
+    with autocast(device, config.bf16):
+        scores = model(keys, values, positions, ages, rows.to(device))
+    scores = scores.float()[:, :, None].expand(-1, -1, config.rankings, -1)
+    valid = valid[:, :, None].expand_as(scores)
+    ranking = gumbel_ranking(scores.detach(), valid, uniform=noise)
+    with torch.device(device):  # the utility code makes its index tensors on the default device
+        reward = holistic_reward(importance[:, :, None].expand_as(scores), ranking)  # [H', B, K], <= -1
+    # 2. Leave-one-out baseline (over the episode's other rankings, or over the batch when K = 1), then advantages
+    # normalised per head and clamped.
+    raw_advantage = leave_one_out(reward)
+    advantage = normalised(raw_advantage, config.advantage_clip)
+    # 3. REINFORCE: - advantage * log P(ranking); heads sum, so each head's gradient is its own.
+    log_prob = plackett_luce_log_prob(scores, ranking, valid).reshape(len(rows), -1)  # the advantages' order
+    loss = -(advantage * log_prob).mean(1).sum()
+    with torch.no_grad():
+        stats = torch.stack(
+            [
+                reward.mean((1, 2)).sum(),
+                (-1 / reward).mean((1, 2)).sum(),
+                raw_advantage.std(1).sum(),
+                log_prob.mean(1).sum(),
+            ]
+        )
+    return loss, stats
+
+
 def batches(
     pool: StreamingPool | MemoryPool,
     config: TrainConfig,
@@ -357,6 +413,9 @@ def batches(
     groups = pool.episodes.length_groups()
     sizes = torch.tensor([len(g) for g in groups], dtype=torch.float)
     heads = len(pool.heads)
+    # Reused memory (pinned for a GPU), one set per chunk in flight: queued, being filled, being trained on.
+    ring = [{"pin": pin} for _ in range(PREFETCH + 3)]
+    count = 0
     for _ in range(steps):
         # A batch of episodes per head, all from one length group (picked with probability proportional to its size,
         # so every episode is equally likely).
@@ -365,10 +424,12 @@ def batches(
         n = int(pool.episodes.split[index].max())
         chunks = head_chunks(heads, config.batch, n, chunk_tokens)
         for c, rows in enumerate(chunks):
-            batch = pool.batch(index[rows], rows)
-            noise = torch.rand(len(rows), config.batch, config.rankings, n, generator=generator)
-            if pin:
-                batch, noise = tuple(t.pin_memory() for t in batch), noise.pin_memory()
+            buffers = ring[count % len(ring)]
+            count += 1
+            batch = pool.batch(index[rows], rows, buffers)
+            shape = (len(rows), config.batch, config.rankings, batch[0].shape[2])  # the chunk's own longest split
+            noise = reused(buffers, "noise", shape, torch.float32)
+            torch.rand(noise.shape, generator=generator, out=noise)
             yield rows, batch, noise, generator.get_state() if c == len(chunks) - 1 else None
 
 
@@ -526,6 +587,7 @@ def _loop(
         "training": dataclasses.asdict(config),
     }
     started = warm = time.perf_counter()
+    waited = 0.0  # seconds the loop waited for the prefetch thread's batches
     bar = tqdm(
         range(start, config.steps), desc="train kvp", disable=not (progress and main), initial=start, total=config.steps
     )
@@ -540,35 +602,17 @@ def _loop(
             optimizer.zero_grad(set_to_none=True)
             state_after = None
             while state_after is None:
+                tick = time.perf_counter()
                 rows, batch, noise, state_after = next(data)
+                waited += time.perf_counter() - tick
                 keys, values, positions, ages, valid, importance = model_inputs(batch, device)
-                noise = noise.to(device, non_blocking=True)
+                noise = noise.to(device)
                 with model.no_sync() if ddp and state_after is None else contextlib.nullcontext():
-                    # 1. K sampled rankings per episode from one network pass: [H', B, K, n].
-                    with autocast(device, config.bf16):
-                        scores = model(keys, values, positions, ages, rows.to(device))
-                    scores = scores.float()[:, :, None].expand(-1, -1, config.rankings, -1)
-                    valid = valid[:, :, None].expand_as(scores)
-                    ranking = gumbel_ranking(scores.detach(), valid, uniform=noise)
-                    with torch.device(device):  # the utility code makes its index tensors on the default device
-                        reward = holistic_reward(importance[:, :, None].expand_as(scores), ranking)  # [H', B, K]
-                    # 2. Leave-one-out baseline (over the episode's other rankings, or over the batch when K = 1),
-                    # then advantages normalised per head and clamped.
-                    raw_advantage = leave_one_out(reward)
-                    advantage = normalised(raw_advantage, config.advantage_clip)
-                    # 3. REINFORCE: - advantage * log P(ranking); heads sum, so each head's gradient is its own.
-                    log_prob = plackett_luce_log_prob(scores, ranking, valid).reshape(len(rows), -1)
-                    loss = -(advantage * log_prob).mean(1).sum()
-                    loss.backward()
-                with torch.no_grad():
-                    sums += torch.stack(
-                        [
-                            reward.mean((1, 2)).sum(),
-                            (-1 / reward).mean((1, 2)).sum(),
-                            raw_advantage.std(1).sum(),
-                            log_prob.mean(1).sum(),
-                        ]
+                    loss, stats = chunk_loss(
+                        model, rows, keys, values, positions, ages, valid, importance, noise, config
                     )
+                    loss.backward()
+                sums += stats
             grad_norm = clip_per_head(network, config.grad_clip)
             optimizer.step()
             schedule.step()
@@ -617,6 +661,7 @@ def _loop(
         "steps": config.steps,
         "seconds": now - started,
         "steps_per_second": (config.steps - start - 1) / (now - warm) if config.steps - start > 1 else None,
+        "data_wait_seconds": waited,
         "best_validation_score": best["score"],
         "best_step": best["step"],
         "checkpoint": str(out / "agents.safetensors"),
