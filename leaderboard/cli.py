@@ -39,6 +39,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     validate.add_argument("files", type=Path, nargs="*", help="entry files or folders (default: the board's entries)")
     validate.add_argument("--rerun", action="store_true", help="also re-evaluate each entry and compare its numbers")
+    validate.add_argument("--benchmark", help="check against this benchmark (id or .toml; default: each entry's id)")
     _evaluation_options(validate)
     validate.set_defaults(handler=_validate)
 
@@ -130,12 +131,13 @@ def _validate(args: argparse.Namespace) -> int:
     from kvp_gym_leaderboard.submission import rerun, validate
 
     files = _entry_files(args.files)
-    problems = validate(files)
+    given = load_benchmark(args.benchmark) if args.benchmark else None
+    problems = validate(files, given)
     if args.rerun and not problems:
         for file in files:
-            benchmark = load_benchmark(json.loads(file.read_text())["benchmark"]["id"])
+            benchmark = given or load_benchmark(json.loads(file.read_text())["benchmark"]["id"])
             traces = args.traces or benchmark.default_folder()
-            problems += rerun(file, traces, args.work / file.stem, device=args.device)
+            problems += rerun(file, benchmark, traces, args.work / file.stem, device=args.device)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -207,6 +209,7 @@ def _submit(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(entry, indent=1) + "\n")
             problems = validate([tmp], benchmark)
             if problems:  # a bug of ours, not the user's: keep nothing
+                problems = [p.replace(str(tmp), str(out)) for p in problems]
                 raise ValueError(f"{out}: the entry written is not valid:\n" + "\n".join(problems))
         print(f"wrote {out}: holistic score {entry['results']['trace_level']['holistic_score']['mean']:.3f}")
     return 0

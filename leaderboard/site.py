@@ -393,9 +393,12 @@ def _benchmark_title(entries: Sequence[dict[str, Any]]) -> str:
     ids = sorted({e["benchmark"]["id"] for e in entries if "benchmark" in e})
     if len(ids) != 1:
         return "Entries of several benchmarks"
-    from kvp_gym_leaderboard.benchmark import load_benchmark
+    from kvp_gym_leaderboard.benchmark import BenchmarkError, load_benchmark
 
-    benchmark = load_benchmark(ids[0])
+    try:
+        benchmark = load_benchmark(ids[0])
+    except BenchmarkError:  # a benchmark of the user's own, not shipped with this package
+        return f"{ids[0]} entries"
     level = benchmark.trace_level
     return (
         f"{benchmark.id}: {benchmark.title}. Trace level: {len(level.tasks) * len(level.contexts) * level.samples} "

@@ -351,11 +351,13 @@ def _same_keys(where: str, found: dict, expected: Sequence[str]) -> Iterator[tup
 # --- reproduction -------------------------------------------------------------------------------------------------
 
 
-def rerun(path: Path, traces: Path, work: Path, device: str = "auto", progress: bool = True) -> list[str]:
-    """Re-evaluate the entry in ``path`` and return every number outside the entry's own 95% interval."""
+def rerun(
+    path: Path, benchmark: Benchmark, traces: Path, work: Path, device: str = "auto", progress: bool = True
+) -> list[str]:
+    """Re-evaluate the (valid) entry in ``path`` on ``benchmark`` and return every number outside the entry's own
+    95% interval, one line each."""
     path = Path(path)
     entry = json.loads(path.read_text())
-    benchmark = load_benchmark(entry["benchmark"]["id"])
     load = entry["load"]
     checkpoint = resolve_checkpoint(load["checkpoint"]["path"], path) if "checkpoint" in load else None
     spec = policy_spec(load["scorer"], load["parameters"])

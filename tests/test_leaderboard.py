@@ -1,0 +1,311 @@
+"""The leaderboard on a tiny benchmark (tiny-random, 8 samples): prepare and its manifest, submit, validate (every
+kind of bad entry), rerun, the board's ranks and Markdown table; and every committed entry is valid."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvp_gym.cli import main
+from kvp_gym_leaderboard.benchmark import (
+    TOLERANCE,
+    BenchmarkError,
+    _fingerprint,
+    compare,
+    load_benchmark,
+    manifest_sha256,
+    prepare,
+    read_manifest,
+)
+from kvp_gym_leaderboard.site import build_site, markdown_table, ranks
+from kvp_gym_leaderboard.submission import ENTRIES, rerun, standard_evaluation, validate
+
+TINY = """\
+id = "tiny-v0"
+title = "tiny-random, for the tests"
+model = "tiny-random"
+text = "heldout"
+held_out_tasks = []
+[trace_level]
+tasks = ["niah_single", "essay"]
+contexts = [600, 700]
+samples = 2
+future = 8
+seed = 5
+protocol = "paper"
+budgets = [32, 64]
+bootstrap = 200
+bootstrap_seed = 0
+[end_to_end]
+tasks = ["niah_single"]
+context = 700
+budgets = [32, 64]
+samples = 2
+essays = 1
+continuation = 8
+seed = 6
+"""
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """(benchmark, trace folder) of the tiny benchmark, prepared and its manifest written."""
+    root = tmp_path_factory.mktemp("bench")
+    (root / "tiny-v0.toml").write_text(TINY)
+    benchmark = load_benchmark(root / "tiny-v0.toml")
+    assert prepare(benchmark, root / "set", write_manifest=True, progress=False) == []
+    return benchmark, root / "set"
+
+
+@pytest.fixture(scope="module")
+def entries(bench, tmp_path_factory):
+    """Entries for three policies of three kinds, written as submit writes them."""
+    benchmark, traces = bench
+    work = tmp_path_factory.mktemp("work")
+    evaluated = standard_evaluation(
+        benchmark, ["random", "streaming_llm", "tova", "oracle"], traces, work, progress=False
+    )
+    folder = tmp_path_factory.mktemp("entries")
+    for spec, entry in evaluated.items():
+        entry = {"name": spec, "description": f"{spec} baseline", "authors": ["tests"], **entry}
+        (folder / f"{spec}.json").write_text(json.dumps(entry))
+    return folder
+
+
+def test_prepare_rebuilds_the_same_set_and_the_manifest_matches(bench, tmp_path):
+    benchmark, traces = bench
+    assert prepare(benchmark, traces, progress=False) == []  # resumes: nothing to collect, all matches
+    shutil.copy(traces / "essay-600.h5", tmp_path / "essay-600.h5")  # a fresh collection of the other files
+    assert prepare(benchmark, tmp_path, progress=False) == []
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == [
+        "essay-600.h5",
+        "essay-700.h5",
+        "niah_single-600.h5",
+        "niah_single-700.h5",
+    ]
+
+
+def test_shards_split_the_files(bench, tmp_path):
+    benchmark, _ = bench
+    from kvp_gym_leaderboard.benchmark import shard_files
+
+    shards = [shard_files(benchmark, (i, 3)) for i in range(3)]
+    assert sorted(f for s in shards for f in s) == sorted(benchmark.trace_files())
+    assert all(shards)
+    with pytest.raises(BenchmarkError, match="0 <= i < N"):
+        shard_files(benchmark, (3, 3))
+
+
+def test_a_mismatch_names_the_file_sample_and_field(bench):
+    benchmark, _ = bench
+    manifest = read_manifest(benchmark)
+    changed = json.loads(json.dumps(manifest))
+    sample = next(iter(changed["files"]["essay-600.h5"]["samples"]))
+    record = changed["files"]["essay-600.h5"]["samples"][sample]
+    record["prompt_sha256"] = "0" * 64
+    record["tensors"]["keys"][1][1] *= 1.01  # the RMS of layer 1's keys, 1% off (tolerance 0.5%)
+    problems = list(compare(changed, manifest))
+    assert len(problems) == 2
+    assert f"essay-600.h5: sample {sample}: prompt_sha256 differs" in problems[0]
+    assert f"essay-600.h5: sample {sample}: keys of layer 1: rms" in problems[1]
+
+
+def test_fingerprints_tolerate_rounding_but_not_a_shifted_token_or_noise():
+    rng = np.random.default_rng(0)
+    # keys-like data: a large constant channel (as real keys have) on top of per-token variation
+    tensor = (rng.normal(0, 1, (3, 500, 16)) + 4 * (np.arange(16) == 3)).astype(np.float16)
+    rounded = tensor.copy().view(np.uint16)
+    flip = rng.random(rounded.shape) < 0.05  # another CPU rounds 5% of the values one unit differently
+    rounded[flip] ^= 1
+    shifted = np.roll(tensor, 1, axis=1)  # every token one position off
+    want = _fingerprint(tensor)
+    close = lambda got: all(abs(a - b) <= TOLERANCE * want[1] for a, b in zip(want, got, strict=True))  # noqa: E731
+    assert close(_fingerprint(rounded.view(np.float16)))
+    assert not close(_fingerprint(shifted))
+    assert not close(_fingerprint(tensor[::-1]))  # heads swapped
+    noisy = tensor * (1 + 0.01 * rng.normal(size=tensor.shape))  # other weights: 1% off
+    assert not close(_fingerprint(noisy.astype(np.float16)))
+
+
+def test_bad_benchmark_definitions_are_clear_errors(tmp_path):
+    with pytest.raises(BenchmarkError, match="unknown benchmark 'nope'; known: bench-v0"):
+        load_benchmark("nope")
+    path = tmp_path / "x-v0.toml"
+    path.write_text(
+        TINY.replace('id = "tiny-v0"', 'id = "x-v0"').replace(
+            "budgets = [32, 64]\nbootstrap", "budgets = [16]\nbootstrap"
+        )
+    )
+    with pytest.raises(BenchmarkError, match="above the 20 tokens the paper protocol protects"):
+        load_benchmark(path)
+    path.write_text(TINY)
+    with pytest.raises(BenchmarkError, match="differs from the file name"):
+        load_benchmark(path)
+    path.write_text(TINY.replace('id = "tiny-v0"', 'id = "x-v0"').replace('model = "tiny-random"\n', ""))
+    with pytest.raises(BenchmarkError, match="missing field 'model'"):
+        load_benchmark(path)
+
+
+def test_submitted_entries_are_valid_and_kinds_follow_the_scorers(bench, entries):
+    benchmark, _ = bench
+    files = sorted(entries.glob("*.json"))
+    assert validate(files, benchmark) == []
+    kinds = {f.stem: json.loads(f.read_text())["kind"] for f in files}
+    assert kinds == {
+        "random": "attention-free",
+        "streaming_llm": "attention-free",
+        "tova": "uses-prefill-queries",
+        "oracle": "privileged-upper-bound",
+    }
+    entry = json.loads((entries / "tova.json").read_text())
+    assert entry["benchmark"] == {"id": "tiny-v0", "manifest_sha256": manifest_sha256(benchmark)}
+    trace = entry["results"]["trace_level"]
+    assert set(trace["per_task"]) == {"niah_single", "essay"} and set(trace["per_context"]) == {"600", "700"}
+    assert trace["samples"] == 8 and trace["heads"] == 4
+    # the holistic score is the mean of the per-sample means, which the per-context means average to
+    assert np.mean(list(trace["per_context"].values())) == pytest.approx(trace["holistic_score"]["mean"])
+    assert set(entry["results"]["end_to_end"]["accuracy"]["niah_single"]) == {"32", "64"}
+
+
+def test_rerun_reproduces_and_catches_a_claim_outside_the_interval(bench, entries, tmp_path):
+    benchmark, traces = bench
+    assert rerun(entries / "streaming_llm.json", benchmark, traces, tmp_path / "a", progress=False) == []
+    entry = json.loads((entries / "streaming_llm.json").read_text())
+    entry["results"]["trace_level"]["holistic_score"] = {"mean": 0.5, "ci95": [0.45, 0.55]}
+    claimed = tmp_path / "claimed.json"
+    claimed.write_text(json.dumps(entry))
+    problems = rerun(claimed, benchmark, traces, tmp_path / "a", progress=False)
+    assert len(problems) == 1 and "holistic_score: rerun gives" in problems[0] and "[0.4500, 0.5500]" in problems[0]
+
+
+def _broken(entries: Path, tmp_path: Path, edit) -> Path:
+    entry = json.loads((entries / "tova.json").read_text())
+    edit(entry)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(entry))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "where", "message"),
+    [
+        (lambda e: e.pop("authors"), "$", "'authors' is a required property"),
+        (lambda e: e["benchmark"].update(id="bench-v9"), "$.benchmark.id", "entry is for 'bench-v9'"),
+        (lambda e: e["benchmark"].update(manifest_sha256="0" * 64), "$.benchmark.manifest_sha256", "stale"),
+        (
+            lambda e: e["results"]["trace_level"]["per_task"].update(essay=1.5),
+            "$.results.trace_level.per_task.essay",
+            "1.5 is greater than the maximum of 1",
+        ),
+        (
+            lambda e: e["results"]["trace_level"]["holistic_score"].update(ci95=[0.0, 0.01]),
+            "$.results.trace_level.holistic_score",
+            "does not contain the mean",
+        ),
+        (
+            lambda e: e["results"]["trace_level"]["retained_fraction"].update({"32": 0.9, "64": 0.1}),
+            "$.results.trace_level.retained_fraction",
+            "must not decrease",
+        ),
+        (
+            lambda e: e["results"]["trace_level"]["per_task"].pop("essay"),
+            "$.results.trace_level.per_task",
+            "missing essay",
+        ),
+        (lambda e: e["seeds"].update(trace_level=1), "$.seeds.trace_level", "not the benchmark's 5"),
+        (lambda e: e.update(kind="clever"), "$.kind", "'clever' is not one of"),
+        (
+            lambda e: e["load"].update(checkpoint={"path": "agents.safetensors", "sha256": "a" * 64}),
+            "$.load.checkpoint.sha256",
+            "not the entry's",
+        ),
+        (lambda e: e.update(extra=1), "$", "unknown field(s) ('extra' was unexpected)"),
+    ],
+)
+def test_each_bad_entry_is_one_clear_line(bench, entries, tmp_path, edit, where, message):
+    benchmark, _ = bench
+    (tmp_path / "agents.safetensors").write_bytes(b"not the pinned file")
+    path = _broken(entries, tmp_path, edit)
+    problems = validate([path], benchmark)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}: {where}: ") and message in problems[0]
+
+
+def test_not_json_and_duplicate_names(bench, entries, tmp_path):
+    benchmark, _ = bench
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"name": ')
+    copy = tmp_path / "copy.json"
+    copy.write_text((entries / "tova.json").read_text())
+    problems = validate([broken, entries / "tova.json", copy], benchmark)
+    assert problems == [
+        f"{broken}: $: not valid JSON: Expecting value: line 1 column 10 (char 9)",
+        f"{copy}: $.name: 'tova' is already the name of {entries / 'tova.json'}",
+    ]
+
+
+def test_validate_command_exit_status_and_no_board_from_bad_entries(bench, entries, tmp_path, capsys):
+    benchmark, _ = bench
+    toml = str(benchmark.path)
+    assert main(["leaderboard", "validate", "--benchmark", toml, str(entries)]) == 0
+    assert "4 entries valid" in capsys.readouterr().out
+    bad = _broken(entries, tmp_path, lambda e: e["benchmark"].update(manifest_sha256="0" * 64))
+    assert main(["leaderboard", "validate", "--benchmark", toml, str(bad)]) == 1
+    assert "$.benchmark.manifest_sha256: stale" in capsys.readouterr().err
+    site = tmp_path / "site"
+    assert main(["leaderboard", "build", "--out", str(site), "--entries", str(bad)]) == 1
+    assert "nothing written" in capsys.readouterr().err and not site.exists()
+
+
+def test_ranks_tie_where_intervals_overlap():
+    def entry(mean, low, high, kind="attention-free"):
+        return {"kind": kind, "results": {"trace_level": {"holistic_score": {"mean": mean, "ci95": [low, high]}}}}
+
+    board = [
+        entry(1.0, 1.0, 1.0, "privileged-upper-bound"),
+        entry(0.80, 0.75, 0.85),
+        entry(0.74, 0.70, 0.78),  # overlaps the first: tied with it
+        entry(0.60, 0.58, 0.62),  # below both
+        entry(0.65, 0.40, 0.90),  # wide: nothing is surely above it
+    ]
+    assert ranks(board) == [None, 1, 1, 3, 1]
+
+
+def test_board_markdown_and_site_from_entries(bench, entries, tmp_path):
+    loaded = [json.loads(f.read_text()) for f in sorted(entries.glob("*.json"))]
+    page = build_site(loaded, tmp_path / "site")
+    assert page.read_text().count("<tr") == 1 + len(loaded)
+    assert {p.name for p in (tmp_path / "site").iterdir()} == {
+        "index.html",
+        "leaderboard.md",
+        "retained.svg",
+        "accuracy.svg",
+        "heatmap.svg",
+    }
+    table = markdown_table(loaded).splitlines()
+    assert table[0] == (
+        "| rank | method | kind | holistic score (95% CI) | essay | niah_single | 600 tokens | 700 tokens "
+        "| accuracy @32 | accuracy @64 | ppl @32 | ppl @64 |"
+    )
+    assert table[2].startswith("| - | oracle | upper bound |")
+    assert len(table) == 2 + len(loaded)
+
+
+def test_committed_entries_are_valid():
+    files = sorted(ENTRIES.glob("*.json"))
+    assert files, "the board has no entries"
+    assert validate(files) == []
+
+
+def test_readme_embeds_the_current_board():
+    entries = [json.loads(f.read_text()) for f in sorted(ENTRIES.glob("*.json"))]
+    readme = (ROOT / "README.md").read_text()
+    embedded = re.search(r"<!-- leaderboard:start -->\n(.*?)<!-- leaderboard:end -->", readme, re.S)
+    assert embedded, "README.md lacks the leaderboard markers"
+    assert embedded.group(1) == markdown_table(entries), "README's board is stale: kvp-gym leaderboard build"
