@@ -15,7 +15,8 @@ comma := ,
 KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
-.PHONY: install test demo lint fuzz clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e
+.PHONY: install test demo lint fuzz clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
+	leaderboard leaderboard-entries
 
 install: $(STAMP)
 
@@ -49,6 +50,9 @@ demo: $(STAMP)
 		--split all --protocol $$p --out runs/demo-eval-$$p --versus kvp || exit 1; done
 	$(BIN)/kvp-gym evaluate-e2e --model smollm2-135m --tasks niah_single --context 1024 --budgets 64,128 \
 		--policies kvp,tova,streaming_llm,random --samples 8 --essays 0 --text heldout --out runs/demo-e2e
+	$(BIN)/kvp-gym leaderboard build --from-results runs/demo-eval-paper/results.json runs/demo-e2e/results.json \
+		--out runs/demo-site
+	@echo "the demo's leaderboard: $(CURDIR)/runs/demo-site/index.html"
 
 # The shipped KVP agents (docs/agents.md): training traces from the "train" text pool (1k prompts with seed 0, 2k
 # prompts with seed 100). Held-out sets come from the disjoint "heldout" pool, with one task (niah_multiquery)
@@ -111,6 +115,19 @@ E2E_POLICIES := oracle,kvp,tova,snapkv,h2o,expected_attention,streaming_llm,knor
 kvp-e2e: $(STAMP)
 	$(BIN)/kvp-gym evaluate-e2e --model smollm2-135m --tasks niah_single,niah_multikey --context 1024 \
 		--budgets 64,128,256 --policies $(E2E_POLICIES) --samples 40 --essays 8 --text heldout --out runs/e2e
+
+# The bench-v0 board (docs/leaderboard.md). leaderboard-entries: the benchmark's trace set (in the user cache, checked
+# against its manifest), then every baseline, the oracle and the shipped KVP agents evaluated as submissions into
+# leaderboard/entries/ (resumable). leaderboard: the site from the committed entries.
+BOARD_POLICIES := random streaming_llm knorm keydiff lagkv tova snapkv h2o expected_attention oracle kvp
+leaderboard-entries: $(STAMP)
+	$(BIN)/kvp-gym leaderboard prepare bench-v0
+	$(BIN)/kvp-gym submit --benchmark bench-v0 $(foreach p,$(BOARD_POLICIES),--policy $(p)) \
+		--authors "kvp-gym maintainers" --work runs/board --out leaderboard/entries
+
+leaderboard: $(STAMP)
+	$(BIN)/kvp-gym leaderboard build --out site
+	@echo "the board: $(CURDIR)/site/index.html"
 
 clean:
 	rm -rf $(VENV) traces/demo .pytest_cache .ruff_cache
