@@ -142,7 +142,7 @@ class KVPNetwork(nn.Module):
         def table(t: torch.Tensor, norm: GroupedLayerNorm, w: torch.Tensor) -> torch.Tensor:
             return torch.bmm(normed(rows(t), norm), w)  # [H', buckets, W]
 
-        head = torch.arange(heads).reshape(heads, 1, 1)
+        head = torch.arange(heads, device=keys.device).reshape(heads, 1, 1)
         index_rows = table(self.index_table, self.index_norm, w1_index)
         age_rows = table(self.age_table, self.age_norm, w1_age)
         x = x + index_rows[head, positions.clamp(0, self.buckets - 1)]
