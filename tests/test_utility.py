@@ -124,3 +124,16 @@ def test_batched_and_padded_equals_one_by_one():
         alone = future_importance(q[b, :, : lengths[b]], k[b, : lengths[b]], splits[b])
         torch.testing.assert_close(batched[b, : splits[b]], alone)
         assert (batched[b, splits[b] :] == 0).all()
+
+
+def test_one_split_for_all_episodes_equals_the_per_episode_path():
+    """An int split (and length) takes the path without masks; tensors of the same values, the masked one."""
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 3, 60, 8) * 3, torch.randn(2, 60, 8) * 3
+    for split, length in ((20, None), (20, 45), (45, 45), (0, 30)):
+        fast = future_importance(q, k, split, length, chunk=16)
+        masked = future_importance(
+            q, k, torch.tensor([split, split]), torch.tensor([60 if length is None else length] * 2), chunk=16
+        )
+        torch.testing.assert_close(fast, masked)
+        assert fast.shape == (2, split)

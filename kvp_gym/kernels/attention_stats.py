@@ -18,6 +18,9 @@ at ``query_offset + t``; query t sees key i when 0 <= position(t) - i (< the sli
 
 from __future__ import annotations
 
+import functools
+import math
+import threading
 from typing import Literal
 
 import torch
@@ -27,6 +30,9 @@ from kvp_gym.kernels import choose, triton_module
 
 Reduce = Literal["max", "mean", "none"]
 REDUCTIONS: tuple[Reduce, ...] = ("max", "mean", "none")
+_LOG2E = math.log2(math.e)
+# The smallest row sum of exponentials the torch path accepts without subtracting the row maximum.
+_SMALLEST_SUM = 2.0**-64
 
 
 def attention_stats(
@@ -64,10 +70,10 @@ def attention_stats(
     _check(queries, keys, reduce, query_valid, key_valid, query_offset, out_keys, chunk)
     arguments = (queries, keys, reduce, query_valid, key_valid, attention, query_offset, out_keys, chunk)
     if choose(queries.device) == "triton":
-        out = triton_module("attention_stats").attention_stats_triton(*arguments)
+        out, finite = triton_module("attention_stats").attention_stats_triton(*arguments), False
     else:
-        out = attention_stats_torch(*arguments)
-    if torch.isnan(out).any():
+        out, finite = _attention_stats_torch(*arguments)
+    if not finite and torch.isnan(out).any():
         raise ValueError("queries or keys contain NaN or infinity: the attention statistics came out NaN")
     return out
 
@@ -84,6 +90,34 @@ def attention_stats_torch(
     chunk: int = 128,
 ) -> torch.Tensor:
     """:func:`attention_stats` in torch, float32, on any device (arguments unchecked)."""
+    return _attention_stats_torch(
+        queries, keys, reduce, query_valid, key_valid, attention, query_offset, out_keys, chunk
+    )[0]
+
+
+def _attention_stats_torch(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    reduce: Reduce,
+    query_valid: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
+    attention: AttentionSpec | None,
+    query_offset: int | None,
+    out_keys: int | None,
+    chunk: int,
+) -> tuple[torch.Tensor, bool]:
+    """:func:`attention_stats_torch`, and whether every chunk took the fast path (its output is then finite).
+
+    Per chunk of queries: one matmul of the logits in log2 units (the scale and log2(e) folded into the queries
+    once), keys along the rows and the group's (head, query) pairs along the columns (this layout needs no
+    transposed copy of the keys, and the sums over keys and the max over heads run on whole rows); the masks added
+    as -inf biases; ``exp2`` in place; the sums over keys; then the reduction (for "mean" and "none", 1 / sum is
+    folded into the weights of the matmul that sums over queries). The row maximum is not subtracted: that is exact
+    as long as every query's sum of exponentials is finite (no term overflowed) and at least 2^-64 (its largest
+    term is then a normal float, and the terms that underflowed are below 2^-62 of it; float32 logits carry the
+    same rounding either way). A chunk that fails this check is computed again with the maximum subtracted (the
+    stable path: the usual softmax).
+    """
     batch, q_heads, num_queries, head_dim = queries.shape
     kv_heads, num_keys = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
@@ -91,67 +125,122 @@ def attention_stats_torch(
     width = num_keys if out_keys is None else out_keys
     spec = attention or AttentionSpec.standard(head_dim)
     device = queries.device
-    out = torch.zeros(batch, q_heads if reduce == "none" else kv_heads, width, dtype=torch.float32, device=device)
-    counted = torch.ones(batch, num_queries, dtype=torch.bool, device=device) if query_valid is None else query_valid
-    rows = counted.any(0).nonzero()[:, 0].tolist()
-    if not rows or width == 0:
-        return out
-    q = queries.reshape(batch, kv_heads, group, num_queries, head_dim)
-    keys_t = keys.transpose(-1, -2)  # [B, Hkv, D, S]
-    first, last = rows[0], rows[-1] + 1
-    # One logits buffer for every chunk, written in place: fresh multi-megabyte tensors per chunk cost more in
-    # page faults than the softmax itself on a CPU.
+    outputs = q_heads if reduce == "none" else kv_heads
+    first, last, weights = 0, num_queries, None
+    if query_valid is not None:
+        rows = query_valid.any(0).nonzero()
+        first, last = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        weights = query_valid[:, None, None, first:last, None].to(torch.float32)  # [B, 1, 1, T', 1]
+    if first == last or width == 0:
+        return torch.zeros(batch, outputs, width, dtype=torch.float32, device=device), True
+    # Queries scaled once: by scale * log2(e) (logits in log2 units, for exp2), or by scale before a soft-cap.
+    factor = spec.scale if spec.softcap else spec.scale * _LOG2E
+    q = queries if (first, last) == (0, num_queries) else queries[:, :, first:last]
+    q = q.mul(factor) if q.dtype == torch.float32 else q.to(torch.float32).mul_(factor)
+    q = q.view(batch, kv_heads, group, last - first, head_dim)
+    keys = keys.to(torch.float32)
     rows_per_chunk = min(chunk, last - first)
     span = offset + last if not spec.sliding_window else min(offset + last, chunk + spec.sliding_window - 1)
-    workspace = torch.empty(batch * q_heads * rows_per_chunk * span, dtype=torch.float32, device=device)
-    # Without a window, the keys up to a chunk's first query are visible to all its queries: only the triangle
-    # after them is masked, the same for every chunk. Masks are added as -inf biases (several times faster than a
-    # broadcast masked_fill_ on a CPU).
-    triangle = torch.full((rows_per_chunk, rows_per_chunk - 1), float("-inf"), device=device).triu_()
-    positions = torch.arange(max(num_queries + offset, num_keys), device=device)
-    weights = counted.to(torch.float32)[:, None, None, :]  # [B, 1, 1, T]: the sum over counted queries, a matmul
+    workspace = _workspace(batch * q_heads * rows_per_chunk * span, device)
+    out = None  # the first chunk's result when it covers all output keys, else zeros that chunks add to
+    fast = True
     for start in range(first, last, chunk):
         stop = min(start + chunk, last)
         # The keys these queries can see: up to the last one's position, and back to the window of the first.
         key_start = max(0, offset + start - spec.sliding_window + 1) if spec.sliding_window else 0
-        key_stop = offset + stop
         if key_start >= width:
             continue
-        count = stop - start
-        logits = _logits(workspace, spec, q[..., start:stop, :], keys_t[..., key_start:key_stop])
-        if spec.sliding_window:
-            logits.add_(_minus_inf_where(spec.hidden(positions[start:stop] + offset, positions[key_start:key_stop])))
+        key_stop, count = offset + stop, stop - start
+        for stable in (False, True):
+            logits = _logits(workspace, spec, q[..., start - first : stop - first, :], keys[:, :, key_start:key_stop])
+            # Masks are added as -inf biases (several times faster than a broadcast masked_fill_ on a CPU).
+            if spec.sliding_window:
+                positions = torch.arange(max(num_queries + offset, num_keys), device=device)
+                hidden = spec.hidden(positions[start:stop] + offset, positions[key_start:key_stop])
+                logits.add_(_minus_inf_where(hidden.T[:, None, :]))
+            elif count > 1:  # the keys up to the first query's are visible to all: only a triangle after them
+                logits[:, :, offset + start + 1 :].add_(_triangle(count, device))
+            if key_valid is not None:
+                logits.add_(_minus_inf_where(~key_valid[:, None, key_start:key_stop, None, None]))
+            if stable:  # the maximum subtracted; a query that sees no key (all -inf) stays -inf
+                logits.sub_(logits.amax(2, keepdim=True).clamp_(min=torch.finfo(torch.float32).min))
+            exps = logits.exp2_()  # [B, Hkv, keys, G, count]
+            sums = exps.sum(2, keepdim=True)  # [B, Hkv, 1, G, count]
+            if stable:
+                break
+            low, high = torch.aminmax(sums)
+            if low.item() >= _SMALLEST_SUM and high.item() < math.inf:
+                break
+            fast = False
+        inverse = sums.reciprocal_()
+        if stable and key_valid is not None:  # a query that sees no valid key receives nothing (not 0/0 = NaN)
+            inverse.masked_fill_(inverse == math.inf, 0.0)  # its sum is 0
+        exps = exps[:, :, : width - key_start]  # keys past the output receive nothing we return
+        chunk_weights = None if weights is None else weights[..., start - first : stop - first, :]  # [B,1,1,n,1]
+        if reduce == "max":  # the max over the group needs the probabilities themselves
+            heads = exps.mul_(inverse).unbind(3)  # probabilities, head by head: [B, Hkv, keys, count] each
+            reduced = heads[0]  # their max (faster than amax, which fills a fresh tensor with -inf first)
+            if group > 1:
+                reduced = torch.maximum(reduced, heads[1])
+                for head in heads[2:]:
+                    torch.maximum(reduced, head, out=reduced)
+            received = reduced.sum(-1) if chunk_weights is None else torch.matmul(reduced, chunk_weights[:, 0])[..., 0]
+        else:  # sums over queries (and heads): 1 / sum folded into the weights of matmuls
+            if reduce == "mean":
+                inverse.mul_(1.0 / group)
+            if chunk_weights is not None:
+                inverse.mul_(chunk_weights.transpose(-1, -2))
+            if reduce == "mean":
+                received = torch.matmul(exps.flatten(3), inverse.view(batch, kv_heads, -1, 1))[..., 0]
+            else:  # one matmul per query head of the group: [B, Hkv, keys, count] x [B, Hkv, count, 1]
+                received = torch.stack(
+                    [torch.matmul(exps[:, :, :, g], inverse[:, :, 0, g, :, None])[..., 0] for g in range(group)], 2
+                ).view(batch, outputs, -1)
+        if out is None and key_start == 0 and received.shape[-1] == width:
+            out = received
         else:
-            logits[..., offset + start + 1 :].add_(triangle[:count, : count - 1])
-        if key_valid is not None:
-            logits.add_(_minus_inf_where(~key_valid[:, None, None, None, key_start:key_stop]))
-        probs = torch.softmax(logits, -1, out=logits)  # in place: row by row, each row read before it is written
-        if key_valid is not None:  # a query that sees no valid key: 0/0 = NaN, made 0 (it receives nothing)
-            probs.nan_to_num_(0.0)
-        probs = probs[..., : width - key_start]  # keys past the output receive nothing we return
-        if reduce == "max":
-            reduced = probs.amax(2)  # [B, Hkv, count, keys]
-        elif reduce == "mean":
-            reduced = probs.mean(2)
-        else:
-            reduced = probs.reshape(batch, q_heads, count, -1)
-        out[..., key_start : key_start + reduced.shape[-1]] += torch.matmul(weights[..., start:stop], reduced)[
-            ..., 0, :
-        ]
-    return out
+            if out is None:
+                out = torch.zeros(batch, outputs, width, dtype=torch.float32, device=device)
+            out[..., key_start : key_start + received.shape[-1]] += received
+    if out is None:  # every chunk's keys lay past the output keys
+        out = torch.zeros(batch, outputs, width, dtype=torch.float32, device=device)
+    return out, fast
 
 
-def _logits(workspace: torch.Tensor, spec: AttentionSpec, queries: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
-    """:meth:`AttentionSpec.logits` of queries [B, Hkv, G, T, D] and keys_t [B, Hkv, D, K], written into the front
-    of ``workspace``: float32 [B, Hkv, G, T, K]. The G heads of a group are folded into the rows of one matmul per
-    KV head (one large GEMM, not G small ones)."""
+def _logits(workspace: torch.Tensor, spec: AttentionSpec, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Logits in log2 units, log2(e) * softcap(scale * q . k), of the scaled queries [B, Hkv, G, T, D] of
+    :func:`_attention_stats_torch` and float32 keys [B, Hkv, K, D], written into the front of ``workspace``:
+    float32 [B, Hkv, K, G, T] (keys along the rows). One matmul per KV head for its whole group."""
     batch, kv_heads, group, count, head_dim = queries.shape
-    logits = workspace[: batch * kv_heads * group * count * keys_t.shape[-1]].view(batch, kv_heads, group * count, -1)
-    folded = queries.reshape(batch, kv_heads, group * count, head_dim).float() * spec.scale
-    torch.matmul(folded, keys_t.float(), out=logits)
+    logits = workspace[: batch * kv_heads * keys.shape[2] * group * count].view(batch, kv_heads, -1, group * count)
+    torch.matmul(keys, queries.reshape(batch, kv_heads, group * count, head_dim).transpose(-1, -2), out=logits)
     if spec.softcap:
-        logits.div_(spec.softcap).tanh_().mul_(spec.softcap)
-    return logits.view(batch, kv_heads, group, count, -1)
+        logits.div_(spec.softcap).tanh_().mul_(spec.softcap * _LOG2E)
+    return logits.view(batch, kv_heads, -1, group, count)
+
+
+# Buffers reused across calls, per thread: a fresh multi-megabyte tensor costs more in page faults than the
+# exponentials it holds on a CPU. Workspaces up to _KEPT_FLOATS are kept.
+_KEPT_FLOATS = 1 << 23
+_reused = threading.local()
+
+
+def _workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` elements on ``device``, reused by the calls of this thread."""
+    kept = _reused.__dict__.setdefault("workspaces", {})
+    buffer = kept.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=torch.float32, device=device)
+        if numel <= _KEPT_FLOATS:
+            kept[device] = buffer
+    return buffer
+
+
+@functools.lru_cache(maxsize=16)
+def _triangle(count: int, device: torch.device) -> torch.Tensor:
+    """[count - 1, 1, count]: -inf where key j + 1 of a chunk's ``count`` (counted from its first query's key) is
+    hidden from query t (t <= j), else 0; the 1 broadcasts over the heads of a group."""
+    return torch.full((count - 1, count), float("-inf"), device=device).tril_()[:, None, :]
 
 
 def _minus_inf_where(hidden: torch.Tensor) -> torch.Tensor:
