@@ -226,7 +226,9 @@ class TraceFile:
         if self._seal is None:
             _probe_unsealed(self.path)
         try:
-            self._h5 = h5py.File(self.path, "r")
+            # No HDF5 chunk cache: a chunk is one head, read whole and once per request, and a cache per open
+            # dataset (1 MiB each, up to 4096 kept open below) would grow memory with the number of samples read.
+            self._h5 = h5py.File(self.path, "r", rdcc_nbytes=0)
         except _LIBRARY_ERRORS as err:
             raise TraceFormatError(self.path, "/", f"not a readable HDF5 file (truncated or corrupt?): {err}") from None
         # Resolving an HDF5 path costs ~40 us, as much as reading a head: keep recently used datasets open.
