@@ -192,7 +192,9 @@ def _submit(args: argparse.Namespace) -> int:
     )
     several = len(entries) > 1
     for spec, entry in entries.items():
-        scorer_doc = (type(get_scorer(entry["load"]["scorer"])).__doc__ or spec).strip().splitlines()[0]
+        # The default description: the first paragraph of the scorer module's docstring (the method and its paper).
+        module = sys.modules[type(get_scorer(entry["load"]["scorer"])).__module__]
+        scorer_doc = " ".join((module.__doc__ or spec).strip().split("\n\n")[0].split())[:500]
         entry = {
             "name": args.name or spec,
             "description": args.description or scorer_doc,

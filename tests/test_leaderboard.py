@@ -309,3 +309,34 @@ def test_readme_embeds_the_current_board():
     embedded = re.search(r"<!-- leaderboard:start -->\n(.*?)<!-- leaderboard:end -->", readme, re.S)
     assert embedded, "README.md lacks the leaderboard markers"
     assert embedded.group(1) == markdown_table(entries), "README's board is stale: kvp-gym leaderboard build"
+
+
+def test_submit_command_pins_a_checkpoint(bench, tmp_path, capsys):
+    import torch
+
+    from kvp_gym_agents.checkpoint import save_checkpoint
+    from kvp_gym_agents.kvp import KVPNetwork
+
+    benchmark, traces = bench
+    torch.manual_seed(0)
+    network = KVPNetwork(heads=4, head_dim=16, width=16, position_dim=4, buckets=8, max_age=64)
+    checkpoint = tmp_path / "agents" / "mine.safetensors"
+    checkpoint.parent.mkdir()
+    geometry = {"head_dim": 16, "num_layers": 2, "num_kv_heads": 2}
+    save_checkpoint(
+        checkpoint, network, [(0, 0), (0, 1), (1, 0), (1, 1)], {"model": "tiny-random", "geometry": geometry}
+    )
+    out = tmp_path / "entries" / "mine.json"
+    argv = ["submit", "--benchmark", str(benchmark.path), "--traces", str(traces), "--work", str(tmp_path / "w")]
+    argv += ["--policy", "kvp", "--checkpoint", str(checkpoint), "--trace-level-only", "--name", "my-kvp"]
+    assert main([*argv, "--authors", "A, B", "--out", str(out)]) == 0
+    assert "holistic score" in capsys.readouterr().out
+    entry = json.loads(out.read_text())
+    assert entry["name"] == "my-kvp" and entry["authors"] == ["A", "B"] and entry["kind"] == "attention-free"
+    assert entry["load"]["checkpoint"]["path"] == "../agents/mine.safetensors"
+    assert entry["results"]["end_to_end"] is None
+    assert validate([out], benchmark) == []
+    checkpoint.write_bytes(checkpoint.read_bytes() + b" ")  # the pinned file changed
+    assert "$.load.checkpoint.sha256" in validate([out], benchmark)[0]
+    assert main([*argv[:-2], "--policy", "random", "--name", "x", "--out", str(tmp_path / "y")]) == 2
+    assert "--name names one entry" in capsys.readouterr().err
