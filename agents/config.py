@@ -76,6 +76,9 @@ CHOICES = {"device": ("auto", "cpu", "cuda"), "parallel": ("data", "heads")}
 FLAG_HELP = {
     "bf16": "bf16 autocast for the network on a GPU",
     "in_memory": "hold every episode in RAM (faster for small sets) instead of streaming from the trace files",
+    "device": "auto = CUDA when present; under torchrun each process uses its LOCAL_RANK GPU",
+    "parallel": "under torchrun: data = DDP over batches, heads = a disjoint head group per process",
+    "chunk_tokens": "heads x episodes x tokens per chunk of a step, bounds memory; 0 = 2^18 on CPU, 2^21 on GPU",
 }
 
 
@@ -100,7 +103,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
             continue
         demo = f"; demo preset {PRESETS['demo'][f.name]}" if f.name in PRESETS["demo"] else ""
         extra = {"choices": CHOICES[f.name]} if f.name in CHOICES else {}
-        parser.add_argument(flag, type=type(f.default), default=None, help=f"default {f.default}{demo}", **extra)
+        more = f"; {FLAG_HELP[f.name]}" if f.name in FLAG_HELP else ""
+        parser.add_argument(flag, type=type(f.default), default=None, help=f"default {f.default}{demo}{more}", **extra)
     parser.set_defaults(handler=_run)
 
 
