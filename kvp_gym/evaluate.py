@@ -226,7 +226,10 @@ def _from_spec(spec: str) -> Scorer:
     return get_scorer(name, **{k: _number(v) for k, v in params.items()})
 
 
-def _number(text: str) -> int | float | str:
+def _number(text: str) -> bool | int | float | str:
+    """A spec parameter's value: true/false (any case), an int, a float, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)

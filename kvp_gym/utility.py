@@ -103,7 +103,7 @@ def oracle_ranking(importance: torch.Tensor) -> torch.Tensor:
 def holistic_cost(importance: torch.Tensor, order: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k k * imp[sigma_k] over 1-based ranks k: the evicted importance summed over every budget. Shape [...]."""
     ranked = importance.float().gather(-1, as_ranking(order, valid))
-    ranks = torch.arange(1, importance.shape[-1] + 1, dtype=torch.float32)
+    ranks = torch.arange(1, importance.shape[-1] + 1, dtype=torch.float32, device=importance.device)
     return (ranked * ranks).sum(-1)
 
 
@@ -162,8 +162,9 @@ def retained_fraction(
 def protected_tokens(split: int | torch.Tensor, num_tokens: int, sinks: int, recent: int) -> torch.Tensor:
     """Bool [..., num_tokens]: the first ``sinks`` and the last ``recent`` of the ``split`` cached tokens (split: an
     int or a [...] tensor). An evaluation protocol keeps these at every budget and ranks only the others."""
-    positions = torch.arange(num_tokens)
-    split = torch.as_tensor(split)[..., None]
+    device = split.device if isinstance(split, torch.Tensor) else None
+    positions = torch.arange(num_tokens, device=device)
+    split = torch.as_tensor(split, device=device)[..., None]
     return ((positions < sinks) | (positions >= split - recent)) & (positions < split)
 
 

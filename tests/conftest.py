@@ -17,6 +17,18 @@ from kvp_gym import models  # noqa: E402
 from kvp_gym.collect import CollectConfig, collect  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def importance_store(tmp_path_factory):
+    """Importance computed by the tests is stored in a temporary folder, not in the user's cache."""
+    previous = os.environ.get("KVP_GYM_IMPORTANCE")
+    os.environ["KVP_GYM_IMPORTANCE"] = str(tmp_path_factory.mktemp("importance"))
+    yield
+    if previous is None:
+        del os.environ["KVP_GYM_IMPORTANCE"]
+    else:
+        os.environ["KVP_GYM_IMPORTANCE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of tiny-random with eager attention, so attention weights can be compared."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvp_gym.evaluate import _from_spec, _layer_view
+from kvp_gym.importance import ImportanceStore
 from kvp_gym.scorers import HeadView, ScorerError, available_scorers, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import as_ranking, attention_received
@@ -127,7 +128,7 @@ def reference_layer(tiny_trace, tiny):
     model, _ = tiny
     with open_traces(tiny_trace) as trace:
         sample = trace.split("train")[0]
-        view, _, _ = _layer_view(trace, sample, 1, 2)
+        view, _, _ = _layer_view(trace, ImportanceStore(trace, sidecar=False), sample, 1, 2)
     n = sample.prompt_length
     ids = torch.tensor(sample.tokens[None, :n], dtype=torch.long)
     captured = {}
@@ -243,3 +244,10 @@ def test_every_scorer_ranks_batched_and_padded_views(name, reference_layer):
     if label != "random":
         short = score(scorer, view(keys[0, :, :250], values[0, :, :250], queries[0, :, :, :250], imp[0, :, :250]))
         assert torch.equal(as_ranking(padded[0])[:, :250], as_ranking(short))
+
+
+def test_spec_parameters_parse_booleans_and_numbers():
+    scorer = _from_spec("expected_attention:covariance=False;value_norm=true;future_positions=64;epsilon=0.5")
+    assert scorer.covariance is False and scorer.value_norm is True
+    assert scorer.future_positions == 64 and scorer.epsilon == 0.5
+    assert _from_spec("tova:heads=group").heads == "group"
