@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from kvp_gym import __version__
+from kvp_gym.storage import atomic_path
 from kvp_gym_leaderboard.benchmark import (
     Benchmark,
     BenchmarkError,
@@ -100,15 +102,28 @@ def standard_evaluation(
     }
     level = benchmark.trace_level
     paths = [traces / name for _, _, name in benchmark.trace_files()]
-    record = evaluate(
-        paths,
-        specs,
-        split="test",
-        seed=level.bootstrap_seed,
-        bootstrap=level.bootstrap,
-        protocol=level.protocol,
-        progress=progress,
-    )
+    # The trace-level record is kept in ``work``: an interrupted submit resumes after it, with the end-to-end parts.
+    key = {
+        "benchmark": benchmark.id,
+        "manifest_sha256": manifest_sha256(benchmark),
+        "policies": list(specs.values()),
+        "checkpoint_sha256": None if checkpoint is None else _file_sha256(checkpoint),
+        "kvp_gym_version": __version__,
+    }
+    saved = work / "trace-level.json"
+    record = json.loads(saved.read_text())["record"] if _saved_key(saved) == key else None
+    if record is None:
+        record = evaluate(
+            paths,
+            specs,
+            split="test",
+            seed=level.bootstrap_seed,
+            bootstrap=level.bootstrap,
+            protocol=level.protocol,
+            progress=progress,
+        )
+        with atomic_path(saved) as tmp:
+            tmp.write_text(json.dumps({"key": key, "record": record}))
     e2e = None
     if end_to_end:
         e2e = run(benchmark.e2e_config(tuple(specs.values())), work / "e2e", device=device, progress=progress)
@@ -139,6 +154,13 @@ def standard_evaluation(
         }
         entries[spec] = entry
     return entries
+
+
+def _saved_key(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None  # absent or damaged: evaluate again
 
 
 def _load_record(name: str, parameters: dict[str, Any], checkpoint: Path | None) -> dict[str, Any]:

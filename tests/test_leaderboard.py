@@ -340,3 +340,15 @@ def test_submit_command_pins_a_checkpoint(bench, tmp_path, capsys):
     assert "$.load.checkpoint.sha256" in validate([out], benchmark)[0]
     assert main([*argv[:-2], "--policy", "random", "--name", "x", "--out", str(tmp_path / "y")]) == 2
     assert "--name names one entry" in capsys.readouterr().err
+
+
+def test_an_interrupted_submit_resumes_after_the_trace_level(bench, tmp_path):
+    benchmark, traces = bench
+    first = standard_evaluation(benchmark, ["knorm"], traces, tmp_path, end_to_end=False, progress=False)
+    saved = tmp_path / "trace-level.json"
+    written = saved.stat().st_mtime_ns
+    again = standard_evaluation(benchmark, ["knorm"], traces, tmp_path, end_to_end=False, progress=False)
+    assert saved.stat().st_mtime_ns == written  # reused, not evaluated again
+    assert again["knorm"]["results"] == first["knorm"]["results"]
+    standard_evaluation(benchmark, ["knorm", "random"], traces, tmp_path, end_to_end=False, progress=False)
+    assert json.loads(saved.read_text())["key"]["policies"] == ["knorm", "random"]  # other policies: evaluated
