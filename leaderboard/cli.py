@@ -12,7 +12,7 @@ from pathlib import Path
 _PREPARE = """\
 Collect a benchmark's trace set (or resume it) and check it against the committed manifest: token ids and
 settings exactly, tensors within a tolerance that survives another CPU. Prints one line per difference and exits
-with status 1 if there is any. bench-v0 takes about 15 minutes on 2 cores; --shard i/N splits the files between
+with status 1 if there is any. bench-v0 takes about 17 minutes on 2 cores; --shard i/N splits the files between
 machines (copy the shards' files into one folder afterwards)."""
 
 
