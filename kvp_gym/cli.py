@@ -440,8 +440,9 @@ def _tasks(args: argparse.Namespace) -> int:
     from kvp_gym.tasks import TASKS, get_task
 
     if args.tasks_command == "list":
+        width = max(map(len, TASKS))
         for name, task in TASKS.items():
-            print(f"{name:20s} {task.description}")
+            print(f"{name:{width}s}  {task.description}")
         return 0
     from dataclasses import asdict
 

@@ -166,3 +166,13 @@ def test_default_trace_set_is_shared_through_a_link(tmp_path, monkeypatch, capsy
     other.mkdir()
     assert main(["traces", "default", "--model", "tiny-random", "--link", str(other)]) == 2
     assert "is not a link to the default trace set" in capsys.readouterr().err and other.is_dir()
+
+
+def test_tasks_list_names_every_task_in_one_column(capsys):
+    from kvp_gym.tasks import TASKS
+
+    assert main(["tasks", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(TASKS)
+    starts = {len(line) - len(line[len(name) :].lstrip()) for line, name in zip(lines, TASKS, strict=True)}
+    assert len(starts) == 1  # every description starts in the same column
