@@ -34,7 +34,7 @@ def _layers(text: str) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def _shard(text: str) -> tuple[int, int]:
+def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in text.split("/"))
     except ValueError:
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="essays and words to draw from: all (default), or train / heldout, which are disjoint (training vs "
         "test sets)",
     )
-    collect.add_argument("--shard", type=_shard, default=(0, 1), help="collect every N-th sample from i: i/N")
+    collect.add_argument("--shard", type=parse_shard, default=(0, 1), help="collect every N-th sample from i: i/N")
     collect.add_argument(
         "--allow-download",
         action="store_true",
@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--text", default="heldout", help="text pool: heldout (default), train or all")
     e2e.add_argument("--seed", type=int, default=0)
     e2e.add_argument("--out", type=Path, required=True)
-    e2e.add_argument("--shard", type=_shard, default=(0, 1), help="i/N: evaluate samples i, i+N, ... (default 0/1)")
+    e2e.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), help="i/N: evaluate samples i, i+N, ... (default 0/1)"
+    )
     e2e.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     merge_e2e = commands.add_parser(
         "evaluate-e2e-merge", help="join the folders of sharded evaluate-e2e runs and write the summary"

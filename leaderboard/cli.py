@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from kvp_gym.cli import parse_shard
+
 _PREPARE = """\
 Collect a benchmark's trace set (or resume it) and check it against the committed manifest: token ids and
 settings exactly, tensors within a tolerance that survives another CPU. Prints one line per difference and exits
@@ -22,11 +24,14 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     sub = leaderboard.add_subparsers(dest="leaderboard_command", required=True, metavar="COMMAND")
 
     prepare = sub.add_parser(
-        "prepare", help="collect and verify a benchmark's trace set", description=_PREPARE, formatter_class=_Raw
+        "prepare",
+        help="collect and verify a benchmark's trace set",
+        description=_PREPARE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     prepare.add_argument("benchmark", help="a benchmark id (bench-v0) or the path of its .toml")
     prepare.add_argument("--dir", type=Path, help="where the trace set goes (default: $KVP_GYM_CACHE/benchmarks/ID)")
-    prepare.add_argument("--shard", type=_shard, default=(0, 1), help="i/N: collect only shard i's files")
+    prepare.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/N: collect only shard i's files")
     prepare.add_argument(
         "--write-manifest", action="store_true", help="maintainers: write the manifest from this set instead"
     )
@@ -85,20 +90,6 @@ def _evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traces", type=Path, help="the prepared trace set (default: $KVP_GYM_CACHE/benchmarks/ID)")
     parser.add_argument("--work", type=Path, default=Path("runs/submit"), help="resumable end-to-end parts")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-
-
-class _Raw(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a shard as i/N (e.g. 0/4), got {text!r}") from None
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"shard i/N needs 0 <= i < N, got {text!r}")
-    return index, count
 
 
 def _prepare(args: argparse.Namespace) -> int:

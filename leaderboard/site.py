@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvp_gym.storage import atomic_path
-from kvp_gym_leaderboard.submission import KINDS, kind_of
+from kvp_gym_leaderboard.submission import KINDS, end_to_end_results, kind_of
 
 UPPER_BOUND = KINDS["future"]
 KIND_BADGES = {KINDS["attention-free"]: "K/V only", KINDS["queries"]: "uses queries", UPPER_BOUND: "upper bound"}
@@ -158,27 +158,15 @@ def entries_from_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], s
                         },
                         "per_layer_head": policy["per_head"],
                     },
-                    "end_to_end": _e2e_of(e2e, label),
+                    "end_to_end": None
+                    if e2e is None or label not in e2e["policies"]
+                    else end_to_end_results(e2e, label),
                 },
             }
         )
     samples = len(trace["samples"])
     title = f"{trace['model']}: {samples} samples of {', '.join(sorted(set(trace['tasks'])))} (your own runs)"
     return entries, title
-
-
-def _e2e_of(record: dict[str, Any] | None, label: str) -> dict[str, Any] | None:
-    if record is None or label not in record["policies"]:
-        return None
-    perplexity = record["perplexity"]
-    return {
-        "accuracy": {task: rows["policies"][label] for task, rows in record["accuracy"].items()},
-        "perplexity": perplexity["policies"][label] if perplexity else {},
-        "full_cache": {
-            "accuracy": {task: rows["full_cache"] for task, rows in record["accuracy"].items()},
-            "perplexity": perplexity.get("full_cache") if perplexity else None,
-        },
-    }
 
 
 # --- plots (matplotlib, written as SVG text) -----------------------------------------------------------------------

@@ -14,7 +14,6 @@ leaderboard validate``); :func:`rerun` re-evaluates an entry and reports numbers
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import platform
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kvp_gym import __version__
+from kvp_gym.evaluate import file_sha256
 from kvp_gym.storage import atomic_path
 from kvp_gym_leaderboard.benchmark import (
     Benchmark,
@@ -107,7 +107,7 @@ def standard_evaluation(
         "benchmark": benchmark.id,
         "manifest_sha256": manifest_sha256(benchmark),
         "policies": list(specs.values()),
-        "checkpoint_sha256": None if checkpoint is None else _file_sha256(checkpoint),
+        "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
         "kvp_gym_version": __version__,
     }
     saved = work / "trace-level.json"
@@ -149,7 +149,7 @@ def standard_evaluation(
                 "trace_level": _trace_level(
                     record, spec, contexts, level.bootstrap, level.bootstrap_seed, level.budgets
                 ),
-                "end_to_end": None if e2e is None else _end_to_end(e2e, full_spec),
+                "end_to_end": None if e2e is None else end_to_end_results(e2e, full_spec),
             },
         }
         entries[spec] = entry
@@ -171,7 +171,7 @@ def _load_record(name: str, parameters: dict[str, Any], checkpoint: Path | None)
         "entry_point": group[name].value,
     }
     if checkpoint is not None:
-        load["checkpoint"] = {"path": str(checkpoint), "sha256": _file_sha256(checkpoint)}
+        load["checkpoint"] = {"path": str(checkpoint), "sha256": file_sha256(checkpoint)}
     return load
 
 
@@ -208,7 +208,8 @@ def _trace_level(
     }
 
 
-def _end_to_end(e2e: dict, label: str) -> dict[str, Any]:
+def end_to_end_results(e2e: dict, label: str) -> dict[str, Any]:
+    """One policy's end-to-end results, as an entry holds them, from an ``evaluate-e2e`` results record."""
     accuracy = {task: rows["policies"][label] for task, rows in e2e["accuracy"].items()}
     perplexity = e2e["perplexity"]
     return {
@@ -230,14 +231,6 @@ def _hardware(device: str) -> dict[str, str]:
     resolved = resolve_device(device)
     name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"cpu ({platform.processor() or '?'})"
     return {"device": name, "platform": platform.platform(), "torch": torch.__version__}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -346,8 +339,8 @@ def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[t
         file = resolve_checkpoint(checkpoint["path"], path)
         if not file.exists():
             yield "$.load.checkpoint.path", f"no such file {file}"
-        elif _file_sha256(file) != checkpoint["sha256"]:
-            yield "$.load.checkpoint.sha256", f"{file} has SHA-256 {_file_sha256(file)}, not the entry's"
+        elif (found := file_sha256(file)) != checkpoint["sha256"]:
+            yield "$.load.checkpoint.sha256", f"{file} has SHA-256 {found}, not the entry's"
 
 
 def resolve_checkpoint(path: str, entry_file: Path) -> Path:
