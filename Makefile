@@ -16,6 +16,7 @@ KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
 .PHONY: install test demo lint fuzz clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
+	kvp2-train-traces kvp2-val-traces kvp2-test-traces \
 	leaderboard leaderboard-entries
 
 install: $(STAMP)
@@ -108,6 +109,37 @@ define evaluate_heldout
 	for c in $(KVP_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP)/$(1)-length-$$c-*.h5 --policies all \
 		--split $(1) --out runs/kvp-$(1)-$$c --versus kvp || exit 1; done
 endef
+
+# The long-context recipe (docs/agents.md, "Long contexts and value types"): a mix of 512-4096-token prompts, number
+# and UUID needle values only (word values and niah_multiquery never trained on), "train" text pool. Each entry of a
+# mix is length:samples per task:seed. Validation sets (the "val" half of the held-out text, seeds 5xxx) decide
+# between recipes; test sets (the "test" half, seeds 9xxx, never used for a decision) are evaluated once.
+KVP2 := traces/kvp2
+KVP2_TRAIN_TASKS := niah_single niah_multikey niah_multivalue variable_tracking niah_single_uuids niah_multikey_uuids \
+	niah_single_numberkeys niah_multikey_uuids_numberkeys essay
+KVP2_TRAIN_MIX := 512:2:200 1024:4:201 2048:2:202 4096:1:203
+KVP2_VAL_TASKS := niah_single niah_multikey_uuids essay
+KVP2_VAL_MIX := 512:2:5512 1024:2:5001 2048:2:5002 4096:2:5004 8128:1:5008
+KVP2_TEST_TASKS := niah_single niah_single_uuids niah_single_words niah_multikey_words niah_multiquery essay
+KVP2_TEST_MIX := 512:2:9512 1024:2:9001 2048:2:9002 4096:2:9004 8128:1:9008
+KVP2_LENGTHS := 512 1024 2048 4096 8128
+
+# $(1): train, val or test; $(2): tasks; $(3): mix; $(4): text pool; $(5): split fractions. Essays continue 64 tokens.
+define collect_mix
+	for m in $(3); do set -- $$(echo $$m | tr : ' '); for t in $(2); do \
+		f=$$( [ $$t = essay ] && echo 64 || echo 32 ); \
+		$(BIN)/kvp-gym collect --task $$t --samples $$2 --context $$1 --future $$f --text $(4) --seed $$3 \
+			--splits $(5) --out $(KVP2)/$(1)-$$1-$$t.h5 --resume || exit 1; done; done
+endef
+
+kvp2-train-traces: $(STAMP)
+	$(call collect_mix,train,$(KVP2_TRAIN_TASKS),$(KVP2_TRAIN_MIX),train,0.75$(comma)0.25$(comma)0)
+
+kvp2-val-traces: $(STAMP)
+	$(call collect_mix,val,$(KVP2_VAL_TASKS),$(KVP2_VAL_MIX),val,0$(comma)1$(comma)0)
+
+kvp2-test-traces: $(STAMP)
+	$(call collect_mix,test,$(KVP2_TEST_TASKS),$(KVP2_TEST_MIX),test,0$(comma)0$(comma)1)
 
 # End-to-end accuracy and perplexity with the evicting cache (docs/cache.md): held-out text, 1k prompts, 40 samples
 # per task, 8 essays; about an hour on 2 cores (resumable: rerun to continue).

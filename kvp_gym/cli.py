@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--text",
         default="all",
         help="essays and words to draw from: all (default), or train / heldout, which are disjoint (training vs "
-        "test sets)",
+        "held-out sets); val and test halve heldout (validation vs final test sets)",
     )
     collect.add_argument("--shard", type=parse_shard, default=(0, 1), help="collect every N-th sample from i: i/N")
     collect.add_argument(
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--samples", type=_non_negative, default=40, help="samples per task (default 40)")
     e2e.add_argument("--essays", type=_non_negative, default=8, help="held-out essays for perplexity (default 8)")
     e2e.add_argument("--continuation", type=_positive, default=64, help="essay tokens scored for perplexity")
-    e2e.add_argument("--text", default="heldout", help="text pool: heldout (default), train or all")
+    e2e.add_argument("--text", default="heldout", help="text pool: heldout (default), train, val, test or all")
     e2e.add_argument("--seed", type=int, default=0)
     e2e.add_argument("--out", type=Path, required=True)
     e2e.add_argument(

@@ -85,8 +85,8 @@ def test_text_pool_is_part_of_the_identity_only_when_chosen(tiny_config):
     assert "text" not in tiny_config.sample_identity() and "text" not in tiny_config.settings()
     heldout = dataclasses.replace(tiny_config, text="heldout")
     assert heldout.sample_identity()["text"] == "heldout" and heldout.settings()["text"] == "heldout"
-    with pytest.raises(ValueError, match="text must be one of all, train, heldout"):
-        dataclasses.replace(tiny_config, text="test")
+    with pytest.raises(ValueError, match="text must be one of all, train, heldout, val, test"):
+        dataclasses.replace(tiny_config, text="validation")
 
 
 def test_refuses_to_clobber_and_to_mix_settings(tmp_path, tiny_config):

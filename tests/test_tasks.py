@@ -110,8 +110,15 @@ def test_text_pools_split_essays_and_words(tiny):
         assert len(heldout) == pytest.approx(len(words(kind)) / 5, abs=1)
     train, heldout = essay_sentences("train"), essay_sentences("heldout")
     assert len(heldout) > 0.1 * len(essay_sentences()) and len(train) + len(heldout) == len(essay_sentences())
-    with pytest.raises(ValueError, match="unknown text pool 'test'"):
-        words("noun", "test")
+    # "val" and "test" halve "heldout": final test sets draw on text that no validation set saw.
+    for kind in ("noun", "adjective"):
+        val, test = set(words(kind, "val")), set(words(kind, "test"))
+        assert val and test and not val & test and val | test == set(words(kind, "heldout"))
+    val, test = essay_sentences("val"), essay_sentences("test")
+    assert len(test) > 0.3 * len(heldout) and abs(len(val) + len(test) - len(heldout)) <= 1  # one joint sentence
+    assert not set(val) & set(test)
+    with pytest.raises(ValueError, match="unknown text pool 'validation'"):
+        words("noun", "validation")
     # A held-out needle uses held-out words and a held-out haystack.
     _, tokenizer = tiny
     sample = make_sample(get_task("niah_single"), tokenizer, 3000, seed=3, pool="heldout")

@@ -24,14 +24,21 @@ NOISE_SENTENCES = (
 _MAX_SENTENCE_CHARS = 200
 
 # Text pools, so that test sets can use essays and words a training set never saw: "train" and "heldout" split
-# the essays (by file) and the word lists (by position) 4:1; "all" is everything.
-TEXT_POOLS = ("all", "train", "heldout")
+# the essays (by file) and the word lists (by position) 4:1; "all" is everything. "val" and "test" halve "heldout"
+# (alternate items), so that a final test set can draw on text that no validation set, and so no design choice,
+# ever saw.
+TEXT_POOLS = ("all", "train", "heldout", "val", "test")
 
 
 def _in_pool(index: int, pool: str) -> bool:
     if pool not in TEXT_POOLS:
         raise ValueError(f"unknown text pool {pool!r}; expected one of {', '.join(TEXT_POOLS)}")
-    return pool == "all" or (index % 5 == 4) == (pool == "heldout")
+    if pool == "all":
+        return True
+    heldout = index % 5 == 4
+    if pool in ("val", "test"):
+        return heldout and (index // 5 % 2 == 0) == (pool == "val")
+    return heldout == (pool == "heldout")
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
