@@ -251,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", type=parse_shard, default=(0, 1), help="i/N: evaluate samples i, i+N, ... (default 0/1)"
     )
     e2e.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    table = commands.add_parser(
+        "evaluate-table",
+        help="one Markdown row per evaluation (e.g. per prompt length): a policy against the attention-free and the "
+        "best query-using policies, paired",
+        description="Summarise several `kvp-gym evaluate` runs of the same policies, one row each: the VERSUS policy's "
+        "score, the attention-free policy it beats on the fewest heads, and the paired difference (95%% bootstrap "
+        "interval) against the best query-using policy.",
+    )
+    table.add_argument("runs", type=Path, nargs="+", help="evaluate output folders (or their results.json)")
+    table.add_argument("--versus", default="kvp", help="the policy to compare (a label in every run; default kvp)")
+    table.add_argument("--labels", type=lambda text: text.split(","), help="row labels (default: the folder names)")
+    table.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap resamples (default 1000)")
+    table.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     merge_e2e = commands.add_parser(
         "evaluate-e2e-merge", help="join the folders of sharded evaluate-e2e runs and write the summary"
     )
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 "generate": _generate,
                 "evaluate-e2e": _evaluate_e2e,
                 "evaluate-e2e-merge": _merge_e2e,
+                "evaluate-table": _evaluate_table,
             }[args.command]
         )
         return handler(args)
@@ -357,6 +371,28 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"future importance {timing['importance_seconds']:.1f} s"
     )
     print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _evaluate_table(args: argparse.Namespace) -> int:
+    from kvp_gym.evaluate import versus_table
+    from kvp_gym.storage import atomic_path
+
+    paths = [run / "results.json" if run.is_dir() else run for run in args.runs]
+    labels = args.labels or [path.parent.name for path in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"--labels: {len(labels)} labels for {len(paths)} runs")
+    records = {}
+    for label, path in zip(labels, paths, strict=True):
+        try:
+            records[label] = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a results.json of kvp-gym evaluate ({err})") from err
+    table = versus_table(records, args.versus, resamples=args.bootstrap)
+    print(table)
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(table + "\n")
     return 0
 
 

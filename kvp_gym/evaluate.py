@@ -519,6 +519,48 @@ def format_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resamples: int = 1000, seed: int = 0) -> str:
+    """A Markdown summary of ``versus`` against the other policies over several evaluations (one row per record,
+    e.g. one per prompt length; keys are the row labels).
+
+    Columns: the ``versus`` policy's holistic score; among the attention-free policies (they see keys and values
+    only), the one ``versus`` beats on the fewest (layer, KV head) pairs, with that share; the best query-using
+    policy by mean score, the paired difference against it with its 95% bootstrap interval (over samples) and the
+    share of heads won. Privileged policies (upper bounds) are left out. Paired statistics come from
+    :func:`paired_comparison` on the same samples and heads.
+    """
+    rows = [
+        f"| set | samples | {versus} | attention-free: fewest heads won | best query-using | "
+        f"{versus} - it [95% CI] | heads won |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, record in records.items():
+        policies = record["policies"]
+        paired = paired_comparison(record, versus, resamples, seed)
+        fair = {label: p for label, p in policies.items() if label != versus and not p["privileged"]}
+        free = [label for label, p in fair.items() if not p["needs_queries"]]
+        querying = [label for label, p in fair.items() if p["needs_queries"]]
+        cells = [name, str(len(record["samples"])), f"{policies[versus]['holistic_score']['mean']:.3f}"]
+        if free:
+            worst = min(free, key=lambda label: paired[label]["share_of_heads_won"])
+            cells.append(f"{paired[worst]['share_of_heads_won']:.0%} ({worst})")
+        else:
+            cells.append("-")
+        if querying:
+            best = max(querying, key=lambda label: policies[label]["holistic_score"]["mean"])
+            c = paired[best]
+            low, high = c["ci95"]
+            cells += [
+                f"{best} ({policies[best]['holistic_score']['mean']:.3f})",
+                f"{c['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]",
+                f"{c['share_of_heads_won']:.0%}",
+            ]
+        else:
+            cells += ["-", "-", "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def _cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvp_gym.cli import main
-from kvp_gym.evaluate import evaluate, format_table, paired_comparison, write_results
+from kvp_gym.evaluate import evaluate, format_table, paired_comparison, versus_table, write_results
 from kvp_gym.scorers import HeadView, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import future_importance, holistic_score, protected_tokens
@@ -101,6 +101,31 @@ def test_paired_comparison_by_hand():
     assert paired_comparison(_record({"a": a, "a2": a}), "a")["a2"]["ci95"] == [0.0, 0.0]
     with pytest.raises(ValueError, match="not among the evaluated policies"):
         paired_comparison(_record({"a": a}), "z")
+
+
+def test_versus_table_picks_the_weakest_attention_free_and_the_best_query_using_policy(tmp_path):
+    a = [[[0.5, 0.7]], [[0.6, 0.6]], [[0.4, 0.6]], [[0.9, 0.5]]]
+    b = [[[0.4, 0.6]], [[0.4, 0.4]], [[0.3, 0.5]], [[0.6, 0.4]]]  # a wins both heads
+    c = [[[0.6, 0.8]], [[0.4, 0.5]], [[0.5, 0.7]], [[0.8, 0.4]]]  # a wins head 0 only
+    kinds = {"a": (False, False), "b": (False, False), "c": (False, False), "q": (True, False), "o": (True, True)}
+    values = {"a": a, "b": b, "c": c, "q": b, "o": c}  # q: the only fair query-using policy; o: an upper bound
+    record = _record(values)
+    record["samples"] = ["s0", "s1", "s2", "s3"]
+    for label, (needs_queries, privileged) in kinds.items():
+        policy = record["policies"][label]
+        policy.update(needs_queries=needs_queries, privileged=privileged)
+        policy["holistic_score"] = {"mean": float(np.mean(values[label]))}
+    lines = versus_table({"1k": record}, "a").splitlines()
+    assert len(lines) == 3
+    cells = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert cells[:4] == ["1k", "4", "0.600", "50% (c)"]
+    assert cells[4] == "q (0.450)" and cells[5].startswith("+0.150 [") and cells[6] == "100%"
+    # The command: one row per run folder, labelled by --labels, also written to --out.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(record))
+    assert main(["evaluate-table", str(tmp_path / "run"), "--versus", "a", "--out", str(tmp_path / "t.md")]) == 0
+    assert "| run | 4 | 0.600 | 50% (c) |" in (tmp_path / "t.md").read_text()
+    assert main(["evaluate-table", str(tmp_path / "run"), "--labels", "x,y"]) == 2
 
 
 def test_variants_are_labelled_and_evaluated_beside_the_published_method(tiny_trace):
