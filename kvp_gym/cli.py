@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--max-samples", type=_positive, help="evaluate only the first N samples of the split (default all)"
     )
+    evaluate.add_argument(
+        "--add-to",
+        type=Path,
+        help="an earlier run (folder or results.json) on the same traces, split, protocol and seed: evaluate only "
+        "--policies and write them together with its policies (baselines once, new agents against them later)",
+    )
 
     tasks = commands.add_parser("tasks", help="list the tasks, or measure a model's full-cache accuracy on them")
     tasks_commands = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
@@ -346,9 +352,12 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from kvp_gym.evaluate import evaluate, format_table, write_results
+    from kvp_gym.evaluate import evaluate, format_table, merge_results, write_results
 
     policies = "all" if args.policies == "all" else args.policies.split(",")
+    base = None
+    if args.add_to:
+        base = _read_results(args.add_to)
     record = evaluate(
         args.traces,
         policies,
@@ -356,11 +365,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         bootstrap=args.bootstrap,
         protocol=args.protocol,
-        versus=args.versus,
+        versus=None if base else args.versus,
         layers=args.layers,
         heads=args.heads,
         max_samples=args.max_samples,
     )
+    if base:
+        record = merge_results(base, record, args.versus)
     written = write_results(record, args.out)
     print(format_table(record))
     for name, reason in record["skipped"].items():
@@ -374,20 +385,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_results(run: Path) -> dict:
+    """The record of a `kvp-gym evaluate` run (its folder or its results.json)."""
+    path = run / "results.json" if run.is_dir() else run
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from err
+    if not isinstance(record, dict) or record.get("schema") != "kvp-gym/trace-evaluation":
+        raise ValueError(f"{path}: not a results.json of kvp-gym evaluate (schema kvp-gym/trace-evaluation)")
+    return record
+
+
 def _evaluate_table(args: argparse.Namespace) -> int:
     from kvp_gym.evaluate import versus_table
     from kvp_gym.storage import atomic_path
 
-    paths = [run / "results.json" if run.is_dir() else run for run in args.runs]
-    labels = args.labels or [path.parent.name for path in paths]
-    if len(labels) != len(paths):
-        raise ValueError(f"--labels: {len(labels)} labels for {len(paths)} runs")
-    records = {}
-    for label, path in zip(labels, paths, strict=True):
-        try:
-            records[label] = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a results.json of kvp-gym evaluate ({err})") from err
+    labels = args.labels or [(run if run.is_dir() else run.parent).name for run in args.runs]
+    if len(labels) != len(args.runs):
+        raise ValueError(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+    records = {label: _read_results(run) for label, run in zip(labels, args.runs, strict=True)}
     table = versus_table(records, args.versus, resamples=args.bootstrap)
     print(table)
     if args.out:

@@ -425,6 +425,31 @@ def paired_comparison(
     return found
 
 
+# What two evaluations must share for their policies to be compared on the same footing.
+_SAME_FOOTING = ("traces", "model", "layers", "heads", "split", "samples", "seed", "protocol", "bootstrap_resamples")
+
+
+def merge_results(base: Mapping[str, Any], added: Mapping[str, Any], versus: str | None = None) -> dict[str, Any]:
+    """``base`` with the policies of ``added``, an evaluation of other policies on exactly the same traces (by
+    SHA-256), samples, layers, heads, protocol and seed; the paired comparisons are recomputed for ``versus`` (or for
+    ``base``'s own versus policy). Raises ValueError naming the first setting that differs or a label in both."""
+    for key in _SAME_FOOTING:
+        if base.get(key) != added.get(key):
+            raise ValueError(f"cannot merge evaluations: {key!r} differs ({base.get(key)!r} vs {added.get(key)!r})")
+    twice = sorted(set(base["policies"]) & set(added["policies"]))
+    if twice:
+        raise ValueError(f"cannot merge evaluations: policies {twice} are in both")
+    merged = {**base, "policies": {**base["policies"], **added["policies"]}}
+    merged["skipped"] = {**base.get("skipped", {}), **added.get("skipped", {})}
+    merged["timing"] = {key: base["timing"][key] + added["timing"][key] for key in base["timing"]}
+    versus = versus or (base.get("paired") or {}).get("versus")
+    merged.pop("paired", None)
+    if versus is not None:
+        found = paired_comparison(merged, versus, merged["bootstrap_resamples"], merged["seed"])
+        merged["paired"] = {"versus": versus, "policies": found}
+    return merged
+
+
 def _layer_view(trace, store: ImportanceStore, sample, layer: int, heads: int) -> tuple[HeadView, torch.Tensor, float]:
     """All KV heads of one layer of one sample, cut at the prompt boundary, and their future importance (from
     ``store``, computed there if new)."""

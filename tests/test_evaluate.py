@@ -103,14 +103,14 @@ def test_paired_comparison_by_hand():
         paired_comparison(_record({"a": a}), "z")
 
 
-def test_versus_table_picks_the_weakest_attention_free_and_the_best_query_using_policy(tmp_path):
+def test_versus_table_picks_the_weakest_attention_free_and_the_best_query_using_policy(tmp_path, capsys):
     a = [[[0.5, 0.7]], [[0.6, 0.6]], [[0.4, 0.6]], [[0.9, 0.5]]]
     b = [[[0.4, 0.6]], [[0.4, 0.4]], [[0.3, 0.5]], [[0.6, 0.4]]]  # a wins both heads
     c = [[[0.6, 0.8]], [[0.4, 0.5]], [[0.5, 0.7]], [[0.8, 0.4]]]  # a wins head 0 only
     kinds = {"a": (False, False), "b": (False, False), "c": (False, False), "q": (True, False), "o": (True, True)}
     values = {"a": a, "b": b, "c": c, "q": b, "o": c}  # q: the only fair query-using policy; o: an upper bound
     record = _record(values)
-    record["samples"] = ["s0", "s1", "s2", "s3"]
+    record.update(schema="kvp-gym/trace-evaluation", samples=["s0", "s1", "s2", "s3"])
     for label, (needs_queries, privileged) in kinds.items():
         policy = record["policies"][label]
         policy.update(needs_queries=needs_queries, privileged=privileged)
@@ -126,6 +126,39 @@ def test_versus_table_picks_the_weakest_attention_free_and_the_best_query_using_
     assert main(["evaluate-table", str(tmp_path / "run"), "--versus", "a", "--out", str(tmp_path / "t.md")]) == 0
     assert "| run | 4 | 0.600 | 50% (c) |" in (tmp_path / "t.md").read_text()
     assert main(["evaluate-table", str(tmp_path / "run"), "--labels", "x,y"]) == 2
+    (tmp_path / "other.json").write_text("{}")
+    assert main(["evaluate-table", str(tmp_path / "other.json")]) == 2
+    assert "other.json: not a results.json of kvp-gym evaluate" in capsys.readouterr().err
+
+
+def test_policies_added_to_an_earlier_run_equal_one_joint_run(tiny_trace, tmp_path, capsys):
+    common = ["--traces", str(tiny_trace), "--split", "all", "--bootstrap", "100"]
+    assert main(["evaluate", *common, "--policies", "knorm,tova", "--out", str(tmp_path / "base")]) == 0
+    added = ["evaluate", *common, "--policies", "random,oracle", "--versus", "knorm"]
+    assert main([*added, "--add-to", str(tmp_path / "base"), "--out", str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    joint = evaluate(tiny_trace, ["knorm", "tova", "random", "oracle"], split="all", bootstrap=100, progress=False)
+    assert list(both["policies"]) == ["knorm", "tova", "random", "oracle"]
+    for label in joint["policies"]:
+        np.testing.assert_allclose(
+            both["policies"][label]["per_sample_head"], joint["policies"][label]["per_sample_head"]
+        )
+    assert set(both["paired"]["policies"]) == {"tova", "random", "oracle"} and both["paired"]["versus"] == "knorm"
+    # Another split, or a policy evaluated twice, is refused with the reason.
+    other_split = ["evaluate", "--traces", str(tiny_trace), "--split", "train", "--bootstrap", "100", "--policies"]
+    assert main([*other_split, "random", "--add-to", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot merge evaluations: 'split' differs" in capsys.readouterr().err
+    twice = [
+        "evaluate",
+        *common,
+        "--policies",
+        "tova",
+        "--add-to",
+        str(tmp_path / "base"),
+        "--out",
+        str(tmp_path / "y"),
+    ]
+    assert main(twice) == 2 and "policies ['tova'] are in both" in capsys.readouterr().err
 
 
 def test_variants_are_labelled_and_evaluated_beside_the_published_method(tiny_trace):
