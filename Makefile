@@ -12,11 +12,12 @@ KVP := traces/kvp
 KVP_TRAIN_TASKS := niah_single niah_multikey niah_multivalue variable_tracking
 KVP_TEST_TASKS := $(KVP_TRAIN_TASKS) niah_multiquery
 comma := ,
+space := $(subst ,, )
 KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
 .PHONY: install test demo lint fuzz clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
-	kvp2-train-traces kvp2-val-traces kvp2-test-traces \
+	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval \
 	leaderboard leaderboard-entries
 
 install: $(STAMP)
@@ -140,6 +141,27 @@ kvp2-val-traces: $(STAMP)
 
 kvp2-test-traces: $(STAMP)
 	$(call collect_mix,test,$(KVP2_TEST_TASKS),$(KVP2_TEST_MIX),test,0$(comma)0$(comma)1)
+
+kvp2-agents: kvp2-train-traces
+	$(BIN)/kvp-gym train --traces $(KVP2)/train-*.h5 --heads all --out runs/kvp2-smollm2 --preset demo --steps 600 \
+		--eval-every 100
+
+# Per prompt length, every policy (the shipped agents as `kvp`) on the validation sets, then the new recipe's agents
+# added to the same runs (kvp2-val), or, once, the test sets (kvp2-eval); one Markdown table per role.
+KVP2_CANDIDATE := kvp:checkpoint=runs/kvp2-smollm2/agents.safetensors
+kvp2-val: kvp2-val-traces
+	for c in $(KVP2_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP2)/val-$$c-*.h5 --policies all --split val \
+		--out runs/kvp2-val-$$c --versus kvp && \
+		$(BIN)/kvp-gym evaluate --traces $(KVP2)/val-$$c-*.h5 --policies $(KVP2_CANDIDATE) --split val \
+		--add-to runs/kvp2-val-$$c --out runs/kvp2-val-$$c --versus kvp || exit 1; done
+	for v in kvp $(KVP2_CANDIDATE); do $(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-val-$(c)) \
+		--labels $(subst $(space),$(comma),$(KVP2_LENGTHS)) --versus $$v; done
+
+kvp2-eval: kvp2-test-traces
+	for c in $(KVP2_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP2)/test-$$c-*.h5 --policies all --split test \
+		--out runs/kvp2-test-$$c --versus kvp || exit 1; done
+	$(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-test-$(c)) \
+		--labels $(subst $(space),$(comma),$(KVP2_LENGTHS)) --versus kvp --out runs/kvp2-test-lengths.md
 
 # End-to-end accuracy and perplexity with the evicting cache (docs/cache.md): held-out text, 1k prompts, 40 samples
 # per task, 8 essays; about an hour on 2 cores (resumable: rerun to continue).
