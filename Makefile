@@ -122,7 +122,8 @@ KVP2_TRAIN_MIX := 512:2:200 1024:4:201 2048:2:202 4096:1:203
 KVP2_VAL_TASKS := niah_single niah_multikey_uuids essay
 KVP2_VAL_MIX := 512:2:5512 1024:2:5001 2048:2:5002 4096:2:5004 8128:1:5008
 KVP2_TEST_TASKS := niah_single niah_single_uuids niah_single_words niah_multikey_words niah_multiquery essay
-KVP2_TEST_MIX := 512:2:9512 1024:2:9001 2048:2:9002 4096:2:9004 8128:1:9008
+KVP2_TEST_MIX := 512:2:9512 1024:2:9001 2048:2:9002 4096:1:9004
+KVP2_TEST_8K_TASKS := niah_single niah_single_words essay
 KVP2_LENGTHS := 512 1024 2048 4096 8128
 
 # $(1): train, val or test; $(2): tasks; $(3): mix; $(4): text pool; $(5): split fractions. Essays continue 64 tokens.
@@ -141,6 +142,7 @@ kvp2-val-traces: $(STAMP)
 
 kvp2-test-traces: $(STAMP)
 	$(call collect_mix,test,$(KVP2_TEST_TASKS),$(KVP2_TEST_MIX),test,0$(comma)0$(comma)1)
+	$(call collect_mix,test,$(KVP2_TEST_8K_TASKS),8128:1:9008,test,0$(comma)0$(comma)1)
 
 kvp2-agents: kvp2-train-traces
 	$(BIN)/kvp-gym train --traces $(KVP2)/train-*.h5 --heads all --out runs/kvp2-smollm2 --preset demo --steps 600 \

@@ -551,7 +551,8 @@ def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resample
     Columns: the ``versus`` policy's holistic score; among the attention-free policies (they see keys and values
     only), the one ``versus`` beats on the fewest (layer, KV head) pairs, with that share; the best query-using
     policy by mean score, the paired difference against it with its 95% bootstrap interval (over samples) and the
-    share of heads won. Privileged policies (upper bounds) are left out. Paired statistics come from
+    share of heads won. Privileged policies (upper bounds) and other settings of the ``versus`` policy's own scorer
+    (another checkpoint) are left out. Paired statistics come from
     :func:`paired_comparison` on the same samples and heads.
     """
     rows = [
@@ -562,7 +563,8 @@ def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resample
     for name, record in records.items():
         policies = record["policies"]
         paired = paired_comparison(record, versus, resamples, seed)
-        fair = {label: p for label, p in policies.items() if label != versus and not p["privileged"]}
+        own = policies[versus]["name"]  # other checkpoints or settings of the same scorer are not baselines
+        fair = {label: p for label, p in policies.items() if p["name"] != own and not p["privileged"]}
         free = [label for label, p in fair.items() if not p["needs_queries"]]
         querying = [label for label, p in fair.items() if p["needs_queries"]]
         cells = [name, str(len(record["samples"])), f"{policies[versus]['holistic_score']['mean']:.3f}"]

@@ -108,12 +108,13 @@ def test_versus_table_picks_the_weakest_attention_free_and_the_best_query_using_
     b = [[[0.4, 0.6]], [[0.4, 0.4]], [[0.3, 0.5]], [[0.6, 0.4]]]  # a wins both heads
     c = [[[0.6, 0.8]], [[0.4, 0.5]], [[0.5, 0.7]], [[0.8, 0.4]]]  # a wins head 0 only
     kinds = {"a": (False, False), "b": (False, False), "c": (False, False), "q": (True, False), "o": (True, True)}
-    values = {"a": a, "b": b, "c": c, "q": b, "o": c}  # q: the only fair query-using policy; o: an upper bound
-    record = _record(values)
+    kinds["a:old"] = (False, False)  # another checkpoint of a's scorer: not a baseline, though a wins no head of it
+    values = {"a": a, "b": b, "c": c, "q": b, "o": c, "a:old": [[[1.0, 1.0]]] * 4}  # q: the only fair query-using
+    record = _record(values)  # policy; o: an upper bound
     record.update(schema="kvp-gym/trace-evaluation", samples=["s0", "s1", "s2", "s3"])
     for label, (needs_queries, privileged) in kinds.items():
         policy = record["policies"][label]
-        policy.update(needs_queries=needs_queries, privileged=privileged)
+        policy.update(name=label.split(":")[0], needs_queries=needs_queries, privileged=privileged)
         policy["holistic_score"] = {"mean": float(np.mean(values[label]))}
     lines = versus_table({"1k": record}, "a").splitlines()
     assert len(lines) == 3
