@@ -155,18 +155,22 @@ kvp2-agents: kvp2-train-traces
 # added to the same runs (kvp2-val), or, once, the test sets (kvp2-eval); one Markdown table per role.
 # Every policy of --policies all but h2o:recent=16, which equals h2o under the paper protocol and costs as much
 # (a full prompt attention pass: 4-5 minutes per 8k sample on 2 cores).
+# kvp2-val compares the first agents (KVP_V1) with the new recipe's (KVP2_CANDIDATE, before it is copied over the
+# shipped file); kvp2-eval evaluates the shipped agents (`kvp`) and, for the record, the first ones.
+KVP_V1 := kvp:checkpoint=agents/checkpoints/smollm2-135m-v1.safetensors
 KVP2_CANDIDATE := kvp:checkpoint=runs/kvp2-smollm2/agents.safetensors
-KVP2_POLICIES := random,streaming_llm,knorm,keydiff,lagkv,tova,tova:heads=group,snapkv,h2o,expected_attention,oracle,kvp
+KVP2_BASELINES := random,streaming_llm,knorm,keydiff,lagkv,tova,tova:heads=group,snapkv,h2o,expected_attention,oracle
 kvp2-val: kvp2-val-traces
-	for c in $(KVP2_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP2)/val-$$c-*.h5 --policies $(KVP2_POLICIES) --split val \
-		--out runs/kvp2-val-$$c --versus kvp && \
+	for c in $(KVP2_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP2)/val-$$c-*.h5 --split val \
+		--policies $(KVP2_BASELINES),$(KVP_V1) --out runs/kvp2-val-$$c && \
 		$(BIN)/kvp-gym evaluate --traces $(KVP2)/val-$$c-*.h5 --policies $(KVP2_CANDIDATE) --split val \
-		--add-to runs/kvp2-val-$$c --out runs/kvp2-val-$$c --versus kvp || exit 1; done
-	for v in kvp $(KVP2_CANDIDATE); do $(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-val-$(c)) \
+		--add-to runs/kvp2-val-$$c --out runs/kvp2-val-$$c --versus $(KVP2_CANDIDATE) || exit 1; done
+	for v in $(KVP_V1) $(KVP2_CANDIDATE); do $(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-val-$(c)) \
 		--labels $(subst $(space),$(comma),$(KVP2_LENGTHS)) --versus $$v; done
 
 kvp2-eval: kvp2-test-traces
-	for c in $(KVP2_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP2)/test-$$c-*.h5 --policies $(KVP2_POLICIES) --split test \
+	for c in $(KVP2_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP2)/test-$$c-*.h5 --split test \
+		--policies $(KVP2_BASELINES),kvp,$(KVP_V1) \
 		--out runs/kvp2-test-$$c --versus kvp || exit 1; done
 	$(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-test-$(c)) \
 		--labels $(subst $(space),$(comma),$(KVP2_LENGTHS)) --versus kvp --out runs/kvp2-test-lengths.md

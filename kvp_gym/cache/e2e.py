@@ -392,30 +392,31 @@ def format_table(record: dict[str, Any]) -> str:
     settings = record["settings"]
     budgets = [str(b) for b in settings["budgets"]]
     tasks = list(settings["tasks"])
-    columns = [f"{t[:12]}@{b}" for t in tasks for b in budgets] + (
+    columns = [f"{t}@{b}" for t in tasks for b in budgets] + (
         [f"ppl@{b}" for b in budgets] if record["perplexity"] else []
     )
     width = max(16, *(len(label) for label in record["policies"]))
+    cell = max(16, *(len(c) for c in columns))  # whole task names: niah_single_words@64 vs niah_single_uuids@64
     lines = [
         f"{record['settings']['model']}, {settings['context']}-token prompts, {settings['text']} text; accuracy "
         f"(exact match) per task and budget over {', '.join(f'{n} {t}' for t, n in record['samples'].items())} "
         "samples; ppl = perplexity of the essays' real continuation (geometric mean); holistic = trace-level "
         "score of the same policy on the same samples (paper protocol)",
-        f"{'policy':{width}s}" + "".join(f" {c:>16s}" for c in columns) + f" {'holistic':>9s}",
+        f"{'policy':{width}s}" + "".join(f" {c:>{cell}s}" for c in columns) + f" {'holistic':>9s}",
     ]
     full = f"{FULL:{width}s}"
     for t in tasks:
-        full += "".join(f" {record['accuracy'][t][FULL]['mean']:16.3f}" for _ in budgets)
+        full += "".join(f" {record['accuracy'][t][FULL]['mean']:{cell}.3f}" for _ in budgets)
     if record["perplexity"]:
-        full += "".join(f" {record['perplexity'][FULL]['mean']:16.2f}" for _ in budgets)
+        full += "".join(f" {record['perplexity'][FULL]['mean']:{cell}.2f}" for _ in budgets)
     lines.append(full + f" {'':>9s}")
     order = sorted(record["policies"], key=lambda label: -(record["holistic_score"].get(label) or 0))
     for label in order:
         line = f"{label:{width}s}"
         for t in tasks:
-            line += "".join(f" {record['accuracy'][t]['policies'][label][b]['mean']:16.3f}" for b in budgets)
+            line += "".join(f" {record['accuracy'][t]['policies'][label][b]['mean']:{cell}.3f}" for b in budgets)
         if record["perplexity"]:
-            line += "".join(f" {record['perplexity']['policies'][label][b]['mean']:16.2f}" for b in budgets)
+            line += "".join(f" {record['perplexity']['policies'][label][b]['mean']:{cell}.2f}" for b in budgets)
         holistic = record["holistic_score"].get(label)
         line += f" {holistic:9.3f}" if holistic is not None else f" {'':>9s}"
         lines.append(line + ("  (upper bound)" if record["policies"][label]["privileged"] else ""))
