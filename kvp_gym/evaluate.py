@@ -549,10 +549,10 @@ def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resample
     e.g. one per prompt length; keys are the row labels).
 
     Columns: the ``versus`` policy's holistic score; among the attention-free policies (they see keys and values
-    only), the one ``versus`` beats on the fewest (layer, KV head) pairs, with that share; the best query-using
-    policy by mean score, the paired difference against it with its 95% bootstrap interval (over samples) and the
-    share of heads won. Privileged policies (upper bounds) and other settings of the ``versus`` policy's own scorer
-    (another checkpoint) are left out. Paired statistics come from
+    only), the one ``versus`` beats on the fewest (layer, KV head) pairs (on a tie, the best scoring), with that
+    share; the best query-using policy by mean score, the paired difference against it with its 95% bootstrap
+    interval (over samples) and the share of heads won. Privileged policies (upper bounds) and other settings of
+    the ``versus`` policy's own scorer (another checkpoint) are left out. Paired statistics come from
     :func:`paired_comparison` on the same samples and heads.
     """
     rows = [
@@ -569,7 +569,11 @@ def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resample
         querying = [label for label, p in fair.items() if p["needs_queries"]]
         cells = [name, str(len(record["samples"])), f"{policies[versus]['holistic_score']['mean']:.3f}"]
         if free:
-            worst = min(free, key=lambda label: paired[label]["share_of_heads_won"])
+            # the fewest heads won; on a tie, the strongest of them
+            worst = min(
+                free,
+                key=lambda label: (paired[label]["share_of_heads_won"], -policies[label]["holistic_score"]["mean"]),
+            )
             cells.append(f"{paired[worst]['share_of_heads_won']:.0%} ({worst})")
         else:
             cells.append("-")
