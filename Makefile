@@ -17,7 +17,7 @@ KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
 .PHONY: install test demo lint fuzz clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
-	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval \
+	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval kvp2-e2e \
 	leaderboard leaderboard-entries
 
 install: $(STAMP)
@@ -175,6 +175,12 @@ kvp2-eval: kvp2-test-traces
 	$(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-test-$(c)) \
 		--labels $(subst $(space),$(comma),$(KVP2_LENGTHS)) --versus kvp --out runs/kvp2-test-lengths.md
 
+# End-to-end accuracy per needle value type (numbers and UUIDs trained, words held out), test text.
+kvp2-e2e: $(STAMP)
+	$(BIN)/kvp-gym evaluate-e2e --model smollm2-135m --tasks niah_single,niah_single_uuids,niah_single_words \
+		--context 1024 --budgets 64 --policies kvp,expected_attention,streaming_llm --samples 12 --essays 0 \
+		--text test --seed 9100 --out runs/kvp2-e2e-values
+
 # End-to-end accuracy and perplexity with the evicting cache (docs/cache.md): held-out text, 1k prompts, 40 samples
 # per task, 8 essays; about an hour on 2 cores (resumable: rerun to continue).
 E2E_POLICIES := oracle,kvp,tova,snapkv,h2o,expected_attention,streaming_llm,knorm,keydiff,random
@@ -183,13 +189,16 @@ kvp-e2e: $(STAMP)
 		--budgets 64,128,256 --policies $(E2E_POLICIES) --samples 40 --essays 8 --text heldout --out runs/e2e
 
 # The bench-v0 board (docs/leaderboard.md). leaderboard-entries: the benchmark's trace set (in the user cache, checked
-# against its manifest), then every baseline, the oracle and the shipped KVP agents evaluated as submissions into
-# leaderboard/entries/ (resumable). leaderboard: the site from the committed entries.
+# against its manifest), then every baseline, the oracle, the shipped KVP agents and the first ones (kvp-v1) evaluated
+# as submissions into leaderboard/entries/ (resumable; each work folder holds one checkpoint's parts).
+# leaderboard: the site from the committed entries.
 BOARD_POLICIES := random streaming_llm knorm keydiff lagkv tova snapkv h2o expected_attention oracle kvp
 leaderboard-entries: $(STAMP)
 	$(BIN)/kvp-gym leaderboard prepare bench-v0
 	$(BIN)/kvp-gym submit --benchmark bench-v0 $(foreach p,$(BOARD_POLICIES),--policy $(p)) \
 		--authors "kvp-gym maintainers" --work runs/board --out leaderboard/entries
+	$(BIN)/kvp-gym submit --benchmark bench-v0 --policy kvp --checkpoint agents/checkpoints/smollm2-135m-v1.safetensors \
+		--name kvp-v1 --authors "kvp-gym maintainers" --work runs/board-kvp-v1 --out leaderboard/entries/kvp-v1.json
 
 leaderboard: $(STAMP)
 	$(BIN)/kvp-gym leaderboard build --out site
