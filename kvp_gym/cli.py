@@ -355,9 +355,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from kvp_gym.evaluate import evaluate, format_table, merge_results, write_results
 
     policies = "all" if args.policies == "all" else args.policies.split(",")
-    base = None
-    if args.add_to:
-        base = _read_results(args.add_to)
+    base = _read_results(args.add_to) if args.add_to else None
     record = evaluate(
         args.traces,
         policies,
