@@ -108,8 +108,8 @@ def _attention_stats_torch(
 ) -> tuple[torch.Tensor, bool]:
     """:func:`attention_stats_torch`, and whether every chunk took the fast path (its output is then finite).
 
-    Per chunk of queries: one matmul of the logits in log2 units (the scale and log2(e) folded into the queries
-    once), keys along the rows and the group's (head, query) pairs along the columns (this layout needs no
+    Per chunk of queries: one matmul of the logits in log2 units (the scale and log2(e) folded into the matmul's
+    factor), keys along the rows and the group's (head, query) pairs along the columns (this layout needs no
     transposed copy of the keys, and the sums over keys and the max over heads run on whole rows); the masks added
     as -inf biases; ``exp2`` in place; the sums over keys; then the reduction (for "mean" and "none", 1 / sum is
     folded into the weights of the matmul that sums over queries). The row maximum is not subtracted: that is exact
@@ -133,11 +133,8 @@ def _attention_stats_torch(
         weights = query_valid[:, None, None, first:last, None].to(torch.float32)  # [B, 1, 1, T', 1]
     if first == last or width == 0:
         return torch.zeros(batch, outputs, width, dtype=torch.float32, device=device), True
-    # Queries scaled once: by scale * log2(e) (logits in log2 units, for exp2), or by scale before a soft-cap.
-    factor = spec.scale if spec.softcap else spec.scale * _LOG2E
     q = queries if (first, last) == (0, num_queries) else queries[:, :, first:last]
-    q = q.mul(factor) if q.dtype == torch.float32 else q.to(torch.float32).mul_(factor)
-    q = q.view(batch, kv_heads, group, last - first, head_dim)
+    q = q.to(torch.float32).view(batch, kv_heads, group, last - first, head_dim)
     keys = keys.to(torch.float32)
     rows_per_chunk = min(chunk, last - first)
     span = offset + last if not spec.sliding_window else min(offset + last, chunk + spec.sliding_window - 1)
@@ -179,11 +176,10 @@ def _attention_stats_torch(
         chunk_weights = None if weights is None else weights[..., start - first : stop - first, :]  # [B,1,1,n,1]
         if reduce == "max":  # the max over the group needs the probabilities themselves
             heads = exps.mul_(inverse).unbind(3)  # probabilities, head by head: [B, Hkv, keys, count] each
-            reduced = heads[0]  # their max (faster than amax, which fills a fresh tensor with -inf first)
-            if group > 1:
-                reduced = torch.maximum(reduced, heads[1])
-                for head in heads[2:]:
-                    torch.maximum(reduced, head, out=reduced)
+            # Their max, in place in the first head's slots (a fresh tensor costs page faults; amax is slower).
+            reduced = heads[0]
+            for head in heads[1:]:
+                torch.maximum(reduced, head, out=reduced)
             received = reduced.sum(-1) if chunk_weights is None else torch.matmul(reduced, chunk_weights[:, 0])[..., 0]
         else:  # sums over queries (and heads): 1 / sum folded into the weights of matmuls
             if reduce == "mean":
@@ -208,12 +204,16 @@ def _attention_stats_torch(
 
 
 def _logits(workspace: torch.Tensor, spec: AttentionSpec, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Logits in log2 units, log2(e) * softcap(scale * q . k), of the scaled queries [B, Hkv, G, T, D] of
-    :func:`_attention_stats_torch` and float32 keys [B, Hkv, K, D], written into the front of ``workspace``:
-    float32 [B, Hkv, K, G, T] (keys along the rows). One matmul per KV head for its whole group."""
+    """Logits in log2 units, log2(e) * softcap(scale * q . k), of float32 queries [B, Hkv, G, T, D] and keys
+    [B, Hkv, K, D], written into the front of ``workspace``: float32 [B, Hkv, K, G, T] (keys along the rows). One
+    matmul per KV head for its whole group, the scale (and log2(e), without a soft-cap) its factor: no pass over
+    the queries or the logits."""
     batch, kv_heads, group, count, head_dim = queries.shape
-    logits = workspace[: batch * kv_heads * keys.shape[2] * group * count].view(batch, kv_heads, -1, group * count)
-    torch.matmul(keys, queries.reshape(batch, kv_heads, group * count, head_dim).transpose(-1, -2), out=logits)
+    rows = batch * kv_heads
+    logits = workspace[: rows * keys.shape[2] * group * count].view(rows, -1, group * count)
+    columns = queries.reshape(rows, group * count, head_dim).transpose(-1, -2)
+    factor = spec.scale if spec.softcap else spec.scale * _LOG2E
+    torch.baddbmm(logits, keys.flatten(0, 1), columns, beta=0.0, alpha=factor, out=logits)  # beta 0: ignores logits
     if spec.softcap:
         logits.div_(spec.softcap).tanh_().mul_(spec.softcap * _LOG2E)
     return logits.view(batch, kv_heads, -1, group, count)
