@@ -65,6 +65,19 @@ def test_torch_path_equals_the_dense_definition(reduce, group):
         torch.testing.assert_close(head, dense_stats(q, k, reduce, query_valid, key_valid, spec, offset=4)[..., :30])
 
 
+def test_torch_path_inside_and_outside_inference_mode():
+    """The torch path reuses a buffer per thread: one made under torch.inference_mode must not be written to
+    outside it (an error torch raises), as when an end-to-end run and an evaluation share a process."""
+    q, k = torch.randn(1, 3, 40, 8), torch.randn(1, 1, 50, 8)
+    with use_backend("torch"):
+        with torch.inference_mode():
+            inside = attention_stats(q, k, "max")
+        outside = attention_stats(q, k, "max")
+        with torch.inference_mode():
+            assert torch.equal(attention_stats(q, k, "max"), outside)
+    assert torch.equal(inside, outside)
+
+
 @pytest.mark.parametrize("reduce", ["max", "mean", "none"])
 @pytest.mark.parametrize(
     "logit_scale, fast",

@@ -226,13 +226,16 @@ _reused = threading.local()
 
 
 def _workspace(numel: int, device: torch.device) -> torch.Tensor:
-    """A float32 buffer of at least ``numel`` elements on ``device``, reused by the calls of this thread."""
+    """A float32 buffer of at least ``numel`` elements on ``device``, reused by the calls of this thread: one for
+    calls under ``torch.inference_mode`` and one outside (a tensor made in inference mode cannot be written to
+    outside it)."""
     kept = _reused.__dict__.setdefault("workspaces", {})
-    buffer = kept.get(device)
+    key = (device, torch.is_inference_mode_enabled())
+    buffer = kept.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = torch.empty(numel, dtype=torch.float32, device=device)
         if numel <= _KEPT_FLOATS:
-            kept[device] = buffer
+            kept[key] = buffer
     return buffer
 
 
