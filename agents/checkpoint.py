@@ -131,6 +131,11 @@ class KVPScorer:
         return str(self.checkpoint or SHIPPED[DEFAULT_MODEL])
 
     @property
+    def files(self) -> tuple[str]:
+        """The checkpoint file (the scorer contract's ``files``: resumed runs check its SHA-256)."""
+        return (self.path,)
+
+    @property
     def metadata(self) -> dict[str, Any]:
         return _cached(self.path)[1]
 

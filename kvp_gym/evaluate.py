@@ -16,6 +16,7 @@ results.json, schema ``kvp-gym/trace-evaluation`` version 2::
      "tasks": [task of each sample], "seed", "protocol": {"name", "sinks", "recent", "description"},
      "bootstrap_resamples", "budgets": {"absolute": [...], "fractions": [...]}, "skipped": {label: reason},
      "policies": {label: {"name", "parameters", "variant", "needs_queries", "privileged",
+                          "files": {path: sha256},                           # what the scorer read (a checkpoint)
                           "holistic_score": {"mean", "ci95": [low, high]},   # bootstrap over samples
                           "per_task": {task: mean},
                           "per_layer": [L], "per_head": [L][H],                # means over samples
@@ -38,7 +39,6 @@ an RL loop can report the number the table shows (see its docstring).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -61,8 +61,9 @@ from kvp_gym.scorers import (
     model_mismatches,
     parameters,
     score,
+    scorer_files,
 )
-from kvp_gym.storage import atomic_path
+from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.traces import SPLITS, open_compatible
 from kvp_gym.utility import holistic_score, protected_tokens, retained_fraction
 
@@ -87,14 +88,6 @@ PROTOCOLS = {
     ),
     "raw": Protocol("raw", 0, 0, "nothing protected; the score measures the whole ranking (the training signal)"),
 }
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 PolicySpec = str | Scorer
@@ -352,6 +345,7 @@ def evaluate(
             "variant": label in variants,
             "needs_queries": scorer.needs_queries,
             "privileged": scorer.needs_future,
+            "files": scorer_files(scorer),
             "holistic_score": {
                 "mean": float(per_sample.mean()),
                 "ci95": [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))],

@@ -29,7 +29,6 @@ Entry file: the line ``kvp-gym importance 1``, one line of JSON ``{"content_id",
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvp_gym.storage import atomic_path, cache_dir
+from kvp_gym.storage import atomic_path, cache_dir, file_sha256
 from kvp_gym.traces import SampleInfo, TraceFile
 from kvp_gym.utility import future_importance
 
@@ -73,21 +72,7 @@ def importance_root() -> Path | None:
 
 def content_id(trace: TraceFile) -> str:
     """The SHA-256 (hex) naming a trace file's content: from its seal, or of every byte of an unsealed file."""
-    return trace.content_id or _file_sha256(str(trace.path), *_stat(trace.path))
-
-
-def _stat(path: Path) -> tuple[int, int]:
-    info = path.stat()
-    return info.st_size, info.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed again
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return trace.content_id or file_sha256(trace.path)
 
 
 class ImportanceStore:

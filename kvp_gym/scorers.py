@@ -16,6 +16,8 @@ views must hold exactly one layer's KV heads along the last batch dimension, in 
 ``name:spec`` (variants of ours beside the published method). A scorer that reads only the last W prefill queries
 says so with ``query_window = W`` (TOVA: 1, SnapKV: its window): the evicting cache then keeps only those, and the
 rows of ``view.queries`` before them are zeros. Without it, a query-reading scorer gets every prefill query.
+A scorer whose scores depend on files (a learned scorer's checkpoint) lists their paths in ``files``: runs that
+resume or merge finished parts record each file's SHA-256 (:func:`scorer_files`) and refuse a file that changed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from kvp_gym.attention import AttentionSpec, Rotary
+from kvp_gym.storage import file_sha256
 
 ENTRY_POINT_GROUP = "kvp_gym.scorers"
 
@@ -96,6 +99,11 @@ def get_scorer(name: str, **params: Any) -> Scorer:
     except TypeError as err:
         known = [f.name for f in fields(cls)] if is_dataclass(cls) else []
         raise ScorerError(f"bad parameters for scorer {name!r}: {err}; its parameters: {known}") from None
+
+
+def scorer_files(scorer: Scorer) -> dict[str, str]:
+    """The files ``scorer`` reads (its optional ``files``: paths), as {path: SHA-256 hex}; {} for most scorers."""
+    return {str(path): file_sha256(path) for path in getattr(scorer, "files", ())}
 
 
 def model_mismatches(scorers: dict[str, Scorer], model: str, geometry: Any) -> dict[str, str]:

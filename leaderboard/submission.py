@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from kvp_gym import __version__
-from kvp_gym.evaluate import file_sha256
-from kvp_gym.storage import atomic_path
+from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym_leaderboard.benchmark import (
     Benchmark,
     BenchmarkError,
@@ -93,7 +92,8 @@ def standard_evaluation(
     ``checkpoint``: a checkpoint file handed to every policy as its ``checkpoint`` parameter.
     """
     from kvp_gym.cache.e2e import run
-    from kvp_gym.evaluate import evaluate
+    from kvp_gym.evaluate import evaluate, resolve_policies
+    from kvp_gym.scorers import scorer_files
 
     check_trace_set(benchmark, traces)
     specs = {
@@ -108,6 +108,10 @@ def standard_evaluation(
         "manifest_sha256": manifest_sha256(benchmark),
         "policies": list(specs.values()),
         "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
+        # By content: the same label with another file behind it (the shipped agents replaced) is another run.
+        "policy_files": {
+            label: sorted(scorer_files(scorer).values()) for label, scorer in resolve_policies(specs)[0].items()
+        },
         "kvp_gym_version": __version__,
     }
     saved = work / "trace-level.json"

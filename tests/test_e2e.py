@@ -4,6 +4,7 @@ to the single run, bad settings are clear errors."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from kvp_gym.cache.e2e import E2EConfig, format_table, merge, run, spearman
 from kvp_gym.cli import main
+from kvp_gym.storage import file_sha256
 
 CONFIG = E2EConfig(
     model="tiny-random",
@@ -70,6 +72,39 @@ def test_resume_recomputes_nothing_and_shards_merge_to_the_single_run(finished, 
     shutil.rmtree(tmp_path / "shard1" / "parts")
     with pytest.raises(ValueError, match="is not evaluated yet"):
         merge(tmp_path / "partial", [tmp_path / "shard0"])
+
+
+def test_a_changed_checkpoint_behind_a_label_is_refused_on_resume(tmp_path):
+    import torch
+
+    from kvp_gym_agents.checkpoint import save_checkpoint
+    from kvp_gym_agents.kvp import KVPNetwork
+
+    checkpoint = tmp_path / "agents.safetensors"
+
+    def write_agents(seed):
+        torch.manual_seed(seed)
+        network = KVPNetwork(heads=4, head_dim=16, width=16, position_dim=4, buckets=8, max_age=64)
+        geometry = {"head_dim": 16, "num_layers": 2, "num_kv_heads": 2}
+        save_checkpoint(
+            checkpoint, network, [(0, 0), (0, 1), (1, 0), (1, 1)], {"model": "tiny-random", "geometry": geometry}
+        )
+
+    write_agents(0)
+    label = f"kvp:checkpoint={checkpoint}"
+    config = E2EConfig(**{**CONFIG.__dict__, "policies": (label,), "samples": 1, "essays": 0, "budgets": (32,)})
+    record = run(config, tmp_path / "run", progress=False)
+    assert record["policies"][label]["files"] == {str(checkpoint): file_sha256(checkpoint)}
+    assert run(config, tmp_path / "run", progress=False)["accuracy"] == record["accuracy"]  # same file: resumes
+    write_agents(1)  # other weights under the same label: the finished parts no longer describe it
+    with pytest.raises(ValueError, match=rf"other settings \({re.escape(label)} read .*agents.safetensors \(SHA-256"):
+        run(config, tmp_path / "run", progress=False)
+    shard = tmp_path / "shard"
+    run(config, shard, shard=(0, 2), progress=False)
+    write_agents(0)
+    run(config, tmp_path / "shard1", shard=(1, 2), progress=False)
+    with pytest.raises(ValueError, match="other settings than .*agents.safetensors"):
+        merge(tmp_path / "merged", [shard, tmp_path / "shard1"])
 
 
 def test_bad_settings_and_the_cli(tmp_path, capsys):

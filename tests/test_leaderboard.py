@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kvp_gym.cli import main
+from kvp_gym.storage import file_sha256
 from kvp_gym_leaderboard.benchmark import (
     TOLERANCE,
     BenchmarkError,
@@ -312,20 +313,10 @@ def test_readme_embeds_the_current_board():
 
 
 def test_submit_command_pins_a_checkpoint(bench, tmp_path, capsys):
-    import torch
-
-    from kvp_gym_agents.checkpoint import save_checkpoint
-    from kvp_gym_agents.kvp import KVPNetwork
-
     benchmark, traces = bench
-    torch.manual_seed(0)
-    network = KVPNetwork(heads=4, head_dim=16, width=16, position_dim=4, buckets=8, max_age=64)
     checkpoint = tmp_path / "agents" / "mine.safetensors"
     checkpoint.parent.mkdir()
-    geometry = {"head_dim": 16, "num_layers": 2, "num_kv_heads": 2}
-    save_checkpoint(
-        checkpoint, network, [(0, 0), (0, 1), (1, 0), (1, 1)], {"model": "tiny-random", "geometry": geometry}
-    )
+    tiny_checkpoint(checkpoint, seed=0)
     out = tmp_path / "entries" / "mine.json"
     argv = ["submit", "--benchmark", str(benchmark.path), "--traces", str(traces), "--work", str(tmp_path / "w")]
     argv += ["--policy", "kvp", "--checkpoint", str(checkpoint), "--trace-level-only", "--name", "my-kvp"]
@@ -352,3 +343,29 @@ def test_an_interrupted_submit_resumes_after_the_trace_level(bench, tmp_path):
     assert again["knorm"]["results"] == first["knorm"]["results"]
     standard_evaluation(benchmark, ["knorm", "random"], traces, tmp_path, end_to_end=False, progress=False)
     assert json.loads(saved.read_text())["key"]["policies"] == ["knorm", "random"]  # other policies: evaluated
+
+
+def test_a_resumed_submit_notices_a_changed_checkpoint_behind_a_spec(bench, tmp_path):
+    benchmark, traces = bench
+    checkpoint = tiny_checkpoint(tmp_path / "agents.safetensors", seed=0)
+    spec = f"kvp:checkpoint={checkpoint}"
+    first = standard_evaluation(benchmark, [spec], traces, tmp_path, end_to_end=False, progress=False)
+    tiny_checkpoint(checkpoint, seed=1)  # other weights under the same label
+    again = standard_evaluation(benchmark, [spec], traces, tmp_path, end_to_end=False, progress=False)
+    assert again[spec]["results"] != first[spec]["results"]  # evaluated again, not the saved record
+    key = json.loads((tmp_path / "trace-level.json").read_text())["key"]
+    assert key["policy_files"] == {spec: [file_sha256(checkpoint)]}
+
+
+def tiny_checkpoint(path: Path, seed: int) -> Path:
+    """KVP agents for every head of tiny-random (2 layers x 2 KV heads, head_dim 16), random weights."""
+    import torch
+
+    from kvp_gym_agents.checkpoint import save_checkpoint
+    from kvp_gym_agents.kvp import KVPNetwork
+
+    torch.manual_seed(seed)
+    network = KVPNetwork(heads=4, head_dim=16, width=16, position_dim=4, buckets=8, max_age=64)
+    geometry = {"head_dim": 16, "num_layers": 2, "num_kv_heads": 2}
+    save_checkpoint(path, network, [(0, 0), (0, 1), (1, 0), (1, 1)], {"model": "tiny-random", "geometry": geometry})
+    return path

@@ -9,11 +9,14 @@ continuation teacher-forced through the compressed cache. Each policy's trace-le
 sample (paper protocol) is kept too, to measure how well the proxy predicts accuracy.
 
 Each finished sample is written atomically to ``OUT/parts/``: a stopped run resumes where it was, and ``--shard
-i/N`` runs split the samples between machines (:func:`merge` joins their parts). ``OUT/results.json`` (schema
+i/N`` runs split the samples between machines (:func:`merge` joins their parts). ``OUT/settings.json`` holds the
+run's settings and the SHA-256 of every file a policy reads (a checkpoint): resuming or merging with other
+settings, or with a changed file behind a label, is an error. ``OUT/results.json`` (schema
 ``kvp-gym/e2e-evaluation`` version 1)::
 
-    {"schema", "schema_version", "kvp_gym_version", "settings": {...E2EConfig}, "samples": {task: count},
-     "policies": {label: {"name", "parameters", "needs_queries", "privileged", "variant"}},
+    {"schema", "schema_version", "kvp_gym_version", "settings": {...E2EConfig, "policy_files"},
+     "samples": {task: count},
+     "policies": {label: {"name", "parameters", "needs_queries", "privileged", "variant", "files": {path: sha256}}},
      "accuracy": {task: {"full_cache": {"mean", "ci95"}, "policies": {label: {budget: {"mean", "ci95"}}}}},
      "perplexity": {"full_cache": {"mean", "ci95"}, "policies": {label: {budget: {"mean", "ci95"}}}},  # geometric
      "holistic_score": {label: mean over task samples (paper protocol)},
@@ -42,7 +45,7 @@ from kvp_gym.cache.generate import Prefill, continue_from, prefill, query_window
 from kvp_gym.capture import capture_qkv
 from kvp_gym.evaluate import resolve_policies
 from kvp_gym.generation import sample_seed
-from kvp_gym.scorers import Scorer, model_mismatches, parameters
+from kvp_gym.scorers import Scorer, model_mismatches, parameters, scorer_files
 from kvp_gym.storage import atomic_path
 from kvp_gym.tasks import encode, get_task, make_sample
 from kvp_gym.tasks.text import TEXT_POOLS
@@ -104,7 +107,7 @@ def run(
     scorers, skipped, variants = _policies(config)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, config)
+    _check_settings(out, _settings(config, scorers))
     todo = [item for k, item in enumerate(config.work()) if k % count == index and not _part(parts, *item).exists()]
     if todo:
         model, tokenizer = models.load(config.model)
@@ -128,8 +131,8 @@ def merge(out: str | Path, inputs: Sequence[str | Path]) -> dict[str, Any]:
     settings = None
     for folder in map(Path, inputs):
         found = _settings_of(folder)
-        if settings is not None and found != settings:
-            raise ValueError(f"{folder}: its run has other settings than {inputs[0]}")
+        if settings is not None and (changed := _differences(settings, found)):
+            raise ValueError(f"{folder}: its run has other settings than {inputs[0]} ({'; '.join(changed)})")
         settings = found
         (out / "parts").mkdir(parents=True, exist_ok=True)
         for part in sorted((folder / "parts").glob("*.json")):
@@ -138,8 +141,7 @@ def merge(out: str | Path, inputs: Sequence[str | Path]) -> dict[str, Any]:
     if settings is None:
         raise ValueError("merge needs at least one input folder")
     _write_settings(out, settings)
-    config = E2EConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-    scorers, _, variants = _policies(config)
+    scorers, _, variants = _policies(_config_of(settings))
     return summarize(out, scorers, variants)
 
 
@@ -173,16 +175,46 @@ def _write_settings(out: Path, settings: dict) -> None:
         tmp.write_text(json.dumps(settings, indent=2))
 
 
-def _check_settings(out: Path, config: E2EConfig) -> None:
-    """A folder holds one run: resuming with other settings is an error (its parts would not be comparable)."""
+def _settings(config: E2EConfig, scorers: dict[str, Scorer]) -> dict[str, Any]:
+    """settings.json: the config as JSON, and "policy_files": {label: {path: SHA-256}} of the policies that read
+    files (:func:`kvp_gym.scorers.scorer_files`), so that a label cannot silently change what is behind it."""
     settings = json.loads(json.dumps(dataclasses.asdict(config)))
-    if (out / "settings.json").exists():
-        found = _settings_of(out)
-        if found != settings:
-            changed = sorted(k for k in settings if found.get(k) != settings[k])
-            raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another --out")
-    else:
+    settings["policy_files"] = {label: files for label, scorer in scorers.items() if (files := scorer_files(scorer))}
+    return settings
+
+
+def _config_of(settings: dict[str, Any]) -> E2EConfig:
+    return E2EConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k != "policy_files"})
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """A folder holds one run: resuming with other settings or policy files is an error (its parts would not be
+    comparable)."""
+    if not (out / "settings.json").exists():
         _write_settings(out, settings)
+        return
+    changed = _differences(_settings_of(out), settings)
+    if changed:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}); use another folder")
+
+
+def _differences(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two runs' settings: the config keys, and each label whose files' contents differ (by
+    SHA-256: the same checkpoint at another path, as on another machine, is the same run)."""
+    changed = sorted(k for k in {*was, *now} - {"policy_files"} if was.get(k) != now.get(k))
+    if "policy_files" not in was or "policy_files" not in now:
+        return [*changed, "policy_files: one run was started by a kvp-gym that did not record the policies' files"]
+    old, new = was["policy_files"], now["policy_files"]
+    for label in sorted({*old, *new}):
+        if sorted(old.get(label, {}).values()) != sorted(new.get(label, {}).values()):
+            changed.append(f"{label} read {_describe_files(old.get(label))}, now {_describe_files(new.get(label))}")
+    return changed
+
+
+def _describe_files(files: dict[str, str] | None) -> str:
+    if not files:
+        return "no file"
+    return ", ".join(f"{path} (SHA-256 {digest[:12]}...)" for path, digest in files.items())
 
 
 @torch.inference_mode()
@@ -281,7 +313,7 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
     """Aggregate ``out/parts`` into ``out/results.json`` and the plots; return the record."""
     out = Path(out)
     settings = _settings_of(out)
-    config = E2EConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    config = _config_of(settings)
     records = {}
     for task, index in config.work():
         path = _part(out / "parts", task, index)
@@ -303,6 +335,7 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
                 "needs_queries": scorers[label].needs_queries,
                 "privileged": scorers[label].needs_future,
                 "variant": label in variants,
+                "files": settings.get("policy_files", {}).get(label, {}),  # what the parts were computed with
             }
             for label in labels
         },
