@@ -130,6 +130,23 @@ def test_text_pools_split_essays_and_words(tiny):
     assert sample != make_sample(get_task("niah_single"), tokenizer, 3000, seed=3, pool="train")
 
 
+def test_common_words_on_the_held_out_pools(tiny):
+    """The held-out pools hold fewer nouns than common_words used to draw (2048): they build from what they have,
+    and a prompt they cannot fill is a clear error, not a silently shorter prompt."""
+    from kvp_gym.tasks.text import words
+
+    _, tokenizer = tiny
+    task = get_task("common_words")
+    for pool in ("heldout", "val", "test"):
+        sample = make_sample(task, tokenizer, 1024, seed=5, pool=pool)
+        assert set(sample.answers) <= set(words("noun", pool)) and len(set(sample.answers)) == 10
+        assert len(tokenizer(sample.prompt)["input_ids"]) > 700  # filled, not cut short by the pool
+    with pytest.raises(ValueError, match="the text pool 'val' has words for prompts of at most .* tokens, not 20000"):
+        make_sample(task, tokenizer, 20000, seed=5, pool="val")
+    with pytest.raises(ValueError, match="a list of 3000 words needs 1510 distinct nouns, the text pool 'val' has"):
+        task.build(5, 3000, "val")
+
+
 # Digests of the original tasks' samples, computed before the needle value and key types were added: shipped
 # traces, agents and committed results depend on these prompts, so they must never change.
 _PINNED_CASES = [(0, 3, "all"), (7, 60, "all"), (123, 400, "train"), (5, 150, "heldout")]
@@ -139,7 +156,7 @@ _PINNED = {
     "niah_multivalue": ["b6193a5b74909533", "598249245d24d7ff", "683b14122998d4ee", "d49faa70b290389f"],
     "niah_multiquery": ["1fcee71642569d6a", "ab00287cb2d3891d", "4c8f4dde20ff3b56", "f822b1ed0d0b8614"],
     "variable_tracking": ["f8c342106636ee07", "0e217393d5735499", "d202b474edf2fda2", "0008aed34e5bd0cf"],
-    "common_words": ["267bdc3bbb8c5347", "792726da2a64c49d", "67d9d2e32cdcab57", None],  # too few held-out nouns
+    "common_words": ["267bdc3bbb8c5347", "792726da2a64c49d", "67d9d2e32cdcab57", None],  # held-out: crashed before
     "frequent_words": ["75177c3417c8b51e", "8374ea3ad1daa6f9", "93203beb57e35b77", "ba99192b30c8231d"],
     "essay": ["0f2ad2c07f282963", "2964821004663b70", "f4e0d8a677be28e7", "5e5d0d050fe23c65"],
 }

@@ -8,6 +8,7 @@ exact-match scorer: the fraction of expected answers that appear, as whole words
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,22 +103,38 @@ def encode(tokenizer: PreTrainedTokenizerBase, sample: TaskSample) -> EncodedPro
     return EncodedPrompt(ids=list(enc["input_ids"]), needle_spans=spans, continuation_ids=list(continuation))
 
 
+class PoolTooSmall(ValueError):
+    """A task instance needs more distinct words than its text pool holds."""
+
+
 def make_sample(
     task: Task, tokenizer: PreTrainedTokenizerBase, context: int, seed: int, pool: str = "all"
 ) -> TaskSample:
     """The largest instance of ``task`` (for ``seed``, text ``pool``) whose encoded prompt has at most ``context``
-    tokens."""
+    tokens. A ValueError if even the smallest is longer, or if the pool runs out of words long before ``context``
+    (the prompt would silently be shorter than asked)."""
+    too_large: set[int] = set()  # sizes the pool cannot build
 
-    def length(size: int) -> int:
-        return len(tokenizer(render(tokenizer, task.build(seed, size, pool)), add_special_tokens=False)["input_ids"])
+    def length(size: int) -> float:
+        try:
+            sample = task.build(seed, size, pool)
+        except PoolTooSmall:
+            too_large.add(size)
+            return math.inf
+        return len(tokenizer(render(tokenizer, sample), add_special_tokens=False)["input_ids"])
 
     best = _largest_fitting(length, context)
     if best is None:
         raise ValueError(f"task {task.name}: even the smallest prompt exceeds {context} tokens")
+    if best + 1 in too_large:
+        raise ValueError(
+            f"task {task.name}: the text pool {pool!r} has words for prompts of at most {int(length(best))} tokens, "
+            f"not {context}; use a shorter context or a larger pool"
+        )
     return task.build(seed, best, pool)
 
 
-def _largest_fitting(length: Callable[[int], int], budget: int) -> int | None:
+def _largest_fitting(length: Callable[[int], float], budget: int) -> int | None:
     """Largest size >= 1 with length(size) <= budget, for a length non-decreasing in size (doubling + bisection)."""
     if length(1) > budget:
         return None

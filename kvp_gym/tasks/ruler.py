@@ -28,7 +28,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from kvp_gym.tasks.base import Task, TaskSample, register
+from kvp_gym.tasks.base import PoolTooSmall, Task, TaskSample, register
 from kvp_gym.tasks.text import NOISE_SENTENCES, essay_sentences, words
 
 # Needle value types and what the prompt calls them (singular, plural); the key types are the same three kinds.
@@ -220,9 +220,17 @@ class CommonWords(Task):
 
     def build(self, seed: int, size: int, pool: str = "all") -> TaskSample:
         rng = random.Random(seed)
-        vocabulary = rng.sample(words("noun", pool), 2048)
-        common, rare = vocabulary[: self.num_common], vocabulary[self.num_common :]
+        nouns = words("noun", pool)
         repeats = max(3, size // 20)
+        needed = self.num_common + max(0, size - repeats * self.num_common)
+        if needed > len(nouns):
+            raise PoolTooSmall(
+                f"common_words: a list of {size} words needs {needed} distinct nouns, the text pool {pool!r} has "
+                f"{len(nouns)}; use a shorter context or a larger pool"
+            )
+        # 2048 drawn where the pool has them (the held-out pools have fewer): the other pools' samples stay as ever.
+        vocabulary = rng.sample(nouns, min(2048, len(nouns)))
+        common, rare = vocabulary[: self.num_common], vocabulary[self.num_common :]
         items = [w for w in common for _ in range(repeats)] + rare[: max(0, size - repeats * self.num_common)]
         rng.shuffle(items)
         listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
