@@ -22,10 +22,18 @@ results.json, schema ``kvp-gym/trace-evaluation`` version 2::
                           "per_layer": [L], "per_head": [L][H],                # means over samples
                           "per_sample_head": [S][L][H],                        # every score, for paired statistics
                           "retained_fraction": {"absolute": {"16": ...}, "fractions": {"0.05": ...}},  # null: budget
-                          "seconds"}},                                         #   below the protected tokens
+                                                                               #   below the protected tokens
+                          "needle_retention": {"absolute", "fractions", "per_task": {task: {"absolute", "fractions"}}}
+                                              | null,                          # samples with needles; null: none
+                          "seconds"}},
      "paired": {"versus": label, "policies": {label: {"mean_difference", "ci95", "share_of_heads_won",
                                                        "share_ci95", "interval_includes_zero"}}},  # with versus
      "timing": {"total_seconds", "attention_scorer_seconds", "importance_seconds"}}
+
+``needle_retention`` is the share of needle tokens (every needle sentence a task hides, distractors included: the
+trace's ``needle_spans``) that budget b keeps, by the same rule as the retained fraction (the protected tokens
+plus the top of the ranking), averaged over the samples that have needles, layers and KV heads: it shows a policy
+that drops the needles while keeping most of the attention mass, which the holistic score averages away.
 
 ``layers`` and ``heads`` are the evaluated layers and KV heads (``per_layer``/``per_head`` follow their order;
 ``num_kv_heads`` is the number evaluated). A policy's label is its spec (``tova``, ``tova:heads=group``), or for
@@ -284,6 +292,7 @@ def evaluate(
         budgets = len(ABSOLUTE_BUDGETS) + len(FRACTION_BUDGETS)
         scores = {label: np.zeros((len(samples), len(layers), len(heads))) for label in labels}
         kept = {label: np.zeros((len(samples), len(layers), len(heads), budgets)) for label in labels}
+        needles_kept = {label: np.zeros((len(samples), len(layers), len(heads), budgets)) for label in labels}
         seconds = dict.fromkeys(labels, 0.0)
         importance_seconds = 0.0
         work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
@@ -298,6 +307,7 @@ def evaluate(
             protected = protected_tokens(n, n, rules.sinks, rules.recent)
             ranked = ~protected
             at = list(ABSOLUTE_BUDGETS) + [max(1, round(f * n)) for f in FRACTION_BUDGETS]
+            needles = _needle_tokens(sample.needle_spans, n).expand(importance.shape)  # [H, n]; 0 when none
             for label, scorer in scorers.items():
                 tick = time.perf_counter()
                 whole_layer = getattr(scorer, "scope", "head") == "layer"
@@ -311,6 +321,8 @@ def evaluate(
                 seconds[label] += time.perf_counter() - tick
                 scores[label][i, j] = holistic_score(importance * ranked, s, ranked).numpy()
                 kept[label][i, j] = retained_fraction(importance, s, at, protected=protected).numpy()
+                if len(sample.needle_spans):
+                    needles_kept[label][i, j] = retained_fraction(needles, s, at, protected=protected).numpy()
         record = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -335,10 +347,11 @@ def evaluate(
         for trace in files:
             trace.close()
     rng = np.random.default_rng(seed)
+    tasks = np.array(record["tasks"])
+    with_needles = np.array([len(s.needle_spans) > 0 for _, s in samples])
     for label, scorer in scorers.items():
         per_sample = scores[label].mean((1, 2))
         resampled = rng.choice(per_sample, size=(bootstrap, len(per_sample))).mean(1)
-        mean_kept = kept[label].mean((0, 1, 2))
         record["policies"][label] = {
             "name": scorer.name,
             "parameters": parameters(scorer),
@@ -357,11 +370,14 @@ def evaluate(
             "per_layer": scores[label].mean((0, 2)).tolist(),
             "per_head": scores[label].mean(0).tolist(),
             "per_sample_head": np.round(scores[label], 6).tolist(),
-            "retained_fraction": {
-                "absolute": {str(b): _finite(v) for b, v in zip(ABSOLUTE_BUDGETS, mean_kept, strict=False)},
-                "fractions": {
-                    str(f): _finite(v)
-                    for f, v in zip(FRACTION_BUDGETS, mean_kept[len(ABSOLUTE_BUDGETS) :], strict=True)
+            "retained_fraction": _by_budget(kept[label].mean((0, 1, 2))),
+            "needle_retention": None
+            if not with_needles.any()
+            else {
+                **_by_budget(needles_kept[label][with_needles].mean((0, 1, 2))),
+                "per_task": {
+                    task: _by_budget(needles_kept[label][with_needles & (tasks == task)].mean((0, 1, 2)))
+                    for task in sorted(set(tasks[with_needles]))
                 },
             },
             "seconds": seconds[label],
@@ -374,6 +390,23 @@ def evaluate(
         "importance_seconds": importance_seconds,
     }
     return record
+
+
+def _by_budget(means: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """{"absolute": {"16": ...}, "fractions": {"0.05": ...}} from means over ABSOLUTE_BUDGETS + FRACTION_BUDGETS."""
+    absolute, fractions = means[: len(ABSOLUTE_BUDGETS)], means[len(ABSOLUTE_BUDGETS) :]
+    return {
+        "absolute": {str(b): _finite(v) for b, v in zip(ABSOLUTE_BUDGETS, absolute, strict=True)},
+        "fractions": {str(f): _finite(v) for f, v in zip(FRACTION_BUDGETS, fractions, strict=True)},
+    }
+
+
+def _needle_tokens(spans: np.ndarray, n: int) -> torch.Tensor:
+    """float32 [n]: 1 on the tokens of the needle spans [start, end) (int [N, 2]), else 0."""
+    positions = torch.arange(n)
+    spans = torch.as_tensor(np.asarray(spans, np.int64).reshape(-1, 2))
+    inside = (positions[:, None] >= spans[:, 0]) & (positions[:, None] < spans[:, 1])  # [n, N]
+    return inside.any(-1).float()
 
 
 def _finite(value: float) -> float | None:
@@ -490,15 +523,17 @@ def write_results(record: dict[str, Any], out: str | Path) -> list[Path]:
 
 def format_table(record: dict[str, Any]) -> str:
     """A plain-text table: policy, mean holistic score, 95% interval, retained fraction at 64 and 256 tokens, the
-    mean per task when there are several, and, when the record has paired comparisons, the mean paired difference
-    of the ``versus`` policy with each other one (its 95% interval; ``~`` = the interval includes 0) and the share
-    of heads the ``versus`` policy wins."""
+    needle retention at 64 tokens when samples have needles, the mean per task when there are several, and, when
+    the record has paired comparisons, the mean paired difference of the ``versus`` policy with each other one (its
+    95% interval; ``~`` = the interval includes 0) and the share of heads the ``versus`` policy wins."""
     files = ", ".join(t["path"] for t in record["traces"])
     tasks = sorted(set(record.get("tasks", []))) if len(set(record.get("tasks", []))) > 1 else []
     paired = record.get("paired")
     versus = paired["versus"] if paired else None
     width = max(16, *(len(label) for label in record["policies"]))
     header = f"{'policy':{width}s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} {'kept@256':>9s}"
+    needles = any(p.get("needle_retention") for p in record["policies"].values())
+    header += f" {'needles@64':>10s}" if needles else ""
     header += "".join(f" {t[:12]:>12s}" for t in tasks)
     if versus:
         header += f" {versus[:14] + ' - policy':>33s} {versus[:9] + ' wins':>14s}"
@@ -519,6 +554,8 @@ def format_table(record: dict[str, Any]) -> str:
             f"{label:{width}s} {p['holistic_score']['mean']:14.3f} {f'[{low:.3f}, {high:.3f}]':>16s} "
             f"{_cell(kept['64']):>8s} {_cell(kept['256']):>9s}"
         )
+        if needles:
+            line += f" {_cell((p.get('needle_retention') or {}).get('absolute', {}).get('64')):>10s}"
         line += "".join(f" {p['per_task'][t]:12.3f}" for t in tasks)
         if versus:
             c = paired["policies"].get(label)

@@ -210,6 +210,55 @@ def test_missing_split_names_the_splits_present(tmp_path, tiny_config):
         evaluate(path, ["knorm"], split="test", progress=False)
 
 
+class NeedleRanker:
+    """Ranks the tokens of the given needle spans first (or last), by position: a hand-checkable scorer."""
+
+    name, needs_queries, needs_future = "needle_ranker", False, False
+
+    def __init__(self, spans, first: bool):
+        self.spans, self.first = spans, first
+
+    def score(self, view: HeadView) -> torch.Tensor:
+        inside = torch.zeros(view.positions.shape, dtype=torch.bool)
+        for start, end in self.spans:
+            inside |= (view.positions >= start) & (view.positions < end)
+        return inside.float() * (1 if self.first else -1) - view.positions * 1e-6  # ties: earlier first
+
+
+def test_needle_retention_counts_the_needle_tokens_a_budget_keeps(tiny_trace, tmp_path, tiny_config):
+    import dataclasses
+
+    from kvp_gym.collect import collect
+
+    with open_traces(tiny_trace) as trace:
+        sample = trace.split("train")[0]
+    n, spans = sample.prompt_length, sample.needle_spans
+    policies = {"first": NeedleRanker(spans, True), "last": NeedleRanker(spans, False), "knorm": "knorm"}
+    record = evaluate(tiny_trace, policies, split="train", max_samples=1, bootstrap=10, progress=False)
+    # By hand (paper protocol: 4 sink and 16 recent tokens kept at every budget, then the top b - 20 of the rest).
+    needles = np.zeros(n, bool)
+    for start, end in spans:
+        needles[start:end] = True
+    protected = protected_tokens(n, n, 4, 16).numpy()
+    inside, outside = (needles & protected).sum(), (needles & ~protected).sum()
+    assert needles.sum() > 20 and n - 20 > 2 * needles.sum()
+    for b in (32, 64, 128, 256, 512):
+        room = min(b, n) - 20
+        first = (inside + min(room, outside)) / needles.sum()
+        last = (inside + max(0, room - (n - 20 - outside))) / needles.sum()
+        assert record["policies"]["first"]["needle_retention"]["absolute"][str(b)] == pytest.approx(first)
+        assert record["policies"]["last"]["needle_retention"]["absolute"][str(b)] == pytest.approx(last)
+    knorm = record["policies"]["knorm"]["needle_retention"]
+    assert knorm["absolute"]["16"] is None and set(knorm["per_task"]) == {"niah_single"}
+    assert knorm["per_task"]["niah_single"] == {k: knorm[k] for k in ("absolute", "fractions")}
+    assert "needles@64" in format_table(record)
+    # Samples without needles (free text) have no needle retention, and the table no column.
+    essays = tmp_path / "essay.h5"
+    collect(dataclasses.replace(tiny_config, task="essay", samples=2, splits=(1.0, 0.0, 0.0)), essays, progress=False)
+    record = evaluate(essays, ["knorm"], split="train", bootstrap=10, progress=False)
+    assert record["policies"]["knorm"]["needle_retention"] is None and "needles@64" not in format_table(record)
+
+
 def test_scorer_objects_labels_and_a_subset_of_layers_heads_and_samples(tiny_trace):
     knorm, half = get_scorer("knorm"), get_scorer("h2o", recent=16)
     record = evaluate(
