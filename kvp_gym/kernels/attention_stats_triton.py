@@ -56,7 +56,8 @@ def _row_lse(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """LSE[b, h, t] = log2 sum over visible keys of 2^logits2 (0 for a row that sees nothing or does not count)."""
-    bh, block = tl.program_id(0), tl.program_id(1)  # heads on axis 0: axes 1 and 2 hold at most 65535
+    # Heads on axis 0 (axes 1 and 2 hold at most 65535); int64, so that b * stride cannot overflow past 2^31 elements.
+    bh, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, h = bh // q_heads, bh % q_heads
     t = block * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
@@ -106,7 +107,7 @@ def _column_sums(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """OUT[b, o, i] = sum over counted queries t of the reduction over query heads o * per_output + r of p."""
-    bo, block = tl.program_id(0), tl.program_id(1)
+    bo, block = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: as in _row_lse
     b, o = bo // out_heads, bo % out_heads
     first_head = o * per_output
     s_idx = block * BLOCK_S + tl.arange(0, BLOCK_S)

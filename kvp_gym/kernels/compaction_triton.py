@@ -28,12 +28,13 @@ def _gather_rows(
     heads, kept, k_dim, v_dim,
     BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    bh, block = tl.program_id(0), tl.program_id(1)  # heads on axis 0: axes 1 and 2 hold at most 65535
+    # Heads on axis 0 (axes 1 and 2 hold at most 65535); int64, so that b * stride cannot overflow past 2^31 elements.
+    bh, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, h = bh // heads, bh % heads
     j = block * BLOCK_R + tl.arange(0, BLOCK_R)
     inside = j < kept
     index = tl.load(ROWS + b * r_b + h * r_h + j * r_j, mask=inside, other=0).to(tl.int64)
-    offsets = tl.where(inside, bh.to(tl.int64) * kept + j, -1)  # output row, -1 past the end (masked)
+    offsets = tl.where(inside, bh * kept + j, -1)  # output row, -1 past the end (masked)
     _copy_rows(K, K_OUT, index, offsets, b, h, k_b, k_h, k_l, k_d, k_dim, BLOCK_DK)
     _copy_rows(V, V_OUT, index, offsets, b, h, v_b, v_h, v_l, v_d, v_dim, BLOCK_DV)
 
