@@ -30,10 +30,12 @@ results.json, schema ``kvp-gym/trace-evaluation`` version 2::
                                                        "share_ci95", "interval_includes_zero"}}},  # with versus
      "timing": {"total_seconds", "attention_scorer_seconds", "importance_seconds"}}
 
-``needle_retention`` is the share of needle tokens (every needle sentence a task hides, distractors included: the
-trace's ``needle_spans``) that budget b keeps, by the same rule as the retained fraction (the protected tokens
-plus the top of the ranking), averaged over the samples that have needles, layers and KV heads: it shows a policy
-that drops the needles while keeping most of the attention mass, which the holistic score averages away.
+``needle_retention`` is the share of the attention the continuation paid to the needles (every needle sentence a
+task hides, distractors included: the trace's ``needle_spans``) that budget b keeps, by the same rule as the
+retained fraction (the protected tokens plus the top of the ranking), pooled over the samples that have needles,
+their layers and KV heads: the heads that read a needle weigh in proportion, the others hardly at all. It shows a
+policy that drops what retrieval reads while keeping most of the attention mass, which the holistic score (a
+mean over every head) averages away.
 
 ``layers`` and ``heads`` are the evaluated layers and KV heads (``per_layer``/``per_head`` follow their order;
 ``num_kv_heads`` is the number evaluated). A policy's label is its spec (``tova``, ``tova:heads=group``), or for
@@ -292,6 +294,8 @@ def evaluate(
         budgets = len(ABSOLUTE_BUDGETS) + len(FRACTION_BUDGETS)
         scores = {label: np.zeros((len(samples), len(layers), len(heads))) for label in labels}
         kept = {label: np.zeros((len(samples), len(layers), len(heads), budgets)) for label in labels}
+        # Attention paid to needle tokens: in all, and kept at each budget by each policy.
+        needle_total = np.zeros((len(samples), len(layers), len(heads)))
         needles_kept = {label: np.zeros((len(samples), len(layers), len(heads), budgets)) for label in labels}
         seconds = dict.fromkeys(labels, 0.0)
         importance_seconds = 0.0
@@ -307,7 +311,8 @@ def evaluate(
             protected = protected_tokens(n, n, rules.sinks, rules.recent)
             ranked = ~protected
             at = list(ABSOLUTE_BUDGETS) + [max(1, round(f * n)) for f in FRACTION_BUDGETS]
-            needles = _needle_tokens(sample.needle_spans, n).expand(importance.shape)  # [H, n]; 0 when none
+            on_needles = importance * _needle_tokens(sample.needle_spans, n)  # [H, n]; 0 without needles
+            needle_total[i, j] = on_needles.sum(-1).numpy()
             for label, scorer in scorers.items():
                 tick = time.perf_counter()
                 whole_layer = getattr(scorer, "scope", "head") == "layer"
@@ -322,7 +327,8 @@ def evaluate(
                 scores[label][i, j] = holistic_score(importance * ranked, s, ranked).numpy()
                 kept[label][i, j] = retained_fraction(importance, s, at, protected=protected).numpy()
                 if len(sample.needle_spans):
-                    needles_kept[label][i, j] = retained_fraction(needles, s, at, protected=protected).numpy()
+                    share = retained_fraction(on_needles, s, at, protected=protected).numpy()  # NaN: budget too small
+                    needles_kept[label][i, j] = share * needle_total[i, j, :, None]
         record = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -374,9 +380,9 @@ def evaluate(
             "needle_retention": None
             if not with_needles.any()
             else {
-                **_by_budget(needles_kept[label][with_needles].mean((0, 1, 2))),
+                **_pooled_share(needles_kept[label], needle_total, with_needles),
                 "per_task": {
-                    task: _by_budget(needles_kept[label][with_needles & (tasks == task)].mean((0, 1, 2)))
+                    task: _pooled_share(needles_kept[label], needle_total, with_needles & (tasks == task))
                     for task in sorted(set(tasks[with_needles]))
                 },
             },
@@ -399,6 +405,13 @@ def _by_budget(means: np.ndarray) -> dict[str, dict[str, float | None]]:
         "absolute": {str(b): _finite(v) for b, v in zip(ABSOLUTE_BUDGETS, absolute, strict=True)},
         "fractions": {str(f): _finite(v) for f, v in zip(FRACTION_BUDGETS, fractions, strict=True)},
     }
+
+
+def _pooled_share(kept: np.ndarray, total: np.ndarray, samples: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """:func:`_by_budget` of sum(kept) / sum(total) over the chosen ``samples`` (bool [S]) and every layer and head:
+    kept [S, L, H, budgets], total [S, L, H]."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # no attention on the needles at all: null
+        return _by_budget(kept[samples].sum((0, 1, 2)) / total[samples].sum())
 
 
 def _needle_tokens(spans: np.ndarray, n: int) -> torch.Tensor:
