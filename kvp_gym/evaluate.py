@@ -75,7 +75,7 @@ from kvp_gym.scorers import (
 )
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.traces import SPLITS, open_compatible
-from kvp_gym.utility import holistic_score, protected_tokens, retained_fraction
+from kvp_gym.utility import holistic_score, needle_attention_kept, protected_tokens, retained_fraction
 
 SCHEMA, SCHEMA_VERSION = "kvp-gym/trace-evaluation", 2
 ABSOLUTE_BUDGETS = (16, 32, 64, 128, 256, 512)
@@ -311,8 +311,6 @@ def evaluate(
             protected = protected_tokens(n, n, rules.sinks, rules.recent)
             ranked = ~protected
             at = list(ABSOLUTE_BUDGETS) + [max(1, round(f * n)) for f in FRACTION_BUDGETS]
-            on_needles = importance * _needle_tokens(sample.needle_spans, n)  # [H, n]; 0 without needles
-            needle_total[i, j] = on_needles.sum(-1).numpy()
             for label, scorer in scorers.items():
                 tick = time.perf_counter()
                 whole_layer = getattr(scorer, "scope", "head") == "layer"
@@ -326,9 +324,9 @@ def evaluate(
                 seconds[label] += time.perf_counter() - tick
                 scores[label][i, j] = holistic_score(importance * ranked, s, ranked).numpy()
                 kept[label][i, j] = retained_fraction(importance, s, at, protected=protected).numpy()
-                if len(sample.needle_spans):
-                    share = retained_fraction(on_needles, s, at, protected=protected).numpy()  # NaN: budget too small
-                    needles_kept[label][i, j] = share * needle_total[i, j, :, None]
+                if len(sample.needle_spans):  # NaN: a budget below the protected tokens
+                    kept_mass, paid = needle_attention_kept(importance, s, sample.needle_spans, at, protected)
+                    needles_kept[label][i, j], needle_total[i, j] = kept_mass.numpy(), paid.numpy()
         record = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -412,14 +410,6 @@ def _pooled_share(kept: np.ndarray, total: np.ndarray, samples: np.ndarray) -> d
     kept [S, L, H, budgets], total [S, L, H]."""
     with np.errstate(invalid="ignore", divide="ignore"):  # no attention on the needles at all: null
         return _by_budget(kept[samples].sum((0, 1, 2)) / total[samples].sum())
-
-
-def _needle_tokens(spans: np.ndarray, n: int) -> torch.Tensor:
-    """float32 [n]: 1 on the tokens of the needle spans [start, end) (int [N, 2]), else 0."""
-    positions = torch.arange(n)
-    spans = torch.as_tensor(np.asarray(spans, np.int64).reshape(-1, 2))
-    inside = (positions[:, None] >= spans[:, 0]) & (positions[:, None] < spans[:, 1])  # [n, N]
-    return inside.any(-1).float()
 
 
 def _finite(value: float) -> float | None:

@@ -159,6 +159,28 @@ def retained_fraction(
     return fraction.masked_fill(budgets < count[..., None], float("nan"))
 
 
+def needle_attention_kept(
+    importance: torch.Tensor,
+    order: torch.Tensor,
+    needle_spans: Sequence[Sequence[int]],
+    budgets: Sequence[int],
+    protected: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention paid to needle tokens, and the part of it each budget keeps (rule of :func:`retained_fraction`).
+
+    importance [..., N]; order: a ranking or scores [..., N]; needle_spans: token spans [start, end) (int [K, 2]).
+    Returns (kept [..., len(budgets)], paid [...]) in the units of ``importance``; a budget smaller than the
+    protected set is NaN. Summing both over heads (and samples) before dividing pools them by what each head read:
+    the needle retention of ``kvp-gym evaluate`` and ``evaluate-e2e``.
+    """
+    positions = torch.arange(importance.shape[-1], device=importance.device)
+    spans = torch.as_tensor(needle_spans, dtype=torch.long, device=importance.device).reshape(-1, 2)
+    needles = ((positions[:, None] >= spans[:, 0]) & (positions[:, None] < spans[:, 1])).any(-1)  # [N]
+    on_needles = importance.float() * needles
+    paid = on_needles.sum(-1)
+    return retained_fraction(on_needles, order, budgets, protected=protected) * paid[..., None], paid
+
+
 def protected_tokens(split: int | torch.Tensor, num_tokens: int, sinks: int, recent: int) -> torch.Tensor:
     """Bool [..., num_tokens]: the first ``sinks`` and the last ``recent`` of the ``split`` cached tokens (split: an
     int or a [...] tensor). An evaluation protocol keeps these at every budget and ranks only the others."""

@@ -49,8 +49,20 @@ def test_record_is_built_from_the_parts(finished):
         assert 0 < record["holistic_score"][label] <= 1
     assert record["holistic_score"]["oracle"] == pytest.approx(1.0)  # ranks by the continuation's own attention
     assert set(record["proxy_correlation"]) == {"32", "64"}
+    # Needle retention: the attention paid to needle tokens that each budget keeps, pooled over the task prompts.
+    needles = [r["policies"]["knorm"]["needle_attention"] for r in rows]
+    assert all(0 < n["kept"]["32"] <= n["kept"]["64"] <= n["paid"] for n in needles)
+    assert json.loads(parts[0].read_text())["policies"]["knorm"]["needle_attention"] is None  # an essay: no needles
+    for label in ("knorm", "tova", "oracle", "streaming_llm"):
+        attention = [r["policies"][label]["needle_attention"] for r in rows]
+        assert [a["paid"] for a in attention] == pytest.approx([n["paid"] for n in needles])  # the same continuation
+        expected = sum(a["kept"]["64"] for a in attention) / sum(a["paid"] for a in attention)
+        assert record["needle_retention"][label]["64"] == pytest.approx(expected)
+    correlation = record["proxy_correlation"]["64"]  # tiny-random answers nothing: accuracy is constant, rho n/a
+    assert "spearman_needle_retention" in correlation and correlation["spearman"] is None
     table = format_table(record)
     assert "full_cache" in table and "niah_single@32" in table and "ppl@64" in table
+    assert "budget 64: Spearman correlation across policies of needle retention vs mean accuracy" in table
     assert (out / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "perplexity_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
 

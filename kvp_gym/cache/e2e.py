@@ -6,7 +6,9 @@ every budget, keep the top of that scoring in a copy of the cache; the policies'
 one batch (decoding a small model is bound by reading its weights, once per step for the whole batch). Task
 samples are scored by exact match (the task's own scorer), held-out essays by the perplexity of their real
 continuation teacher-forced through the compressed cache. Each policy's trace-level holistic score on the same
-sample (paper protocol) is kept too, to measure how well the proxy predicts accuracy.
+sample (paper protocol) is kept too, and, for prompts with needles, the needle retention (the attention the
+continuation paid to needle tokens that each budget keeps, pooled over layers and KV heads), to measure how well
+each proxy predicts accuracy.
 
 Each finished sample is written atomically to ``OUT/parts/``: a stopped run resumes where it was, and ``--shard
 i/N`` runs split the samples between machines (:func:`merge` joins their parts). ``OUT/settings.json`` holds the
@@ -20,7 +22,8 @@ settings, or with a changed file behind a label, is an error. ``OUT/results.json
      "accuracy": {task: {"full_cache": {"mean", "ci95"}, "policies": {label: {budget: {"mean", "ci95"}}}}},
      "perplexity": {"full_cache": {"mean", "ci95"}, "policies": {label: {budget: {"mean", "ci95"}}}},  # geometric
      "holistic_score": {label: mean over task samples (paper protocol)},
-     "proxy_correlation": {budget: {"spearman", "policies"}},   # holistic score vs accuracy, across policies
+     "needle_retention": {label: {budget: share}} | null,   # attention paid to needle tokens that the budget keeps
+     "proxy_correlation": {budget: {"spearman", "spearman_needle_retention", "policies"}},  # proxy vs accuracy
      "seconds": {"total", "prefill", "decode", "scoring"}}
 """
 
@@ -49,7 +52,7 @@ from kvp_gym.scorers import Scorer, model_mismatches, parameters, scorer_files
 from kvp_gym.storage import atomic_path
 from kvp_gym.tasks import encode, get_task, make_sample
 from kvp_gym.tasks.text import TEXT_POOLS
-from kvp_gym.utility import future_importance, holistic_score, protected_tokens
+from kvp_gym.utility import future_importance, holistic_score, needle_attention_kept, protected_tokens
 
 SCHEMA, SCHEMA_VERSION = "kvp-gym/e2e-evaluation", 1
 FULL = "full_cache"
@@ -248,7 +251,11 @@ def _evaluate_sample(model, tokenizer, config: E2EConfig, scorers: dict[str, Sco
         tick = time.perf_counter()
         all_scores[label] = state.cache.score(scorer, state.queries, importance if scorer.needs_future else None)
         seconds["scoring"] += time.perf_counter() - tick
-        record["policies"][label] = {"holistic_score": _holistic(importance, all_scores[label], config), "budgets": {}}
+        record["policies"][label] = {
+            "holistic_score": _holistic(importance, all_scores[label], config),
+            "needle_attention": _needle_attention(importance, all_scores[label], encoded.needle_spans, config),
+            "budgets": {},
+        }
     tick = time.perf_counter()
     labels = list(scorers)
     for budget in config.budgets:  # every policy's compression of this prompt decoded in one batch
@@ -307,6 +314,26 @@ def _holistic(importance: dict[int, torch.Tensor], scores: list[torch.Tensor], c
         ranked = ~protected_tokens(n, n, config.sinks, config.recent)
         values.append(holistic_score(imp * ranked, layer_scores.cpu().float(), ranked).mean().item())
     return float(np.mean(values))
+
+
+def _needle_attention(
+    importance: dict[int, torch.Tensor], scores: list[torch.Tensor], spans: list[tuple[int, int]], config: E2EConfig
+) -> dict[str, Any] | None:
+    """{"paid", "kept": {budget: ...}}: the attention the continuation paid to the needle tokens, summed over layers
+    and KV heads, and the part each budget keeps with the protected tokens (paper protocol); None without needles."""
+    if not spans:
+        return None
+    kept, paid = torch.zeros(len(config.budgets)), 0.0
+    for layer, layer_scores in enumerate(scores):
+        imp = importance[layer].cpu()  # [1, H, n]
+        n = imp.shape[-1]
+        protected = protected_tokens(n, n, config.sinks, config.recent)
+        layer_kept, layer_paid = needle_attention_kept(
+            imp, layer_scores.cpu().float(), spans, config.budgets, protected
+        )
+        kept += layer_kept.sum((0, 1))
+        paid += float(layer_paid.sum())
+    return {"paid": paid, "kept": {str(b): float(v) for b, v in zip(config.budgets, kept, strict=True)}}
 
 
 def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], seed: int = 0) -> dict[str, Any]:
@@ -369,6 +396,17 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
         label: float(np.mean([r["policies"][label]["holistic_score"] for r in tasks_rows])) if tasks_rows else None
         for label in labels
     }
+    # Pooled over the prompts with needles (parts written before needle retention existed have none: left out).
+    needle_rows = [r for r in tasks_rows if all(r["policies"][label].get("needle_attention") for label in labels)]
+    paid = sum(r["policies"][labels[0]]["needle_attention"]["paid"] for r in needle_rows) if labels else 0.0
+    record["needle_retention"] = None
+    if needle_rows and paid > 0:
+        record["needle_retention"] = {
+            label: {
+                b: sum(r["policies"][label]["needle_attention"]["kept"][b] for r in needle_rows) / paid for b in budgets
+            }
+            for label in labels
+        }
     record["proxy_correlation"] = {}
     if config.tasks and len(labels) > 2:
         for b in budgets:
@@ -376,7 +414,14 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
                 np.mean([record["accuracy"][t]["policies"][label][b]["mean"] for t in config.tasks]) for label in labels
             ]
             proxy = [record["holistic_score"][label] for label in labels]
-            record["proxy_correlation"][b] = {"spearman": spearman(proxy, accuracy), "policies": labels}
+            needles = record["needle_retention"]
+            record["proxy_correlation"][b] = {
+                "spearman": spearman(proxy, accuracy),
+                "spearman_needle_retention": spearman([needles[label][b] for label in labels], accuracy)
+                if needles
+                else None,
+                "policies": labels,
+            }
     record["seconds"] = {
         key: float(sum(r["seconds"][key] for r in records.values())) for key in ("prefill", "decode", "scoring")
     }
@@ -456,6 +501,12 @@ def format_table(record: dict[str, Any]) -> str:
     for b, c in record["proxy_correlation"].items():
         rho = "n/a (constant)" if c["spearman"] is None else f"{c['spearman']:+.2f}"
         lines.append(f"budget {b}: Spearman correlation across policies of holistic score vs mean accuracy = {rho}")
+        if record.get("needle_retention"):
+            rho = c["spearman_needle_retention"]
+            rho = "n/a (constant)" if rho is None else f"{rho:+.2f}"
+            lines.append(
+                f"budget {b}: Spearman correlation across policies of needle retention vs mean accuracy = {rho}"
+            )
     return "\n".join(lines)
 
 
