@@ -13,6 +13,7 @@ from kvp_gym.utility import (
     holistic_cost,
     holistic_reward,
     holistic_score,
+    needle_attention_kept,
     oracle_ranking,
     protected_tokens,
     retained_fraction,
@@ -48,6 +49,22 @@ def test_protected_tokens_are_kept_and_count_towards_the_budget():
     # Rows with different splits (batched), and padding: protected_tokens per row, valid masks the padding.
     batch = retained_fraction(imp.expand(2, 6), scores.expand(2, 6), [3], torch.ones(2, 6, dtype=torch.bool), protected)
     torch.testing.assert_close(batch, torch.full((2, 1), 0.5))
+
+
+def test_needle_attention_kept_by_hand():
+    # Two heads, 6 tokens, needles on tokens 1-2 and 4; token 0 protected. Head 0 ranks 5, 4, 3, 2, 1 (after 0),
+    # head 1 ranks 1, 2, 3, 4, 5.
+    imp = torch.tensor([[1.0, 2.0, 0.0, 5.0, 3.0, 1.0], [0.0, 1.0, 1.0, 1.0, 2.0, 0.0]])
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    protected = torch.tensor([True, False, False, False, False, False])
+    kept, paid = needle_attention_kept(imp, scores, [(1, 3), (4, 5)], [0, 2, 3, 4, 6], protected)
+    assert paid.tolist() == [5.0, 4.0]  # head 0: 2 + 0 + 3; head 1: 1 + 1 + 2
+    # Budget b keeps token 0 and the top b - 1: head 0 keeps 5 (b=2), 4 (b=3: +3), 3 (b=4), all (b=6: +2);
+    # head 1 keeps 1 (b=2: +1), 2 (b=3: +1), 3 (b=4), all (b=6: +2). Budget 0 is below the protected token: NaN.
+    assert kept[:, 1:].tolist() == [[0.0, 3.0, 3.0, 5.0], [1.0, 2.0, 2.0, 4.0]]
+    assert kept[:, 0].isnan().all()
+    none, nothing = needle_attention_kept(imp, scores, [], [2, 6], protected)
+    assert none.tolist() == [[0.0, 0.0], [0.0, 0.0]] and nothing.tolist() == [0.0, 0.0]
 
 
 def test_ties_keep_the_earlier_token_first():
