@@ -182,7 +182,7 @@ kvp2-e2e: $(STAMP)
 		--text test --seed 9100 --out runs/kvp2-e2e-values
 
 # End-to-end accuracy and perplexity with the evicting cache (docs/cache.md): held-out text, 1k prompts, 40 samples
-# per task, 8 essays; about an hour on 2 cores (resumable: rerun to continue).
+# per task, 8 essays; about 25 minutes on 2 cores (resumable: rerun to continue).
 E2E_POLICIES := oracle,kvp,tova,snapkv,h2o,expected_attention,streaming_llm,knorm,keydiff,random
 kvp-e2e: $(STAMP)
 	$(BIN)/kvp-gym evaluate-e2e --model smollm2-135m --tasks niah_single,niah_multikey --context 1024 \
