@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from kvp_gym import __version__
 from kvp_gym.scorers import HeadView, ScorerError
-from kvp_gym.storage import atomic_path
+from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym_agents.kvp import KVPNetwork, ages_of
 
 CHECKPOINT_FORMAT = "kvp-gym/kvp-agents-v1"
@@ -100,8 +100,17 @@ def read_checkpoint(path: str | Path) -> tuple[KVPNetwork, dict]:
     return network.eval(), metadata
 
 
-@functools.lru_cache(maxsize=8)
 def _cached(path: str) -> tuple[KVPNetwork, dict]:
+    """:func:`read_checkpoint`, read once per content: a file rewritten in place (retrained agents) is read again."""
+    try:
+        digest = file_sha256(path)
+    except OSError as err:
+        raise ScorerError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    return _read_once(path, digest)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_once(path: str, sha256: str) -> tuple[KVPNetwork, dict]:
     return read_checkpoint(path)
 
 

@@ -180,6 +180,16 @@ def test_kvp_scorer_from_a_checkpoint(trained, tiny_trace, tmp_path):
         get_scorer("kvp", checkpoint=str(bad))
     save_checkpoint(tmp_path / "ok.safetensors", network, [(1, 1), (1, 0), (0, 1), (0, 0)], {"model": "tiny-random"})
     assert read_checkpoint(tmp_path / "ok.safetensors")[1]["heads"] == [[1, 1], [1, 0], [0, 1], [0, 0]]
+    # A checkpoint rewritten in place (retrained agents) is read again, not served from the cache of the old one.
+    before = score(get_scorer("kvp", checkpoint=str(tmp_path / "ok.safetensors")), view)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(1.0)
+    save_checkpoint(tmp_path / "ok.safetensors", network, [(1, 1), (1, 0), (0, 1), (0, 0)], {"model": "tiny-random"})
+    after = score(get_scorer("kvp", checkpoint=str(tmp_path / "ok.safetensors")), view)
+    assert not torch.allclose(before, after)
+    with pytest.raises(ScorerError, match="missing.safetensors: not a readable safetensors checkpoint"):
+        get_scorer("kvp", checkpoint=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="2 head ids for a network of 4 heads"):
         save_checkpoint(tmp_path / "no.safetensors", network, [(0, 0), (1, 1)], {})
 
