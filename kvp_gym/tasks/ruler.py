@@ -222,7 +222,8 @@ class CommonWords(Task):
         rng = random.Random(seed)
         nouns = words("noun", pool)
         repeats = max(3, size // 20)
-        needed = self.num_common + max(0, size - repeats * self.num_common)
+        once = max(0, size - repeats * self.num_common)  # list items that appear once
+        needed = self.num_common + once
         if needed > len(nouns):
             raise PoolTooSmall(
                 f"common_words: a list of {size} words needs {needed} distinct nouns, the text pool {pool!r} has "
@@ -231,7 +232,7 @@ class CommonWords(Task):
         # 2048 drawn where the pool has them (the held-out pools have fewer): the other pools' samples stay as ever.
         vocabulary = rng.sample(nouns, min(2048, len(nouns)))
         common, rare = vocabulary[: self.num_common], vocabulary[self.num_common :]
-        items = [w for w in common for _ in range(repeats)] + rare[: max(0, size - repeats * self.num_common)]
+        items = [w for w in common for _ in range(repeats)] + rare[:once]
         rng.shuffle(items)
         listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
         return TaskSample(
