@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kvp_gym import __version__
 from kvp_gym.scorers import HeadView, ScorerError
 from kvp_gym.storage import atomic_path, file_sha256
+from kvp_gym.version import __version__
 from kvp_gym_agents.kvp import KVPNetwork, ages_of
 
 CHECKPOINT_FORMAT = "kvp-gym/kvp-agents-v1"

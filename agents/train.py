@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from kvp_gym.device import resolve_device
 from kvp_gym.importance import ImportanceStore, content_id
 from kvp_gym.storage import atomic_path
 from kvp_gym.traces import SampleInfo, TraceFile, open_compatible
@@ -75,17 +76,6 @@ def parse_heads(spec: str, layers: tuple[int, ...], num_kv_heads: int) -> list[H
             raise ValueError(f"head {part!r}: layer must be recorded ({list(layers)}), head in [0, {num_kv_heads})")
         heads.append(pair)
     return heads
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda``; under torchrun, CUDA means this process's own GPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device (use --device cpu or auto)")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 class Episodes:

@@ -16,9 +16,7 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -26,6 +24,8 @@ import torch
 
 import kvp_gym  # noqa: F401
 from kvp_gym.utility import future_importance
+
+from timing import alternate
 
 
 def importance_vs_matmul(groups: int, prompt: int, future: int, head_dim: int, repeats: int, rounds: int) -> dict:
@@ -42,12 +42,12 @@ def importance_vs_matmul(groups: int, prompt: int, future: int, head_dim: int, r
     for threads, clock in ((default_threads, "wall"), (1, "wall"), (1, "cpu")):
         torch.set_num_threads(threads)
         runs = [
-            _alternate(
+            alternate(
                 lambda: future_importance(queries, keys, prompt),
                 lambda: torch.matmul(q_future, k_prompt),
                 repeats,
-                10,
-                time.perf_counter if clock == "wall" else time.thread_time,
+                warmup=10,
+                clock=time.perf_counter if clock == "wall" else time.thread_time,
             )
             for _ in range(rounds)
         ]
@@ -60,19 +60,6 @@ def importance_vs_matmul(groups: int, prompt: int, future: int, head_dim: int, r
         }
     torch.set_num_threads(default_threads)
     return result
-
-
-def _alternate(first: Callable, second: Callable, repeats: int, warmup: int, clock: Callable) -> tuple[float, float]:
-    """timing.alternate with a choice of clock: median seconds of two callables timed in alternation."""
-    for _ in range(warmup):
-        first(), second()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, bucket in ((first, times[0]), (second, times[1])):
-            start = clock()
-            fn()
-            bucket.append(clock() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def episodes_per_second(config: dict, num_envs: int, mode: str | None, warmup: int, timed: int) -> float:

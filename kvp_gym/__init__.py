@@ -7,14 +7,10 @@ environments (:mod:`kvp_gym.envs`), the scorer contract and evaluation (:mod:`kv
 ``kvp_gym.generate`` and ``kvp_gym.EvictingCache`` load it on first use).
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from kvp_gym.envs import register_envs  # gym.make("KVEvict-v0") works after `import kvp_gym`
+from kvp_gym.version import __version__
 
-try:
-    __version__ = version("kvp-gym")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
-
-from kvp_gym.envs import register_envs  # noqa: E402  (gym.make("KVEvict-v0") works after `import kvp_gym`)
+__all__ = ["__version__", "register_envs"]
 
 register_envs()
 

@@ -10,7 +10,7 @@ from collections import Counter
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from kvp_gym import __version__
+from kvp_gym.version import __version__
 
 _EXAMPLES = """examples:
   kvp-gym collect --model smollm2-135m --task niah_single --samples 32 --context 1024 --future 64 --out traces/niah.h5
@@ -529,7 +529,7 @@ def _tasks(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from kvp_gym import models
     from kvp_gym.cache import generate
-    from kvp_gym.cache.e2e import resolve_device
+    from kvp_gym.device import resolve_device
     from kvp_gym.evaluate import _from_spec
     from kvp_gym.scorers import ScorerError, model_mismatches
 

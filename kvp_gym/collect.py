@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kvp_gym import __version__, models
+from kvp_gym import models
 from kvp_gym.capture import capture_qkv, probe_attention
 from kvp_gym.generation import greedy, sample_seed
 from kvp_gym.tasks import encode, get_task, make_sample
@@ -38,6 +38,7 @@ from kvp_gym.traces import (
     sample_name,
     write_traces,
 )
+from kvp_gym.version import __version__
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kvp_gym import __version__
 from kvp_gym.importance import ImportanceStore
 from kvp_gym.scorers import (
     HeadView,
@@ -76,6 +75,7 @@ from kvp_gym.scorers import (
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.traces import SPLITS, open_compatible
 from kvp_gym.utility import holistic_score, needle_attention_kept, protected_tokens, retained_fraction
+from kvp_gym.version import __version__
 
 SCHEMA, SCHEMA_VERSION = "kvp-gym/trace-evaluation", 2
 ABSOLUTE_BUDGETS = (16, 32, 64, 128, 256, 512)

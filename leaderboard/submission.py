@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from kvp_gym import __version__
 from kvp_gym.storage import atomic_path, file_sha256
+from kvp_gym.version import __version__
 from kvp_gym_leaderboard.benchmark import (
     Benchmark,
     BenchmarkError,
@@ -230,7 +230,7 @@ def end_to_end_results(e2e: dict, label: str) -> dict[str, Any]:
 def _hardware(device: str) -> dict[str, str]:
     import torch
 
-    from kvp_gym.cache.e2e import resolve_device
+    from kvp_gym.device import resolve_device
 
     resolved = resolve_device(device)
     name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"cpu ({platform.processor() or '?'})"

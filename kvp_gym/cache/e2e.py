@@ -42,10 +42,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kvp_gym import __version__, models
+from kvp_gym import models
 from kvp_gym.cache.evicting import EvictingCache
 from kvp_gym.cache.generate import Prefill, continue_from, prefill, query_window, until_eos
 from kvp_gym.capture import capture_qkv
+from kvp_gym.device import resolve_device
 from kvp_gym.evaluate import resolve_policies
 from kvp_gym.generation import sample_seed
 from kvp_gym.scorers import Scorer, model_mismatches, parameters, scorer_files
@@ -53,6 +54,7 @@ from kvp_gym.storage import atomic_path
 from kvp_gym.tasks import encode, get_task, make_sample
 from kvp_gym.tasks.text import TEXT_POOLS
 from kvp_gym.utility import future_importance, holistic_score, needle_attention_kept, protected_tokens
+from kvp_gym.version import __version__
 
 SCHEMA, SCHEMA_VERSION = "kvp-gym/e2e-evaluation", 1
 FULL = "full_cache"
@@ -151,15 +153,6 @@ def merge(out: str | Path, inputs: Sequence[str | Path]) -> dict[str, Any]:
 def _policies(config: E2EConfig) -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
     """The run's scorers by label, the skipped ones and the variant labels (:func:`resolve_policies`)."""
     return resolve_policies(config.policies if config.policies == "all" else list(config.policies))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu or cuda[:i], got {device!r}")
-    return torch.device(device)
 
 
 def _part(parts: Path, task: str, index: int) -> Path:

@@ -40,6 +40,13 @@ def use_backend(name: Backend) -> Iterator[None]:
         _forced[0] = previous
 
 
+def describe(value: object) -> str:
+    """A kernel argument for error messages: dtype, shape and device of a tensor, else its type's name."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor {list(value.shape)} on {value.device}"
+    return type(value).__name__
+
+
 def triton_available() -> bool:
     """Whether the ``triton`` package is installed (it is not imported)."""
     return importlib.util.find_spec("triton") is not None

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from kvp_gym.attention import AttentionSpec
-from kvp_gym.kernels import choose, triton_module
+from kvp_gym.kernels import choose, describe, triton_module
 
 Reduce = Literal["max", "mean", "none"]
 REDUCTIONS: tuple[Reduce, ...] = ("max", "mean", "none")
@@ -264,7 +264,7 @@ def _check(
     """ValueError naming the first argument that is not what :func:`attention_stats` expects."""
     for name, tensor in (("queries", queries), ("keys", keys)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor [B, H, T or S, D], got {_describe(tensor)}")
+            raise ValueError(f"{name}: expected a 4-D tensor [B, H, T or S, D], got {describe(tensor)}")
         if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"{name}: expected float16, bfloat16 or float32, got {tensor.dtype}")
     (batch, q_heads, num_queries, head_dim), (kv_batch, kv_heads, num_keys, kv_dim) = queries.shape, keys.shape
@@ -286,7 +286,7 @@ def _check(
             or tuple(mask.shape) != shape
             or mask.device != queries.device
         ):
-            raise ValueError(f"{name}: expected a bool tensor {list(shape)} on {queries.device}, got {_describe(mask)}")
+            raise ValueError(f"{name}: expected a bool tensor {list(shape)} on {queries.device}, got {describe(mask)}")
     offset = num_keys - num_queries if query_offset is None else query_offset
     if not 0 <= offset <= num_keys - num_queries:
         raise ValueError(
@@ -297,9 +297,3 @@ def _check(
         raise ValueError(f"out_keys: expected 0 <= out_keys <= S = {num_keys}, got {out_keys}")
     if chunk < 1:
         raise ValueError(f"chunk: expected a positive number of queries, got {chunk}")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{value.dtype} tensor {list(value.shape)} on {value.device}"
-    return type(value).__name__

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kvp_gym.kernels import choose, triton_module
+from kvp_gym.kernels import choose, describe, triton_module
 
 
 def gather_rows(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,10 +22,10 @@ def gather_rows(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) ->
     """
     for name, tensor in (("keys", keys), ("values", values)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor [B, H, L, D], got {_describe(tensor)}")
+            raise ValueError(f"{name}: expected a 4-D tensor [B, H, L, D], got {describe(tensor)}")
     if values.shape[:3] != keys.shape[:3] or values.device != keys.device:
         raise ValueError(f"values: expected [{', '.join(map(str, keys.shape[:3]))}, Dv] on {keys.device}, got "
-                         f"{_describe(values)}")  # fmt: skip
+                         f"{describe(values)}")  # fmt: skip
     if (
         not isinstance(rows, torch.Tensor)
         or rows.dtype not in (torch.int32, torch.int64)
@@ -35,7 +35,7 @@ def gather_rows(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) ->
     ):
         raise ValueError(
             f"rows: expected an int64 or int32 tensor [{keys.shape[0]}, {keys.shape[1]}, b] on {keys.device}, got "
-            f"{_describe(rows)}"
+            f"{describe(rows)}"
         )
     if rows.numel() and bool(((rows < 0) | (rows >= keys.shape[2])).any()):
         raise ValueError(
@@ -55,9 +55,3 @@ def gather_rows_torch(
         return x.gather(-2, rows[..., None].long().expand(*rows.shape, x.shape[-1]))  # a new contiguous tensor
 
     return take(keys), take(values)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{value.dtype} tensor {list(value.shape)} on {value.device}"
-    return type(value).__name__
