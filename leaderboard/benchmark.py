@@ -8,7 +8,7 @@ checks it against the committed manifest ``<id>.manifest.json``:
 - exactly: the collection settings of every file, and per sample its name, prompt length and the SHA-256 of its
   prompt token ids and of its recorded continuation; the SHA-256 of the end-to-end prompts' token ids;
 - within a tolerance: per sample, tensor kind (queries, keys, values) and layer, the mean, the root mean square
-  and two random-sign sketches of the float16 tensor, in float64 (:func:`_fingerprint`). Another CPU may round
+  and two random-sign sketches of the float16 tensor, in float64 (:func:`fingerprint`). Another CPU may round
   some float16 values one unit differently, which moves these by well under 1e-3 of the RMS; a wrong token
   position, head, layer or model moves them by more than the tolerance (:data:`TOLERANCE` x RMS).
 
@@ -31,7 +31,7 @@ import numpy as np
 from kvp_gym.storage import atomic_path, cache_dir
 
 BENCHMARKS = Path(__file__).parent / "benchmarks"
-TOLERANCE = 5e-3  # of the tensor's RMS, for each fingerprint number (see _fingerprint)
+TOLERANCE = 5e-3  # of the tensor's RMS, for each fingerprint number (see fingerprint)
 KINDS = ("queries", "keys", "values")
 
 
@@ -272,7 +272,7 @@ def fingerprint_set(benchmark: Benchmark, folder: Path, names: list[str], tensor
                 if tensors:
                     arrays = trace.tensors(sample_name)
                     samples[sample_name]["tensors"] = {
-                        kind: [_fingerprint(arrays[layer][k]) for layer in trace.header.layers]
+                        kind: [fingerprint(arrays[layer][k]) for layer in trace.header.layers]
                         for k, kind in enumerate(KINDS)
                     }
             record["files"][name] = {"collection": list(trace.header.collection), "samples": samples}
@@ -342,7 +342,7 @@ def _dumps(record: dict[str, Any]) -> str:
     return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
 
 
-def _fingerprint(tensor: np.ndarray) -> list[float]:
+def fingerprint(tensor: np.ndarray) -> list[float]:
     """[mean, RMS, sketch 1, sketch 2] of a float16 tensor [H, S, D], in float64.
 
     A sketch is sum(sign_i * x_i) / sqrt(n) over the n elements, with fixed pseudo-random signs (a hash of the flat

@@ -88,7 +88,7 @@ def test_torch_path_without_and_with_the_maximum_subtracted(reduce, logit_scale,
     """The torch path skips the row maximum when every row's sum of exp2 is finite and >= 2^-64, and computes a
     chunk again with it subtracted otherwise: row maxima up to 259 (log2 units: 2^259 overflows float32) or rows
     whose logits all lie between -242 and -49 (2^-150 underflows to 0) give the same result."""
-    from kvp_gym.kernels.attention_stats import _attention_stats_torch
+    from kvp_gym.kernels.attention_stats import attention_stats_torch_with_path
 
     torch.manual_seed(5)
     q, k = torch.randn(2, 6, 40, 8), torch.randn(2, 2, 50, 8)
@@ -100,7 +100,7 @@ def test_torch_path_without_and_with_the_maximum_subtracted(reduce, logit_scale,
     query_valid, key_valid = ragged(2, 40, 50)
     spec = AttentionSpec.standard(8)
     expected = dense_stats(q, k, reduce, query_valid, key_valid, spec, offset=10)
-    got, took_fast_path = _attention_stats_torch(q, k, reduce, query_valid, key_valid, spec, None, None, 16)
+    got, took_fast_path = attention_stats_torch_with_path(q, k, reduce, query_valid, key_valid, spec, None, None, 16)
     assert took_fast_path == fast
     torch.testing.assert_close(got, expected)
     assert torch.isfinite(got).all()

@@ -16,8 +16,8 @@ from kvp_gym.storage import file_sha256
 from kvp_gym_leaderboard.benchmark import (
     TOLERANCE,
     BenchmarkError,
-    _fingerprint,
     compare,
+    fingerprint,
     load_benchmark,
     manifest_sha256,
     prepare,
@@ -125,13 +125,13 @@ def test_fingerprints_tolerate_rounding_but_not_a_shifted_token_or_noise():
     flip = rng.random(rounded.shape) < 0.05  # another CPU rounds 5% of the values one unit differently
     rounded[flip] ^= 1
     shifted = np.roll(tensor, 1, axis=1)  # every token one position off
-    want = _fingerprint(tensor)
+    want = fingerprint(tensor)
     close = lambda got: all(abs(a - b) <= TOLERANCE * want[1] for a, b in zip(want, got, strict=True))  # noqa: E731
-    assert close(_fingerprint(rounded.view(np.float16)))
-    assert not close(_fingerprint(shifted))
-    assert not close(_fingerprint(tensor[::-1]))  # heads swapped
+    assert close(fingerprint(rounded.view(np.float16)))
+    assert not close(fingerprint(shifted))
+    assert not close(fingerprint(tensor[::-1]))  # heads swapped
     noisy = tensor * (1 + 0.01 * rng.normal(size=tensor.shape))  # other weights: 1% off
-    assert not close(_fingerprint(noisy.astype(np.float16)))
+    assert not close(fingerprint(noisy.astype(np.float16)))
 
 
 def test_bad_benchmark_definitions_are_clear_errors(tmp_path):

@@ -72,7 +72,7 @@ def attention_stats(
     if choose(queries.device) == "triton":
         out, finite = triton_module("attention_stats").attention_stats_triton(*arguments), False
     else:
-        out, finite = _attention_stats_torch(*arguments)
+        out, finite = attention_stats_torch_with_path(*arguments)
     if not finite and torch.isnan(out).any():
         raise ValueError("queries or keys contain NaN or infinity: the attention statistics came out NaN")
     return out
@@ -90,12 +90,12 @@ def attention_stats_torch(
     chunk: int = 128,
 ) -> torch.Tensor:
     """:func:`attention_stats` in torch, float32, on any device (arguments unchecked)."""
-    return _attention_stats_torch(
+    return attention_stats_torch_with_path(
         queries, keys, reduce, query_valid, key_valid, attention, query_offset, out_keys, chunk
     )[0]
 
 
-def _attention_stats_torch(
+def attention_stats_torch_with_path(
     queries: torch.Tensor,
     keys: torch.Tensor,
     reduce: Reduce,
