@@ -17,4 +17,7 @@ One file per method, named after it; the reference is NVIDIA kvpress's press. Va
 ``--policies all`` and labelled as such:
 ``tova:heads=group`` (the KV head's own GQA group only), ``h2o:recent=16`` (a protected window of recent tokens).
 A method's own protected tokens are ranked inside by its own evidence, never by position (``common.keep_first``).
+
+Each baseline imports kvp_gym.scorers (the contract), kvp_gym.utility or kvp_gym.attention where its formula needs
+them, and common.py; never the agents or the leaderboard.
 """

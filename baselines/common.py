@@ -1,4 +1,7 @@
-"""What the baseline scorers share: protected tokens kept first, in the method's own order."""
+"""What the baseline scorers share: protected tokens kept first, in the method's own order.
+
+Imports nothing from kvp_gym.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Expected Attention (NVIDIA kvpress's ExpectedAttentionPress; Devoto et al., 2025, "Expected Attention: KV Cache
-Compression by Estimating Attention from Future Queries Distribution")."""
+Compression by Estimating Attention from Future Queries Distribution").
+
+Imports kvp_gym.attention, kvp_gym.scorers and kvp_gym_baselines.common.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs")."""
+"""H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs").
+
+Imports kvp_gym.scorers, kvp_gym.utility and kvp_gym_baselines.common.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""KeyDiff (Park et al., 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction"): keep distinctive keys."""
+"""KeyDiff (Park et al., 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction"): keep distinctive keys.
+
+Imports only kvp_gym.scorers.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""K-norm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression")."""
+"""K-norm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression").
+
+Imports only kvp_gym.scorers.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""LagKV (Liang et al., 2025, "LagKV: Lag-Relative Information of the KV Cache Tells Which Tokens Are Important")."""
+"""LagKV (Liang et al., 2025, "LagKV: Lag-Relative Information of the KV Cache Tells Which Tokens Are Important").
+
+Imports kvp_gym.scorers and kvp_gym_baselines.common.
+"""
 
 from __future__ import annotations
 

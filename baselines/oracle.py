@@ -1,4 +1,7 @@
-"""Oracle: the true future importance. Privileged (it reads the future): an upper bound, not a method."""
+"""Oracle: the true future importance. Privileged (it reads the future): an upper bound, not a method.
+
+Imports only kvp_gym.scorers.
+"""
 
 from __future__ import annotations
 

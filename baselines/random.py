@@ -1,4 +1,7 @@
-"""Random: uniform scores from a seeded generator (the floor every method should beat)."""
+"""Random: uniform scores from a seeded generator (the floor every method should beat).
+
+Imports only kvp_gym.scorers.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation")."""
+"""SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for Before Generation").
+
+Imports kvp_gym.scorers, kvp_gym.utility and kvp_gym_baselines.common.
+"""
 
 from __future__ import annotations
 

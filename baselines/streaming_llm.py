@@ -1,4 +1,7 @@
-"""StreamingLLM (Xiao et al., 2024, "Efficient Streaming Language Models with Attention Sinks"): sinks + recency."""
+"""StreamingLLM (Xiao et al., 2024, "Efficient Streaming Language Models with Attention Sinks"): sinks + recency.
+
+Imports kvp_gym.scorers and kvp_gym_baselines.common.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): keep what the last query attends to."""
+"""TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): keep what the last query attends to.
+
+Imports kvp_gym.scorers, kvp_gym.utility and kvp_gym_baselines.common.
+"""
 
 from __future__ import annotations
 

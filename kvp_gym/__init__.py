@@ -5,6 +5,9 @@ The core package: trace files (:mod:`kvp_gym.traces`), their collection from a r
 environments (:mod:`kvp_gym.envs`), the scorer contract and evaluation (:mod:`kvp_gym.scorers`,
 :mod:`kvp_gym.evaluate`), and the evicting cache with end-to-end evaluation (:mod:`kvp_gym.cache`;
 ``kvp_gym.generate`` and ``kvp_gym.EvictingCache`` load it on first use).
+
+Imports kvp_gym.envs (the registration only: no environment module, no torch) and kvp_gym.version; kvp_gym.cache on
+first use of its two names.
 """
 
 from kvp_gym.envs import register_envs  # gym.make("KVEvict-v0") works after `import kvp_gym`

@@ -5,6 +5,8 @@ attention function did with them. :class:`AttentionSpec` holds the three things 
 model families (the logit scale, a sliding window, logit soft-capping); :class:`Rotary` holds the RoPE frequencies,
 for methods that reason about future query positions (Expected Attention). Both are recorded in trace headers,
 read from what the model's attention function actually received (:func:`kvp_gym.capture.probe_attention`).
+
+Imports nothing from kvp_gym: the trace format, the kernels and the cache all build on it.
 """
 
 from __future__ import annotations

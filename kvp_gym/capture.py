@@ -4,6 +4,8 @@ transformers models route attention through a registry of attention functions (`
 which receive the queries and keys after RoPE and the keys/values before GQA repetition. We register a
 recording wrapper around the model's own implementation (sdpa or eager) and switch the model to it for the
 duration of :func:`capture_qkv`; the model's outputs are unchanged.
+
+Imports only kvp_gym.attention (and torch, transformers).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Safety: each finished sample is written atomically to its own file in ``OUT.part
 assembled from them atomically at the end. A killed collection leaves only whole samples behind, and
 ``resume=True`` continues from them. ``shard=(i, N)`` collects samples i, i+N, i+2N... so that N machines can
 share a collection; :func:`kvp_gym.traces.merge_traces` joins the shards into the same content as one run.
+
+Imports kvp_gym.capture, kvp_gym.generation, kvp_gym.models, kvp_gym.tasks, kvp_gym.traces and kvp_gym.version: the
+whole recording side, nothing of evaluation.
 """
 
 from __future__ import annotations

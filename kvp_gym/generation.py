@@ -1,4 +1,7 @@
-"""Running a model on task prompts: greedy continuations, full-cache task accuracy and perplexity."""
+"""Running a model on task prompts: greedy continuations, full-cache task accuracy and perplexity.
+
+Imports only kvp_gym.tasks (and torch).
+"""
 
 from __future__ import annotations
 

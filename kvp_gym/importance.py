@@ -25,6 +25,8 @@ Results are the same with and without the store: an entry holds the exact float3
 
 Entry file: the line ``kvp-gym importance 1``, one line of JSON ``{"content_id", "sample", "layer", "split",
 "heads", "sha256"}``, then heads x split float32 values, little-endian, row-major.
+
+Imports kvp_gym.storage, kvp_gym.traces and kvp_gym.utility.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
 - a local transformers model folder, or a hub id already in the local hub cache (Llama, Qwen2, Mistral families
   and others whose attention goes through transformers' attention interface). Nothing is downloaded unless
   ``allow_download=True``.
+
+Imports kvp_gym.storage and kvp_gym.traces (the model geometry a trace header records).
 """
 
 from __future__ import annotations

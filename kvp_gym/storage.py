@@ -3,6 +3,8 @@
 Every file kvp-gym produces is written through :func:`atomic_path`: the data goes to a temporary name beside
 the target and is renamed into place only when complete, so a crash never leaves a half-written file under
 the final name.
+
+Imports nothing from kvp_gym: every room that writes files builds on it.
 """
 
 from __future__ import annotations

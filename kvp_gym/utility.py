@@ -13,6 +13,8 @@ Every function is batched over leading dimensions and accumulates in float32. Fu
 accept either a ranking (an integer tensor: token indices, most important first) or scores (a floating tensor:
 higher = keep). Scores are turned into a ranking by a stable descending sort: ties keep the earlier token first.
 Padding: pass ``valid`` (bool, True for real tokens); padded tokens must have zero importance and are ranked last.
+
+Imports kvp_gym.attention and kvp_gym.kernels.attention_stats: pure functions of tensors, no files.
 """
 
 from __future__ import annotations

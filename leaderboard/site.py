@@ -5,6 +5,9 @@ Ranks follow the holistic score, and tie where the 95% intervals overlap (as MTE
 shown, marked, and not ranked. The page sorts by any column when its header is clicked (a few lines of inline
 JavaScript), shows the retained fraction and end-to-end accuracy against the budget, the per-layer x head scores of
 the top entry, and how to submit.
+
+Imports kvp_gym.storage and kvp_gym_leaderboard.submission; kvp_gym_leaderboard.benchmark when a page names its
+benchmark.
 """
 
 from __future__ import annotations

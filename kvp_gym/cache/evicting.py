@@ -9,6 +9,9 @@ Every KV head keeps the same number of rows (tensors stay rectangular) but its o
 Tokens that arrive later are appended with their true positions: ``get_seq_length`` reports the number of tokens
 seen (so transformers gives new tokens their true RoPE positions), and ``get_mask_sizes`` shifts the causal mask
 so that a shorter cache still masks correctly.
+
+Imports kvp_gym.attention, kvp_gym.capture, kvp_gym.kernels and kvp_gym.scorers (the contract, never a concrete
+scorer).
 """
 
 from __future__ import annotations

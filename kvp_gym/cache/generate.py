@@ -1,4 +1,7 @@
-"""Generation with an evicting cache: prefill -> compress -> greedy decode (optionally re-compressing as it goes)."""
+"""Generation with an evicting cache: prefill -> compress -> greedy decode (optionally re-compressing as it goes).
+
+Imports kvp_gym.cache.evicting, kvp_gym.capture and kvp_gym.scorers.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@
   ``gym.make_vec("KVEvict-v0", num_envs=N)`` gives the native batched version (:mod:`kvp_gym.envs.vector`).
 - ``KVEvictDecode-v0`` (:class:`~kvp_gym.envs.decode.KVEvictDecodeEnv`): evict one token per arriving token under a
   fixed budget.
+
+Imports only gymnasium: the environment classes load when an environment is made.
 """
 
 from __future__ import annotations

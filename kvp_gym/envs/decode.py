@@ -2,6 +2,8 @@
 
 Beyond the KVP paper, which compresses the cache once after prefill: here the cache holds at most B tokens, the
 trace's tokens arrive one at a time, and each arrival beyond B forces one eviction.
+
+Imports kvp_gym.envs.episodes and kvp_gym.envs.evict.
 """
 
 from __future__ import annotations

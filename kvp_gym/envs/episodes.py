@@ -4,6 +4,8 @@ An episode's data are the head's keys and values up to the split point (the cach
 prompt queries, and the future importance of each cached token (kept in a bounded cache, since environments
 revisit the same heads). Importance at the prompt boundary comes from the traces' importance store
 (:mod:`kvp_gym.importance`, shared with training and evaluation); at other split points it is computed.
+
+Imports kvp_gym.importance, kvp_gym.traces and kvp_gym.utility.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""``KVEvict-v0``: rank one KV head's cached tokens; the reward is the holistic all-budget utility."""
+"""``KVEvict-v0``: rank one KV head's cached tokens; the reward is the holistic all-budget utility.
+
+Imports kvp_gym.envs.episodes, kvp_gym.storage and kvp_gym.utility; kvp_gym.collect only to build the default trace
+set.
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ tokens::
     env = gym.make("KVEvict-v0", config={"traces": paths, "observe_queries": "window:8"})
     scorer = EnvPolicyScorer(my_policy, env, name="my-reinforce")
     record = kvp_gym.evaluate.evaluate(paths, [scorer, "tova", "streaming_llm"], split="test")
+
+Imports kvp_gym.envs.episodes and kvp_gym.scorers.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ observations (no step is spent on resets), and an info with the same keys as the
 batched as Gymnasium's SyncVectorEnv batches it (a ``_key`` mask beside each key): ``info["holistic_score"][i]``
 in every form. The reset info is ``{"episode": keys, "_episode": mask}``, as SyncVectorEnv batches the single
 environment's reset info.
+
+Imports kvp_gym.envs.evict and kvp_gym.utility.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
 
 For a flat ``Box`` observation, use Gymnasium's own ``gymnasium.wrappers.FlattenObservation`` (it one-hot encodes
 the layer and head); it works on ``KVEvict-v0`` as is.
+
+Imports nothing from kvp_gym (gymnasium and numpy only).
 """
 
 from __future__ import annotations

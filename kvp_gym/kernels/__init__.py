@@ -8,6 +8,8 @@ GPU, nor Triton, nor a C compiler.
 The dispatcher runs Triton on CUDA tensors when Triton is installed, and torch otherwise. ``use_backend`` forces
 either (tests, benchmarks): ``with use_backend("torch"): ...``. Forcing Triton without a CUDA device runs the
 kernels in the Triton interpreter (slow, for correctness tests on small shapes).
+
+Imports nothing from kvp_gym; the kernel modules import it for the dispatch.
 """
 
 from __future__ import annotations

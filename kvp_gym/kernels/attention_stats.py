@@ -14,6 +14,8 @@ at ``query_offset + t``; query t sees key i when 0 <= position(t) - i (< the sli
 :func:`attention_stats` checks its arguments and dispatches (:mod:`kvp_gym.kernels`): the Triton kernel
 (``attention_stats_triton``: flash-attention style, the attention matrix never in memory) on CUDA tensors, else
 :func:`attention_stats_torch` (exact float32, ``chunk`` queries at a time: memory O(chunk x S)).
+
+Imports kvp_gym.attention and the dispatch in kvp_gym.kernels; its Triton module only when a call chooses Triton.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Two passes, flash-attention style: the attention matrix is never in memory.
 
 Both passes compute q . k once per (query, key) pair, as the forward pass of attention computes q . k and p . v,
 so its cost is close to one attention forward. Logits are kept in base 2 (exp2 is the fast instruction).
+
+Imports kvp_gym.attention and triton; loaded only through kvp_gym.kernels.triton_module.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ into L, per head) -> keys [B, H, b, Dk] and values [B, H, b, Dv], new contiguous
 drops the old ones, so their memory is freed). :func:`gather_rows` checks its arguments and dispatches
 (:mod:`kvp_gym.kernels`): the Triton kernel (``gather_rows_triton``: both tensors in one launch) on CUDA tensors,
 else :func:`gather_rows_torch`. Both copy bits: the results are identical.
+
+Imports the dispatch in kvp_gym.kernels; its Triton module only when a call chooses Triton.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 One program copies ``BLOCK_R`` kept rows of one head of both keys and values: a pure copy, bound by memory
 bandwidth (every byte is read once and written once).
+
+Imports only triton and torch; loaded only through kvp_gym.kernels.triton_module.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@
 variants (word or UUID values, number or UUID keys: ``niah_single_words``, ``niah_multikey_uuids_uuidkeys``...),
 and ``essay``, free text for perplexity-style traces (kvp_gym/tasks/essay.py).
 docs/tasks.md describes each and how well SmolLM2-135M does them.
+
+Imports kvp_gym.tasks.base, .essay and .ruler.
 """
 
 from kvp_gym.tasks import essay, ruler  # noqa: F401  (importing registers the tasks)

@@ -4,6 +4,8 @@ A task builds a :class:`TaskSample` (prompt text, answer prefix, answers, needle
 and a size; :func:`make_sample` picks the largest size whose chat-formatted prompt fits the token budget, and
 :func:`encode` turns it into token ids with token-level needle spans. Every task's :meth:`Task.score` is an
 exact-match scorer: the fraction of expected answers that appear, as whole words, in the model's output.
+
+Imports nothing from kvp_gym.
 """
 
 from __future__ import annotations

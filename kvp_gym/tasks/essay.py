@@ -3,6 +3,8 @@
 The prompt is a run of Paul Graham essay sentences starting at a random sentence, with no chat template; the
 future is the text's real continuation (not a generated one), so the trace records how the model attends while
 reading natural text. The environment picks split points inside it at random.
+
+Imports kvp_gym.tasks.base and kvp_gym.tasks.text.
 """
 
 from __future__ import annotations

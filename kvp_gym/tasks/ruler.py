@@ -17,6 +17,8 @@ Each task hides what the question needs in a filler text whose size is fitted to
 - ``frequent_words``: a coded text of random strings with Zipf-distributed counts; the answer is the top three.
 
 The answer prefix opens the assistant turn so that the answer follows at once (SmolLM2-135M rambles otherwise).
+
+Imports kvp_gym.tasks.base and kvp_gym.tasks.text.
 """
 
 from __future__ import annotations

