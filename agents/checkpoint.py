@@ -7,6 +7,8 @@ hash and each head's validation score. :func:`load` returns a scorer usable by t
 
 Trained agents ship with the package in ``agents/checkpoints/`` (``SHIPPED``, by model id; docs/agents.md says how
 each was made); ``kvp`` without a checkpoint uses them.
+
+Imports kvp_gym.scorers (the scorer contract), kvp_gym.storage, kvp_gym.version and kvp_gym_agents.kvp.
 """
 
 from __future__ import annotations

@@ -84,15 +84,18 @@ FLAG_HELP = {
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """The ``kvp-gym train`` command (registered through the ``kvp_gym.commands`` entry points)."""
+    from kvp_gym.cli.options import add_out, add_trace_files
+
     parser = commands.add_parser(
         "train",
         help="train KVP agents with RLOO on trace files",
         description=TRAIN_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--traces", nargs="+", required=True)
+    # Strings, not Paths, as TrainConfig holds them (its fields are written into the checkpoint as JSON).
+    add_trace_files(parser, type=str)
     parser.add_argument("--heads", default="all", help="'all' or layer:head,layer:head")
-    parser.add_argument("--out", default="runs/kvp")
+    add_out(parser, default="runs/kvp", type=str)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="smaller settings (demo: 2 CPU cores)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("traces", "heads", "out"):

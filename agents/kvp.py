@@ -16,6 +16,8 @@ trained and any context length maps into the table.
 (no Python loop over heads). Its forward pass computes exactly the function above, arranged for speed: the
 LayerNorm affines before the first hidden layer are folded into its weight, and the position branch is evaluated
 on the embedding tables (``buckets`` rows) and gathered, instead of per token.
+
+Imports only torch: no kvp_gym module.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Command line (``python -m kvp_gym_agents.sb3 --help``)::
         --out runs/mppo
 
 Each prints the trained policy's mean holistic score on the val split next to the random policy's.
+
+Imports kvp_gym (the environments) and kvp_gym.envs.wrappers; no other kvp_gym_agents module.
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ from kvp_gym.attention import Rotary
 from kvp_gym.envs.wrappers import ranking_to_scores
 from kvp_gym.traces import ModelGeometry, SampleInfo, TraceHeader, open_traces, write_traces
 from kvp_gym_agents.config import PRESETS, TrainConfig
+from kvp_gym_agents.data import parse_heads
 from kvp_gym_agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
-from kvp_gym_agents.train import leave_one_out, normalised, parse_heads, train
+from kvp_gym_agents.train import leave_one_out, normalised, train
 
 
 def gym_loop_seconds_per_step(traces, heads, config: TrainConfig, steps: int) -> float:

@@ -1,5 +1,8 @@
 """``kvp-gym leaderboard prepare|validate|build`` and ``kvp-gym submit`` (registered through the
-``kvp_gym.commands`` entry points; this module imports nothing heavy until a command runs)."""
+``kvp_gym.commands`` entry points; this module imports nothing heavy until a command runs).
+
+Imports kvp_gym.cli.options (the shared options) at module level; kvp_gym.scorers, kvp_gym.storage and
+kvp_gym_leaderboard's benchmark, submission and site modules only when a command runs."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from kvp_gym.cli import parse_shard
+from kvp_gym.cli.options import add_device, add_out, add_shard
 
 _PREPARE = """\
 Collect a benchmark's trace set (or resume it) and check it against the committed manifest: token ids and
@@ -21,9 +24,15 @@ machines (copy the shards' files into one folder afterwards)."""
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Register ``leaderboard`` and ``submit``."""
     leaderboard = commands.add_parser("leaderboard", help="prepare the standard benchmark, validate entries, build")
-    sub = leaderboard.add_subparsers(dest="leaderboard_command", required=True, metavar="COMMAND")
+    actions = leaderboard.add_subparsers(dest="leaderboard_command", required=True, metavar="COMMAND")
+    _add_prepare(actions)
+    _add_validate(actions)
+    _add_build(actions)
+    _add_submit(commands)
 
-    prepare = sub.add_parser(
+
+def _add_prepare(actions: argparse._SubParsersAction) -> None:
+    prepare = actions.add_parser(
         "prepare",
         help="collect and verify a benchmark's trace set",
         description=_PREPARE,
@@ -31,13 +40,15 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument("benchmark", help="a benchmark id (bench-v0) or the path of its .toml")
     prepare.add_argument("--dir", type=Path, help="where the trace set goes (default: $KVP_GYM_CACHE/benchmarks/ID)")
-    prepare.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/N: collect only shard i's files")
+    add_shard(prepare, help="i/N: collect only shard i's files")
     prepare.add_argument(
         "--write-manifest", action="store_true", help="maintainers: write the manifest from this set instead"
     )
     prepare.set_defaults(handler=_prepare)
 
-    validate = sub.add_parser(
+
+def _add_validate(actions: argparse._SubParsersAction) -> None:
+    validate = actions.add_parser(
         "validate",
         help="check submission entries (schema, benchmark and manifest hash, consistency, checkpoints)",
         description="Check entries; one line per problem (file, JSON path, what is wrong); exit status 1 if any.",
@@ -48,13 +59,15 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     _evaluation_options(validate)
     validate.set_defaults(handler=_validate)
 
-    build = sub.add_parser(
+
+def _add_build(actions: argparse._SubParsersAction) -> None:
+    build = actions.add_parser(
         "build",
         help="render the board: a static HTML page with its plots, and a Markdown table",
         description="Validate the entries, then write OUT/index.html (no network needed), its SVG plots and "
         "OUT/leaderboard.md. Nothing is written if an entry is invalid.",
     )
-    build.add_argument("--out", type=Path, required=True, help="the site folder (replaced atomically)")
+    add_out(build, required=True, help="the site folder (replaced atomically)")
     build.add_argument("--entries", type=Path, nargs="*", help="entry files or folders (default: the board's)")
     build.add_argument(
         "--from-results",
@@ -65,6 +78,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     build.set_defaults(handler=_build)
 
+
+def _add_submit(commands: argparse._SubParsersAction) -> None:
     submit = commands.add_parser(
         "submit",
         help="run a benchmark's standard evaluation of a policy and write a leaderboard entry",
@@ -76,7 +91,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--policy", action="append", required=True, help="scorer spec NAME or NAME:param=value;... (repeatable)"
     )
     submit.add_argument("--checkpoint", type=Path, help="a checkpoint file for the policy (pinned by its SHA-256)")
-    submit.add_argument("--out", type=Path, required=True, help="the entry file (a folder with several --policy)")
+    add_out(submit, required=True, help="the entry file (a folder with several --policy)")
     submit.add_argument("--name", help="the entry's name on the board (default: the policy spec)")
     submit.add_argument("--description", help="one or two sentences (default: the scorer's docstring)")
     submit.add_argument("--authors", default="anonymous", help="comma-separated (default anonymous)")
@@ -87,9 +102,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``validate --rerun`` and ``submit`` share: where the trace set is, the work folder, the device."""
     parser.add_argument("--traces", type=Path, help="the prepared trace set (default: $KVP_GYM_CACHE/benchmarks/ID)")
     parser.add_argument("--work", type=Path, default=Path("runs/submit"), help="resumable end-to-end parts")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    add_device(parser)
 
 
 def _prepare(args: argparse.Namespace) -> int:

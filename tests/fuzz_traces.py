@@ -335,9 +335,9 @@ def make_mutants(
             with h5py.File(path, "r+") as h5:
                 STRUCTURED[kind][0](h5, rng)
             if reseal:
-                from kvp_gym.traces import _seal
+                from kvp_gym.traces.seal import seal_file
 
-                _seal(path)
+                seal_file(path)
             kind = f"structured:{kind}"
         mutants.append(Mutant(path, kind))
     return mutants
@@ -460,7 +460,7 @@ def preload() -> None:
     import kvp_gym.cache  # noqa: F401  (the CLI's error types: importing them loads transformers)
     import kvp_gym.cli
     import kvp_gym.envs.evict  # noqa: F401
-    import kvp_gym.evaluate  # noqa: F401
+    import kvp_gym.evaluation.trace_level  # noqa: F401
 
     for name in ("streaming_llm", "h2o", "tova"):
         __import__(f"kvp_gym_baselines.{name}")
@@ -519,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.probe_seconds:
-        from kvp_gym import traces
+        from kvp_gym.traces import seal
 
-        traces.UNSEALED_PROBE_SECONDS = args.probe_seconds
+        seal.UNSEALED_PROBE_SECONDS = args.probe_seconds
     preload()
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()

@@ -176,3 +176,27 @@ def test_tasks_list_names_every_task_in_one_column(capsys):
     assert [line.split()[0] for line in lines] == list(TASKS)
     starts = {len(line) - len(line[len(name) :].lstrip()) for line, name in zip(lines, TASKS, strict=True)}
     assert len(starts) == 1  # every description starts in the same column
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["collect", "--out", "x.h5"],
+        ["traces", "info", "x.h5"],
+        ["traces", "default"],
+        ["evaluate", "--traces", "x.h5", "--out", "runs"],
+        ["evaluate-table", "runs"],
+        ["tasks", "list"],
+        ["generate", "--budget", "8", "--prompt", "hi"],
+        ["evaluate-e2e", "--out", "runs"],
+        ["evaluate-e2e-merge", "out", "runs"],
+        ["train", "--traces", "x.h5"],
+        ["leaderboard", "validate"],
+        ["submit", "--policy", "knorm", "--out", "entry.json"],
+    ],
+)
+def test_every_command_registers_its_handler(argv):
+    """Each command's module registers its sub-parser with the handler that runs it (main calls args.handler)."""
+    from kvp_gym.cli import build_parser
+
+    assert callable(build_parser().parse_args(argv).handler)

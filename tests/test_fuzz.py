@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from fuzz_traces import classify, make_mutants, preload, table
 
-from kvp_gym import traces
-from kvp_gym.traces import TraceFormatWarning, merge_traces
+from kvp_gym.traces import TraceFormatWarning, merge_traces, seal
 
 V1_FILE = Path(__file__).parent / "data" / "trace-v1.h5"
 
@@ -52,7 +51,7 @@ def test_resealed_edits_that_break_the_format(source, tmp_path):
 def test_version_1_files(tmp_path, monkeypatch):
     """Unprotected files: edits that break the format are refused; byte damage may go unseen but never crashes
     or hangs a command."""
-    monkeypatch.setattr(traces, "UNSEALED_PROBE_SECONDS", 5.0)
+    monkeypatch.setattr(seal, "UNSEALED_PROBE_SECONDS", 5.0)
     preload()
     edits = make_mutants(V1_FILE, tmp_path / "edits", 8, seed=3, byte_share=0, breaking_only=True)
     damage = make_mutants(V1_FILE, tmp_path / "damage", 4, seed=4, byte_share=1)

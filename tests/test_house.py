@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,13 @@ def test_room_size_and_docstring(module):
     assert ast.get_docstring(found.tree), f"{relative}: no opening docstring saying what the module is for"
     if relative not in LARGE_FILES:
         assert lines_of(found.path) <= MAX_FILE_LINES, f"{relative}: {lines_of(found.path)} lines"
+
+
+def test_pyproject_installs_every_package():
+    """A package missing from pyproject.toml works in an editable install and is absent from a wheel."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, module in MODULES.items() if module.path.name == "__init__.py"}
+    assert packages == listed
 
 
 def test_the_checks_see_a_cycle_and_a_private_import(tmp_path):

@@ -19,11 +19,11 @@ from kvp_gym.traces import (
     TraceFormatError,
     TraceFormatWarning,
     TraceHeader,
-    _seal,
     merge_traces,
     open_traces,
     write_traces,
 )
+from kvp_gym.traces.seal import seal_file
 
 V1_FILE = Path(__file__).parent / "data" / "trace-v1.h5"  # written by kvp-gym 0.1.0 (format version 1)
 
@@ -138,7 +138,7 @@ def _edit(path, action, reseal=True):
     with h5py.File(path, "r+") as h5:
         action(h5)
     if reseal:
-        _seal(path)
+        seal_file(path)
 
 
 CORRUPTIONS = {
@@ -326,14 +326,14 @@ def test_version_1_files_written_before_attention_was_recorded(tmp_path):
 
 def test_version_1_metadata_that_hangs_the_hdf5_library_is_refused(tmp_path, monkeypatch):
     """Zeroed bytes in the heap of string attributes make HDF5 loop forever; the probe's deadline refuses it."""
-    from kvp_gym import traces
+    from kvp_gym.traces import seal
 
     data = bytearray(V1_FILE.read_bytes())
     heap = data.index(b"GCOL")
     data[heap + 16 : heap + 16 + 512] = bytes(512)
     path = tmp_path / "hangs.h5"
     path.write_bytes(bytes(data))
-    monkeypatch.setattr(traces, "UNSEALED_PROBE_SECONDS", 3.0)
+    monkeypatch.setattr(seal, "UNSEALED_PROBE_SECONDS", 3.0)
     with pytest.raises(TraceFormatError, match="did not finish reading the metadata in 3 s"):
         open_traces(path)
 

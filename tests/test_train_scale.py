@@ -16,8 +16,9 @@ from kvp_gym.importance import ImportanceStore
 from kvp_gym.traces import open_traces
 from kvp_gym_agents.checkpoint import read_checkpoint
 from kvp_gym_agents.config import TrainConfig
+from kvp_gym_agents.data import Episodes, MemoryPool, StreamingPool, model_inputs
 from kvp_gym_agents.kvp import KVPNetwork
-from kvp_gym_agents.train import Episodes, MemoryPool, StreamingPool, chunk_loss, model_inputs, train
+from kvp_gym_agents.train import chunk_loss, train
 
 GPUS = torch.cuda.device_count()
 needs_gpu = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU (torch sees none)")

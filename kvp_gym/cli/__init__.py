@@ -1,0 +1,93 @@
+"""The ``kvp-gym`` command line. ``kvp-gym --help`` lists the commands; each has its own ``--help``.
+
+Each command registers its own sub-parser beside its handler (kvp_gym.cli.collect, .traces, .evaluate, .tasks,
+.generate, .e2e: ``add_command(commands)`` sets ``handler``); the shared value types and options live in
+kvp_gym.cli.options. Other packages add their commands (agents' ``train``, the leaderboard's) through the
+``kvp_gym.commands`` entry points, so that kvp_gym imports none of them.
+
+Imports kvp_gym.version and the kvp_gym.cli modules at module level (nothing heavy: ``kvp-gym --help`` stays fast);
+the error types of kvp_gym.cache, .capture, .models and .traces when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from importlib.metadata import entry_points
+
+from kvp_gym.cli import collect, e2e, evaluate, generate, tasks, traces
+from kvp_gym.cli.options import parse_shard
+from kvp_gym.cli.traces import describe
+from kvp_gym.version import __version__
+
+__all__ = ["build_parser", "describe", "main", "parse_shard"]
+
+_EXAMPLES = """examples:
+  kvp-gym collect --model smollm2-135m --task niah_single --samples 32 --context 1024 --future 64 --out traces/niah.h5
+  kvp-gym traces info traces/niah.h5
+  kvp-gym evaluate --traces traces/demo/niah_single.h5 --policies all --split test --out runs/eval
+  kvp-gym tasks eval --tasks niah_single,essay --context 1024 --samples 8
+  kvp-gym generate --model smollm2-135m --policy kvp --budget 128 --prompt-file prompt.txt --chat
+  kvp-gym evaluate-e2e --tasks niah_single,niah_multikey --budgets 64,128,256 --samples 40 --out runs/e2e
+"""
+
+# In the order `kvp-gym --help` lists them.
+_COMMANDS = (
+    collect.add_command,
+    traces.add_command,
+    evaluate.add_command,
+    tasks.add_command,
+    generate.add_command,
+    e2e.add_command,
+    evaluate.add_table_command,
+    e2e.add_merge_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command: kvp_gym's own, then those of the ``kvp_gym.commands`` entry points."""
+    parser = argparse.ArgumentParser(
+        prog="kvp-gym",
+        description="Trace collection, environments and benchmarks for KV-cache eviction.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvp-gym {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in _COMMANDS:
+        add_command(commands)
+    # Commands from other packages (agents' `train`), found by entry point: kvp_gym imports none of them.
+    for command in entry_points(group="kvp_gym.commands"):
+        command.load()(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command (``argv``: the arguments after ``kvp-gym``, default sys.argv[1:]); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
+    from kvp_gym.cache import CacheError
+    from kvp_gym.capture import CaptureError
+    from kvp_gym.models import ModelNotFoundError
+    from kvp_gym.traces import TraceFormatError
+
+    try:
+        return args.handler(args)
+    except (
+        TraceFormatError,
+        ModelNotFoundError,
+        CaptureError,
+        CacheError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
+        print(f"kvp-gym: error: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:  # unknown task names and the like: the message lists what exists
+        print(f"kvp-gym: error: {err.args[0]}", file=sys.stderr)
+        return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"kvp-gym: warning: {message}", file=sys.stderr)

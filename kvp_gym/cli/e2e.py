@@ -1,0 +1,91 @@
+"""``kvp-gym evaluate-e2e`` (task accuracy and perplexity with an evicting cache, per policy and budget) and
+``kvp-gym evaluate-e2e-merge`` (join sharded runs).
+
+Imports kvp_gym.cli.options at module level; kvp_gym.cache.e2e only when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvp_gym.cli.options import (
+    add_device,
+    add_merge_arguments,
+    add_model,
+    add_out,
+    add_policies,
+    add_seed,
+    add_shard,
+    add_text_pool,
+    int_list,
+    non_negative_int,
+    positive_int,
+)
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Register ``evaluate-e2e``."""
+    e2e = commands.add_parser(
+        "evaluate-e2e",
+        help="task accuracy and perplexity with an evicting cache, per policy and budget",
+        description="Prefill each sample once, decode with the full cache, then with every policy at every budget; "
+        "write DIR/results.json, plots and a table. Resumable (finished samples are kept in DIR/parts); --shard i/N "
+        "splits the samples between machines, joined by `kvp-gym evaluate-e2e-merge`.",
+    )
+    add_model(e2e)
+    e2e.add_argument("--tasks", default="niah_single,niah_multikey", help="comma-separated task names")
+    e2e.add_argument("--context", type=positive_int, default=1024, help="prompt tokens (default 1024)")
+    e2e.add_argument("--budgets", type=int_list, default=(64, 128, 256), help="tokens per KV head (default 64,128,256)")
+    add_policies(e2e, help="'all' or comma-separated scorer specs")
+    e2e.add_argument("--samples", type=non_negative_int, default=40, help="samples per task (default 40)")
+    e2e.add_argument("--essays", type=non_negative_int, default=8, help="held-out essays for perplexity (default 8)")
+    e2e.add_argument("--continuation", type=positive_int, default=64, help="essay tokens scored for perplexity")
+    add_text_pool(e2e, default="heldout", help="text pool: heldout (default), train, val, test or all")
+    add_seed(e2e, type=int)  # unlike the other commands' --seed, any integer (kept as it was)
+    add_out(e2e, required=True)
+    add_shard(e2e, help="i/N: evaluate samples i, i+N, ... (default 0/1)")
+    add_device(e2e)
+    e2e.set_defaults(handler=_evaluate_e2e)
+
+
+def add_merge_command(commands: argparse._SubParsersAction) -> None:
+    """Register ``evaluate-e2e-merge``."""
+    merge = commands.add_parser(
+        "evaluate-e2e-merge", help="join the folders of sharded evaluate-e2e runs and write the summary"
+    )
+    add_merge_arguments(merge)
+    merge.set_defaults(handler=_merge_e2e)
+
+
+def _evaluate_e2e(args: argparse.Namespace) -> int:
+    from kvp_gym.cache.e2e import E2EConfig, format_table, run
+
+    config = E2EConfig(
+        model=args.model,
+        tasks=tuple(t for t in args.tasks.split(",") if t),
+        context=args.context,
+        budgets=tuple(args.budgets),
+        policies="all" if args.policies == "all" else tuple(args.policies.split(",")),
+        samples=args.samples,
+        essays=args.essays,
+        continuation=args.continuation,
+        seed=args.seed,
+        text=args.text,
+    )
+    record = run(config, args.out, shard=args.shard, device=args.device)
+    if record is None:
+        print(
+            f"shard {args.shard[0]}/{args.shard[1]} done in {args.out}; join the shards with kvp-gym evaluate-e2e-merge"
+        )
+        return 0
+    print(format_table(record))
+    for label, reason in record["skipped"].items():
+        print(f"skipped {label}: {reason}")
+    print(f"wrote {args.out / 'results.json'} and plots")
+    return 0
+
+
+def _merge_e2e(args: argparse.Namespace) -> int:
+    from kvp_gym.cache.e2e import format_table, merge
+
+    print(format_table(merge(args.out, args.inputs)))
+    return 0
