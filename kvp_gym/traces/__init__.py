@@ -34,7 +34,8 @@ The rooms, each importing only those above it:
 - ``merge``: ``merge_traces`` (reader + writer).
 
 The deadline of the version-1 probe is read from :mod:`kvp_gym.traces.seal`: set
-``kvp_gym.traces.seal.UNSEALED_PROBE_SECONDS`` to change it (the name re-exported here is a copy).
+``kvp_gym.traces.seal.UNSEALED_PROBE_SECONDS`` to change it (it is not re-exported here: a copy could not change
+it).
 
 Imports only kvp_gym.attention and kvp_gym.storage (through its rooms).
 """
@@ -56,7 +57,6 @@ from kvp_gym.traces.format import (
 )
 from kvp_gym.traces.merge import merge_traces
 from kvp_gym.traces.reader import TraceFile, open_compatible, open_traces
-from kvp_gym.traces.seal import UNSEALED_PROBE_SECONDS
 from kvp_gym.traces.writer import write_traces
 
 __all__ = [
@@ -65,7 +65,6 @@ __all__ = [
     "READABLE_VERSIONS",
     "SPLITS",
     "STORED_DTYPE",
-    "UNSEALED_PROBE_SECONDS",
     "HeadTrace",
     "ModelGeometry",
     "SampleInfo",
