@@ -28,7 +28,7 @@ import torch
 from kvp_gym import models
 from kvp_gym.cache import decode, prefill
 from kvp_gym.cache.generate import query_window
-from kvp_gym.evaluate import _from_spec
+from kvp_gym.scorers import from_spec
 
 from timing import alternate
 
@@ -46,7 +46,7 @@ def memory(model_name: str, context: int, budget: int | None, steps: int, policy
     model, _ = models.load(model_name)
     ids = _prompt(model, context)
     state = prefill(model, ids)
-    scorer = _from_spec(policy) if budget else None
+    scorer = from_spec(policy) if budget else None
     cache = state.cache
     if scorer is not None:
         cache.compress(scorer, budget)
@@ -97,7 +97,7 @@ def timings(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     model, _ = models.load(args.model)
     ids = _prompt(model, args.context)
-    scorers = {spec: _from_spec(spec) for spec in args.policies.split(",")}
+    scorers = {spec: from_spec(spec) for spec in args.policies.split(",")}
     window = [query_window(s) for s in scorers.values() if s.needs_queries]
     keep = None if None in window else max(window, default=0)
     prefill_seconds = []

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kvp_gym.attention import Rotary
-from kvp_gym.evaluate import evaluate
+from kvp_gym.evaluation import evaluate
 from kvp_gym.traces import ModelGeometry, SampleInfo, TraceHeader, write_traces
 
 SMOLLM2 = ModelGeometry(30, 9, 3, 64, (0, 0, 0, 1, 1, 1, 2, 2, 2), '{"rope_theta": 100000.0}', 0, 49152)

@@ -1,5 +1,5 @@
 """REINFORCE on KVEvict-v0 in plain torch, in one file: train a per-token ranking policy, then score it beside the
-baselines with `kvp_gym.evaluate`.
+baselines with `kvp_gym.evaluation`.
 
 The policy scores every cached token from its key, value and age with one small MLP shared by all tokens (so it
 handles any cache length). Rankings are sampled from the Plackett-Luce distribution of those scores (Gumbel noise,
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import kvp_gym  # noqa: F401  (registers KVEvict-v0)
 from kvp_gym.envs.scorer import EnvPolicyScorer
 from kvp_gym.envs.wrappers import ranking_to_scores
-from kvp_gym.evaluate import evaluate, format_table
+from kvp_gym.evaluation import evaluate, trace_level_table
 
 BASELINES = ["streaming_llm", "knorm", "keydiff", "h2o", "tova", "snapkv", "random"]
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         versus=mine.name,
         progress=False,
     )
-    print(format_table(record))
+    print(trace_level_table(record))
     return record
 
 

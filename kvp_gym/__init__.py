@@ -2,9 +2,10 @@
 
 The core package: trace files (:mod:`kvp_gym.traces`), their collection from a real model
 (:mod:`kvp_gym.collect`), model loading (:mod:`kvp_gym.models`), offline tasks (:mod:`kvp_gym.tasks`), the
-environments (:mod:`kvp_gym.envs`), the scorer contract and evaluation (:mod:`kvp_gym.scorers`,
-:mod:`kvp_gym.evaluate`), and the evicting cache with end-to-end evaluation (:mod:`kvp_gym.cache`;
-``kvp_gym.generate`` and ``kvp_gym.EvictingCache`` load it on first use).
+environments (:mod:`kvp_gym.envs`), the scorer contract (:mod:`kvp_gym.scorers`), evaluation at trace level and
+end to end (:mod:`kvp_gym.evaluation`), the evicting cache (:mod:`kvp_gym.cache`; ``kvp_gym.generate`` and
+``kvp_gym.EvictingCache`` load it on first use), the kernels (:mod:`kvp_gym.kernels`) and the command line
+(:mod:`kvp_gym.cli`). docs/architecture.md maps the rooms and the rules between them.
 
 Imports kvp_gym.envs (the registration only: no environment module, no torch) and kvp_gym.version; kvp_gym.cache on
 first use of its two names.

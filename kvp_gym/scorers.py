@@ -18,11 +18,18 @@ says so with ``query_window = W`` (TOVA: 1, SnapKV: its window): the evicting ca
 rows of ``view.queries`` before them are zeros. Without it, a query-reading scorer gets every prefill query.
 A scorer whose scores depend on files (a learned scorer's checkpoint) lists their paths in ``files``: runs that
 resume or merge finished parts record each file's SHA-256 (:func:`scorer_files`) and refuse a file that changed.
+
+Policy specs, the way commands and result records name a configured scorer: ``name`` or
+``name:param=value;param=value`` (:func:`from_spec`); :func:`resolve_policies` turns ``"all"``, a list of specs
+and scorer objects, or a mapping from label to either into labelled scorers, and :func:`label_of` names an object.
+
+Imports only kvp_gym.attention and kvp_gym.storage.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -150,3 +157,103 @@ def _holds_one_layer(view: HeadView) -> bool:
     heads = view.mask.shape[-2]
     in_order = torch.arange(heads).expand(view.kv_head.shape)
     return bool((view.kv_head == in_order).all() and (view.layer == view.layer[..., :1]).all())
+
+
+# --- policy specs ---------------------------------------------------------------------------------------------------
+
+PolicySpec = str | Scorer
+
+
+def from_spec(spec: str) -> Scorer:
+    """The scorer a spec names: ``name`` or ``name:param=value;param=value`` (values read as true/false, an int, a
+    float, else text). An unknown name is a ValueError listing the available ones."""
+    name, _, arguments = spec.partition(":")
+    if name not in available_scorers():
+        raise ValueError(f"unknown policies [{name!r}]; available: {', '.join(available_scorers())}")
+    try:
+        params = dict(pair.split("=", 1) for pair in arguments.split(";") if pair)
+    except ValueError:
+        raise ValueError(f"policy {spec!r}: parameters must be written name:param=value;param=value") from None
+    return get_scorer(name, **{k: _number(v) for k, v in params.items()})
+
+
+def _number(text: str) -> bool | int | float | str:
+    """A spec parameter's value: true/false (any case), an int, a float, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def resolve_policies(
+    policies: str | Sequence[PolicySpec] | Mapping[str, PolicySpec],
+) -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
+    """Scorers from ``'all'``, a list of specs (``name`` / ``name:param=value;...``) and scorer objects (anything
+    meeting the scorer contract, :class:`Scorer`), or a mapping from label to either.
+
+    Returns (scorers by label, skipped labels with their reason, the labels that are declared variants). A spec's
+    label is the spec as written; an object's is :func:`label_of` (unless the mapping gives one). With ``'all'``:
+    every registered scorer with its defaults plus the variants it declares; one that cannot be built is skipped
+    with its reason instead of failing the run. An unknown name is a ValueError listing the available ones; the
+    same label twice is an error.
+    """
+    if isinstance(policies, str):
+        if policies != "all":
+            raise ValueError(f"policies must be 'all', a list of specs or scorers, or a mapping; got {policies!r}")
+        return _every_registered_scorer()
+    given = policies.items() if isinstance(policies, Mapping) else ((None, p) for p in policies)
+    scorers = {}
+    for label, policy in given:
+        if isinstance(policy, str):
+            scorer, label = from_spec(policy), label or policy
+        elif isinstance(policy, Scorer):
+            scorer, label = policy, label or label_of(policy)
+        else:
+            raise ValueError(
+                f"policy {policy!r}: expected a spec string or an object with name, needs_queries, needs_future "
+                "and score(view) (the scorer contract)"
+            )
+        if label in scorers:
+            raise ValueError(f"policy {label!r} is given twice")
+        scorers[label] = scorer
+    if not scorers:
+        raise ValueError("no policies given")
+    return scorers, {}, set()
+
+
+def _every_registered_scorer() -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
+    """``'all'``: every registered scorer with its defaults, then the variants it declares (``name:spec``); one that
+    cannot be built is skipped with its reason."""
+    scorers, skipped, variants = {}, {}, set()
+    for name in available_scorers():
+        try:
+            scorers[name] = get_scorer(name)
+        except ScorerError as err:
+            skipped[name] = str(err)
+            continue
+        for spec in getattr(type(scorers[name]), "variants", ()):
+            label = f"{name}:{spec}"
+            scorers[label] = from_spec(label)
+            variants.add(label)
+    return scorers, skipped, variants
+
+
+def label_of(scorer: Scorer) -> str:
+    """``name``, or ``name:param=value;...`` with the parameters that differ from the scorer's defaults."""
+    changed = []
+    if is_dataclass(scorer):
+        for f in fields(scorer):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            value = getattr(scorer, f.name)
+            if default is MISSING or (_plain(value) and value != default):
+                changed.append(f"{f.name}={value}")
+    return f"{scorer.name}:{';'.join(changed)}" if changed else scorer.name
+
+
+def _plain(value: Any) -> bool:
+    """A parameter value that reads well in a label (not a tensor, module or long container)."""
+    return isinstance(value, bool | int | float | str) or value is None

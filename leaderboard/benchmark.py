@@ -13,6 +13,9 @@ checks it against the committed manifest ``<id>.manifest.json``:
   position, head, layer or model moves them by more than the tolerance (:data:`TOLERANCE` x RMS).
 
 The manifest's SHA-256 (:func:`manifest_sha256`) identifies the benchmark in every submission.
+
+Imports kvp_gym.storage; kvp_gym.collect, .evaluation, .generation, .models, .tasks and .traces when a benchmark is
+prepared or compared (reading a manifest needs none of them).
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ class Benchmark:
         )
 
     def e2e_config(self, policies: tuple[str, ...]):
-        """The :class:`kvp_gym.cache.e2e.E2EConfig` of the end-to-end evaluation of ``policies`` (scorer specs)."""
-        from kvp_gym.cache.e2e import E2EConfig
+        """The :class:`kvp_gym.evaluation.end_to_end.E2EConfig` of the end-to-end run of ``policies`` (specs)."""
+        from kvp_gym.evaluation.end_to_end import E2EConfig
 
         e2e = self.end_to_end
         return E2EConfig(
@@ -172,7 +175,7 @@ def load_benchmark(name: str | Path) -> Benchmark:
         raise BenchmarkError(f"{path}: missing field {err.args[0]!r}") from None
     if benchmark.id != path.stem:
         raise BenchmarkError(f"{path}: id {benchmark.id!r} differs from the file name {path.stem!r}")
-    from kvp_gym.evaluate import ABSOLUTE_BUDGETS, PROTOCOLS
+    from kvp_gym.evaluation.trace_level import ABSOLUTE_BUDGETS, PROTOCOLS
 
     level = benchmark.trace_level
     if level.protocol not in PROTOCOLS:

@@ -9,6 +9,8 @@ essays' perplexity with the evicting cache, next to the full cache's.
 
 :func:`standard_evaluation` produces entries (``kvp-gym submit``); :func:`validate` checks files (``kvp-gym
 leaderboard validate``); :func:`rerun` re-evaluates an entry and reports numbers that fall outside its own interval.
+
+Imports kvp_gym (storage, version, scorers, device, evaluation) and kvp_gym_leaderboard.benchmark.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from kvp_gym.evaluation.stats import mean_interval
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.version import __version__
 from kvp_gym_leaderboard.benchmark import (
@@ -91,18 +94,35 @@ def standard_evaluation(
     ``traces``: the prepared trace set; ``work``: where the end-to-end run keeps its resumable parts;
     ``checkpoint``: a checkpoint file handed to every policy as its ``checkpoint`` parameter.
     """
-    from kvp_gym.cache.e2e import run
-    from kvp_gym.evaluate import evaluate, resolve_policies
-    from kvp_gym.scorers import scorer_files
+    from kvp_gym.evaluation.end_to_end import run
 
     check_trace_set(benchmark, traces)
     specs = {
         spec: spec if checkpoint is None else f"{spec}{';' if ':' in spec else ':'}checkpoint={checkpoint}"
         for spec in policies
     }
+    record = _trace_level_record(benchmark, specs, traces, work, checkpoint, progress)
+    e2e = None
+    if end_to_end:
+        e2e = run(benchmark.e2e_config(tuple(specs.values())), work / "e2e", device=device, progress=progress)
+    contexts = _context_of_samples(benchmark)
+    entries = {}
+    for spec, full_spec in specs.items():
+        results = None if e2e is None else end_to_end_results(e2e, full_spec)
+        entries[spec] = _entry(benchmark, record, spec, results, contexts, checkpoint, device)
+    return entries
+
+
+def _trace_level_record(
+    benchmark: Benchmark, specs: dict[str, str], traces: Path, work: Path, checkpoint: Path | None, progress: bool
+) -> dict[str, Any]:
+    """The trace-level evaluation record of ``specs`` (label -> spec with the checkpoint) on the prepared set in
+    ``traces``. It is kept in ``work``: an interrupted submit resumes after it, with the end-to-end parts."""
+    from kvp_gym.evaluation.trace_level import evaluate
+    from kvp_gym.scorers import resolve_policies, scorer_files
+
     level = benchmark.trace_level
     paths = [traces / name for _, _, name in benchmark.trace_files()]
-    # The trace-level record is kept in ``work``: an interrupted submit resumes after it, with the end-to-end parts.
     key = {
         "benchmark": benchmark.id,
         "manifest_sha256": manifest_sha256(benchmark),
@@ -128,36 +148,41 @@ def standard_evaluation(
         )
         with atomic_path(saved) as tmp:
             tmp.write_text(json.dumps({"key": key, "record": record}))
-    e2e = None
-    if end_to_end:
-        e2e = run(benchmark.e2e_config(tuple(specs.values())), work / "e2e", device=device, progress=progress)
-    contexts = _context_of_samples(benchmark)
-    entries = {}
-    for spec, full_spec in specs.items():
-        policy = record["policies"][spec]
-        entry: dict[str, Any] = {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "kind": kind_of(policy["needs_queries"], policy["privileged"]),
-            "load": _load_record(policy["name"], policy["parameters"], checkpoint),
-            "benchmark": {"id": benchmark.id, "manifest_sha256": manifest_sha256(benchmark)},
-            "kvp_gym_version": record["kvp_gym_version"],
-            "hardware": _hardware(device),
-            "seeds": {
-                "trace_level": level.seed,
-                "end_to_end": benchmark.end_to_end.seed,
-                "bootstrap": level.bootstrap_seed,
-            },
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "results": {
-                "trace_level": _trace_level(
-                    record, spec, contexts, level.bootstrap, level.bootstrap_seed, level.budgets
-                ),
-                "end_to_end": None if e2e is None else end_to_end_results(e2e, full_spec),
-            },
-        }
-        entries[spec] = entry
-    return entries
+    return record
+
+
+def _entry(
+    benchmark: Benchmark,
+    record: dict[str, Any],
+    spec: str,
+    end_to_end: dict[str, Any] | None,
+    contexts: dict[str, int],
+    checkpoint: Path | None,
+    device: str,
+) -> dict[str, Any]:
+    """The entry of the policy ``spec`` (without name, description and authors) from the trace-level ``record`` and
+    its end-to-end results (:func:`end_to_end_results`; None when not run)."""
+    level = benchmark.trace_level
+    policy = record["policies"][spec]
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind_of(policy["needs_queries"], policy["privileged"]),
+        "load": _load_record(policy["name"], policy["parameters"], checkpoint),
+        "benchmark": {"id": benchmark.id, "manifest_sha256": manifest_sha256(benchmark)},
+        "kvp_gym_version": record["kvp_gym_version"],
+        "hardware": _hardware(device),
+        "seeds": {
+            "trace_level": level.seed,
+            "end_to_end": benchmark.end_to_end.seed,
+            "bootstrap": level.bootstrap_seed,
+        },
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "results": {
+            "trace_level": _trace_level(record, spec, contexts, level.bootstrap, level.bootstrap_seed, level.budgets),
+            "end_to_end": end_to_end,
+        },
+    }
 
 
 def _saved_key(path: Path) -> dict | None:
@@ -195,13 +220,9 @@ def _trace_level(
     not depend on which other policies ran in the same evaluation."""
     policy = record["policies"][label]
     per_sample = np.asarray(policy["per_sample_head"]).mean((1, 2))
-    resampled = np.random.default_rng(seed).choice(per_sample, size=(bootstrap, len(per_sample))).mean(1)
     of_context = np.array([contexts[name] for name in record["samples"]])
     return {
-        "holistic_score": {
-            "mean": float(per_sample.mean()),
-            "ci95": [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))],
-        },
+        "holistic_score": mean_interval(per_sample, seed, bootstrap),
         "per_task": policy["per_task"],
         "per_context": {str(c): float(per_sample[of_context == c].mean()) for c in sorted(set(of_context.tolist()))},
         "retained_fraction": {str(b): policy["retained_fraction"]["absolute"][str(b)] for b in budgets},

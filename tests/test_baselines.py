@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from kvp_gym.evaluate import _from_spec, _layer_view
+from kvp_gym.evaluation import layer_view
 from kvp_gym.importance import ImportanceStore
-from kvp_gym.scorers import HeadView, ScorerError, available_scorers, get_scorer, score
+from kvp_gym.scorers import HeadView, ScorerError, available_scorers, from_spec, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import as_ranking, attention_received
 from kvp_gym_baselines.common import keep_first
@@ -128,7 +128,7 @@ def reference_layer(tiny_trace, tiny):
     model, _ = tiny
     with open_traces(tiny_trace) as trace:
         sample = trace.split("train")[0]
-        view, _, _ = _layer_view(trace, ImportanceStore(trace, sidecar=False), sample, 1, 2)
+        view, _, _ = layer_view(trace, ImportanceStore(trace, sidecar=False), sample, 1, 2)
     n = sample.prompt_length
     ids = torch.tensor(sample.tokens[None, :n], dtype=torch.long)
     captured = {}
@@ -215,7 +215,7 @@ def test_every_scorer_ranks_batched_and_padded_views(name, reference_layer):
     so every scorer ranks (no constant scores), and the same head scored alone or padded ranks the same."""
     torch.manual_seed(2)
     label = name.partition(":")[0]
-    scorer = _from_spec(name)
+    scorer = from_spec(name)
     layer_scope = getattr(scorer, "scope", "head") == "layer"
     batch, groups, n, d = (2, 3), 2, 300, 16
     keys, values = torch.randn(*batch, n, d), torch.randn(*batch, n, d)
@@ -247,7 +247,7 @@ def test_every_scorer_ranks_batched_and_padded_views(name, reference_layer):
 
 
 def test_spec_parameters_parse_booleans_and_numbers():
-    scorer = _from_spec("expected_attention:covariance=False;value_norm=true;future_positions=64;epsilon=0.5")
+    scorer = from_spec("expected_attention:covariance=False;value_norm=true;future_positions=64;epsilon=0.5")
     assert scorer.covariance is False and scorer.value_norm is True
     assert scorer.future_positions == 64 and scorer.epsilon == 0.5
-    assert _from_spec("tova:heads=group").heads == "group"
+    assert from_spec("tova:heads=group").heads == "group"

@@ -10,8 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from kvp_gym.cache.e2e import E2EConfig, format_table, merge, run, spearman
 from kvp_gym.cli import main
+from kvp_gym.evaluation.end_to_end import E2EConfig, merge, run
+from kvp_gym.evaluation.report import end_to_end_table
+from kvp_gym.evaluation.stats import spearman
 from kvp_gym.storage import file_sha256
 
 CONFIG = E2EConfig(
@@ -60,7 +62,7 @@ def test_record_is_built_from_the_parts(finished):
         assert record["needle_retention"][label]["64"] == pytest.approx(expected)
     correlation = record["proxy_correlation"]["64"]  # tiny-random answers nothing: accuracy is constant, rho n/a
     assert "spearman_needle_retention" in correlation and correlation["spearman"] is None
-    table = format_table(record)
+    table = end_to_end_table(record)
     assert "full_cache" in table and "niah_single@32" in table and "ppl@64" in table
     assert "budget 64: Spearman correlation across policies of needle retention vs mean accuracy" in table
     assert (out / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvp_gym.cli import main
-from kvp_gym.evaluate import evaluate, format_table, paired_comparison, versus_table, write_results
+from kvp_gym.evaluation import evaluate, paired_comparison, trace_level_table, versus_table, write_results
 from kvp_gym.scorers import HeadView, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import future_importance, holistic_score, protected_tokens
@@ -66,7 +66,7 @@ def test_record_matches_a_direct_computation(tiny_trace, tmp_path, protocol):
     ]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written[1:])
     assert json.loads(written[0].read_text())["policies"].keys() == record["policies"].keys()
-    table = format_table(record)
+    table = trace_level_table(record)
     assert f"protocol {protocol}" in table.splitlines()[0]
     assert table.splitlines()[2].startswith("oracle") and "future (upper bound)" in table
     assert set(record["tasks"]) == {"niah_single"} and len(record["tasks"]) == len(record["samples"])
@@ -260,12 +260,12 @@ def test_needle_retention_pools_the_needle_attention_a_budget_keeps(tiny_trace, 
     knorm = record["policies"]["knorm"]["needle_retention"]
     assert knorm["absolute"]["16"] is None and set(knorm["per_task"]) == {"niah_single"}
     assert knorm["per_task"]["niah_single"] == {k: knorm[k] for k in ("absolute", "fractions")}
-    assert "needles@64" in format_table(record)
+    assert "needles@64" in trace_level_table(record)
     # Samples without needles (free text) have no needle retention, and the table no column.
     essays = tmp_path / "essay.h5"
     collect(dataclasses.replace(tiny_config, task="essay", samples=2, splits=(1.0, 0.0, 0.0)), essays, progress=False)
     record = evaluate(essays, ["knorm"], split="train", bootstrap=10, progress=False)
-    assert record["policies"]["knorm"]["needle_retention"] is None and "needles@64" not in format_table(record)
+    assert record["policies"]["knorm"]["needle_retention"] is None and "needles@64" not in trace_level_table(record)
 
 
 def test_scorer_objects_labels_and_a_subset_of_layers_heads_and_samples(tiny_trace):
@@ -314,7 +314,7 @@ def test_an_env_policy_scores_the_same_in_the_env_and_in_the_table(tiny_trace):
     import gymnasium as gym
 
     from kvp_gym.envs.scorer import EnvPolicyScorer
-    from kvp_gym.evaluate import evaluation_episodes
+    from kvp_gym.evaluation import evaluation_episodes
 
     def policy(obs):  # a stand-in for a trained network: key norm, plus a little of the last query's attention
         keys = torch.as_tensor(obs["key"])

@@ -13,7 +13,7 @@ import torch
 
 import kvp_gym  # noqa: F401
 from kvp_gym.envs.episodes import EpisodeKey
-from kvp_gym.evaluate import evaluate
+from kvp_gym.evaluation import evaluate
 from kvp_gym.importance import ENTRY_MAGIC, ImportanceStore, ImportanceWarning, content_id
 from kvp_gym.traces import ModelGeometry, SampleInfo, TraceHeader, open_traces, write_traces
 from kvp_gym.utility import future_importance

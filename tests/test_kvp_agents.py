@@ -12,15 +12,16 @@ import torch
 
 import kvp_gym  # noqa: F401
 from kvp_gym.envs.episodes import EpisodeKey
-from kvp_gym.evaluate import evaluate
+from kvp_gym.evaluation import evaluate
 from kvp_gym.importance import ImportanceStore
 from kvp_gym.scorers import HeadView, ScorerError, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import holistic_reward
 from kvp_gym_agents.checkpoint import SHIPPED, read_checkpoint, save_checkpoint
 from kvp_gym_agents.config import TrainConfig
+from kvp_gym_agents.data import Episodes, StreamingPool, model_inputs
 from kvp_gym_agents.kvp import KVPNetwork, age_bucket, gumbel_ranking, plackett_luce_log_prob
-from kvp_gym_agents.train import Episodes, StreamingPool, model_inputs, train
+from kvp_gym_agents.train import train
 
 
 def small_network(seed: int = 0) -> KVPNetwork:

@@ -1,7 +1,9 @@
-"""The evicting KV cache, generation under a budget, and end-to-end evaluation on a real model.
+"""The evicting KV cache and generation under a budget, on a real model.
 
 - :mod:`kvp_gym.cache.evicting`: :class:`EvictingCache`, a transformers cache that shrinks to a budget.
 - :mod:`kvp_gym.cache.generate`: prefill -> compress -> greedy decode (:func:`generate`).
+
+Imports only kvp_gym.cache.evicting and kvp_gym.cache.generate.
 """
 
 from kvp_gym.cache.evicting import CacheError, Compression, EvictingCache

@@ -1,7 +1,7 @@
 """``kvp-gym evaluate-e2e`` (task accuracy and perplexity with an evicting cache, per policy and budget) and
 ``kvp-gym evaluate-e2e-merge`` (join sharded runs).
 
-Imports kvp_gym.cli.options at module level; kvp_gym.cache.e2e only when a command runs."""
+Imports kvp_gym.cli.options at module level; kvp_gym.evaluation.end_to_end only when a command runs."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def add_merge_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _evaluate_e2e(args: argparse.Namespace) -> int:
-    from kvp_gym.cache.e2e import E2EConfig, format_table, run
+    from kvp_gym.evaluation.end_to_end import E2EConfig, run
+    from kvp_gym.evaluation.report import end_to_end_table
 
     config = E2EConfig(
         model=args.model,
@@ -77,7 +78,7 @@ def _evaluate_e2e(args: argparse.Namespace) -> int:
             f"shard {args.shard[0]}/{args.shard[1]} done in {args.out}; join the shards with kvp-gym evaluate-e2e-merge"
         )
         return 0
-    print(format_table(record))
+    print(end_to_end_table(record))
     for label, reason in record["skipped"].items():
         print(f"skipped {label}: {reason}")
     print(f"wrote {args.out / 'results.json'} and plots")
@@ -85,7 +86,8 @@ def _evaluate_e2e(args: argparse.Namespace) -> int:
 
 
 def _merge_e2e(args: argparse.Namespace) -> int:
-    from kvp_gym.cache.e2e import format_table, merge
+    from kvp_gym.evaluation.end_to_end import merge
+    from kvp_gym.evaluation.report import end_to_end_table
 
-    print(format_table(merge(args.out, args.inputs)))
+    print(end_to_end_table(merge(args.out, args.inputs)))
     return 0

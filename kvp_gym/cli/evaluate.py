@@ -1,7 +1,7 @@
 """``kvp-gym evaluate`` (score eviction policies on a trace split) and ``kvp-gym evaluate-table`` (one Markdown row
 per evaluation run).
 
-Imports kvp_gym.cli.options at module level; kvp_gym.evaluate and kvp_gym.storage only when a command runs."""
+Imports kvp_gym.cli.options at module level; kvp_gym.evaluation and kvp_gym.storage only when a command runs."""
 
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def add_table_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from kvp_gym.evaluate import evaluate, format_table, merge_results, write_results
+    from kvp_gym.evaluation.report import trace_level_table
+    from kvp_gym.evaluation.trace_level import evaluate, merge_results, write_results
 
     policies = "all" if args.policies == "all" else args.policies.split(",")
     base = _read_results(args.add_to) if args.add_to else None
@@ -108,7 +109,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if base:
         record = merge_results(base, record, args.versus)
     written = write_results(record, args.out)
-    print(format_table(record))
+    print(trace_level_table(record))
     for name, reason in record["skipped"].items():
         print(f"skipped {name}: {reason}")
     timing = record["timing"]
@@ -133,7 +134,7 @@ def _read_results(run: Path) -> dict:
 
 
 def _evaluate_table(args: argparse.Namespace) -> int:
-    from kvp_gym.evaluate import versus_table
+    from kvp_gym.evaluation.report import versus_table
     from kvp_gym.storage import atomic_path
 
     labels = args.labels or [(run if run.is_dir() else run.parent).name for run in args.runs]

@@ -1,7 +1,7 @@
 """``kvp-gym generate``: answer a prompt with an evicting cache and show the memory it frees.
 
-Imports kvp_gym.cli.options at module level; kvp_gym.models, kvp_gym.cache, kvp_gym.device, kvp_gym.evaluate and
-kvp_gym.scorers only when the command runs."""
+Imports kvp_gym.cli.options at module level; kvp_gym.models, kvp_gym.cache, kvp_gym.device and kvp_gym.scorers only
+when the command runs."""
 
 from __future__ import annotations
 
@@ -41,10 +41,9 @@ def _generate(args: argparse.Namespace) -> int:
     from kvp_gym import models
     from kvp_gym.cache import generate
     from kvp_gym.device import resolve_device
-    from kvp_gym.evaluate import _from_spec
-    from kvp_gym.scorers import ScorerError, model_mismatches
+    from kvp_gym.scorers import ScorerError, from_spec, model_mismatches
 
-    scorer = _from_spec(args.policy)
+    scorer = from_spec(args.policy)
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     model, tokenizer = models.load(args.model)
     model.to(resolve_device(args.device))

@@ -1,4 +1,4 @@
-"""From a policy trained in ``KVEvict-v0`` to a scorer that ``kvp_gym.evaluate`` and the evicting cache can run.
+"""From a policy trained in ``KVEvict-v0`` to a scorer that ``kvp_gym.evaluation`` and the evicting cache can run.
 
 A policy here is any callable (a function, a ``torch.nn.Module``) from a batch of KVEvict-v0 observations (the
 env's Dict observation, each field with a leading batch dimension B: ``key`` [B, T, D], ``mask`` [B, T], ...) to
@@ -8,7 +8,7 @@ tokens::
 
     env = gym.make("KVEvict-v0", config={"traces": paths, "observe_queries": "window:8"})
     scorer = EnvPolicyScorer(my_policy, env, name="my-reinforce")
-    record = kvp_gym.evaluate.evaluate(paths, [scorer, "tova", "streaming_llm"], split="test")
+    record = kvp_gym.evaluation.evaluate(paths, [scorer, "tova", "streaming_llm"], split="test")
 
 Imports kvp_gym.envs.episodes and kvp_gym.scorers.
 """

@@ -1,0 +1,463 @@
+"""End-to-end evaluation: what a model answers, and how well it predicts text, with an evicting cache.
+
+For every sample: prefill once (prefill dominates on a CPU), decode with the full cache (the reference, and the
+continuation whose attention the oracle ranks by), then for every policy score the prefilled cache once and, for
+every budget, keep the top of that scoring in a copy of the cache; the policies' copies are decoded together as
+one batch (decoding a small model is bound by reading its weights, once per step for the whole batch). Task
+samples are scored by exact match (the task's own scorer), held-out essays by the perplexity of their real
+continuation teacher-forced through the compressed cache. Each policy's trace-level holistic score on the same
+sample (paper protocol) is kept too, and, for prompts with needles, the needle retention (the attention the
+continuation paid to needle tokens that each budget keeps, pooled over layers and KV heads), to measure how well
+each proxy predicts accuracy.
+
+Each finished sample is written atomically to ``OUT/parts/``: a stopped run resumes where it was, and ``--shard
+i/N`` runs split the samples between machines (:func:`merge` joins their parts; the folder:
+:mod:`kvp_gym.evaluation.run_folder`). ``OUT/settings.json`` holds the
+run's settings and the SHA-256 of every file a policy reads (a checkpoint): resuming or merging with other
+settings, or with a changed file behind a label, is an error. ``OUT/results.json`` (schema
+``kvp-gym/e2e-evaluation`` version 1)::
+
+    {"schema", "schema_version", "kvp_gym_version", "settings": {...E2EConfig, "policy_files"},
+     "samples": {task: count},
+     "policies": {label: {"name", "parameters", "needs_queries", "privileged", "variant", "files": {path: sha256}}},
+     "accuracy": {task: {"full_cache": {"mean", "ci95"}, "policies": {label: {budget: {"mean", "ci95"}}}}},
+     "perplexity": {"full_cache": {"mean", "ci95"}, "policies": {label: {budget: {"mean", "ci95"}}}},  # geometric
+     "holistic_score": {label: mean over task samples (paper protocol)},
+     "needle_retention": {label: {budget: share}} | null,   # attention paid to needle tokens that the budget keeps
+     "proxy_correlation": {budget: {"spearman", "spearman_needle_retention", "policies"}},  # proxy vs accuracy
+     "seconds": {"total", "prefill", "decode", "scoring"}}
+
+Every interval is drawn from its own generator seeded with the run's bootstrap seed (0), so a policy's interval
+does not depend on which other policies were evaluated with it (:mod:`kvp_gym.evaluation.stats`).
+:func:`kvp_gym.evaluation.report.end_to_end_table` renders the summary.
+
+Imports kvp_gym.models, .cache, .capture, .device, .generation, .scorers, .storage, .tasks, .utility, .version and
+kvp_gym.evaluation.run_folder, .stats and .report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kvp_gym import models
+from kvp_gym.cache.evicting import EvictingCache
+from kvp_gym.cache.generate import Prefill, continue_from, prefill, query_window, until_eos
+from kvp_gym.capture import capture_qkv
+from kvp_gym.device import resolve_device
+from kvp_gym.evaluation.report import FULL_CACHE, plot_end_to_end
+from kvp_gym.evaluation.run_folder import (
+    check_settings,
+    part_path,
+    read_settings,
+    run_settings,
+    settings_differences,
+    write_settings,
+)
+from kvp_gym.evaluation.stats import geometric_mean_interval, mean_interval, spearman
+from kvp_gym.generation import sample_seed
+from kvp_gym.scorers import Scorer, model_mismatches, parameters, resolve_policies
+from kvp_gym.storage import atomic_path
+from kvp_gym.tasks import encode, get_task, make_sample
+from kvp_gym.tasks.text import TEXT_POOLS
+from kvp_gym.utility import future_importance, holistic_score, needle_attention_kept, protected_tokens
+from kvp_gym.version import __version__
+
+SCHEMA, SCHEMA_VERSION = "kvp-gym/e2e-evaluation", 1
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """What to evaluate. ``samples`` per task; ``essays`` held-out essays for perplexity (their next
+    ``continuation`` tokens); ``policies``: ``"all"`` or scorer specs (``name`` / ``name:param=value``)."""
+
+    model: str = models.DEFAULT_MODEL
+    tasks: tuple[str, ...] = ("niah_single", "niah_multikey")
+    context: int = 1024
+    budgets: tuple[int, ...] = (64, 128, 256)
+    policies: str | tuple[str, ...] = "all"
+    samples: int = 40
+    essays: int = 8
+    continuation: int = 64
+    seed: int = 0
+    text: str = "heldout"
+    sinks: int = 4
+    recent: int = 16
+
+    def __post_init__(self):
+        for task in self.tasks:
+            if not get_task(task).has_answers:
+                raise ValueError(f"task {task!r} has no answers to score; free text is measured with --essays")
+        if self.text not in TEXT_POOLS:
+            raise ValueError(f"text must be one of {', '.join(TEXT_POOLS)}, got {self.text!r}")
+        if self.samples < 0 or self.essays < 0 or self.context < 1 or self.continuation < 1:
+            raise ValueError("samples and essays must be >= 0, context and continuation >= 1")
+        if not self.budgets or min(self.budgets) <= self.sinks + self.recent - 1:
+            raise ValueError(
+                f"budgets must be at least the {self.sinks + self.recent} protected tokens, got {list(self.budgets)}"
+            )
+
+    def work(self) -> list[tuple[str, int]]:
+        """Every (task, index) of the run, essays last."""
+        return [(t, i) for t in self.tasks for i in range(self.samples)] + [("essay", i) for i in range(self.essays)]
+
+
+def run(
+    config: E2EConfig,
+    out: str | Path,
+    shard: tuple[int, int] = (0, 1),
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Evaluate the samples of ``shard`` (i, N: work items i, i + N, ...) into ``out/parts``, skipping finished ones;
+    with N = 1 also write and return the summary (``out/results.json``, plots)."""
+    out = Path(out)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be i/N with 0 <= i < N, got {index}/{count}")
+    scorers, skipped, variants = _policies(config)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    check_settings(out, run_settings(config, scorers))
+    todo = [item for k, item in enumerate(config.work()) if k % count == index and not part_path(parts, *item).exists()]
+    if todo:
+        model, tokenizer = models.load(config.model)
+        model.to(resolve_device(device))
+        for label, reason in model_mismatches(scorers, config.model, models.geometry(model)).items():
+            skipped[label] = reason  # agents trained for another model: skipped, with the reason
+            del scorers[label]
+        for task, sample_index in tqdm(todo, desc="evaluate-e2e", unit="sample", disable=not progress):
+            record = _evaluate_sample(model, tokenizer, config, scorers, task, sample_index)
+            record["skipped"] = skipped
+            with atomic_path(part_path(parts, task, sample_index)) as tmp:
+                tmp.write_text(json.dumps(record))
+    if count > 1:
+        return None
+    return summarize(out, scorers, variants)
+
+
+def merge(out: str | Path, inputs: Sequence[str | Path]) -> dict[str, Any]:
+    """Join the parts of shard runs (their ``OUT`` folders) into ``out`` and write the summary."""
+    out = Path(out)
+    settings = None
+    for folder in map(Path, inputs):
+        found = read_settings(folder)
+        if settings is not None and (changed := settings_differences(settings, found)):
+            raise ValueError(f"{folder}: its run has other settings than {inputs[0]} ({'; '.join(changed)})")
+        settings = found
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        for part in sorted((folder / "parts").glob("*.json")):
+            with atomic_path(out / "parts" / part.name) as tmp:
+                tmp.write_text(part.read_text())
+    if settings is None:
+        raise ValueError("merge needs at least one input folder")
+    write_settings(out, settings)
+    scorers, _, variants = _policies(_config_of(settings))
+    return summarize(out, scorers, variants)
+
+
+def _policies(config: E2EConfig) -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
+    """The run's scorers by label, the skipped ones and the variant labels (``kvp_gym.scorers.resolve_policies``)."""
+    return resolve_policies(config.policies if config.policies == "all" else list(config.policies))
+
+
+def _config_of(settings: dict[str, Any]) -> E2EConfig:
+    return E2EConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k != "policy_files"})
+
+
+@dataclass
+class _Prefilled:
+    """One sample's prompt, prefilled once: what the full cache and every policy decode from."""
+
+    model: Any
+    tokenizer: Any
+    task: Any  # the task (its answer length and scorer)
+    sample: Any  # the task sample (its answers)
+    state: Prefill
+    eos: Any  # the model's end-of-sequence token id(s)
+
+
+@torch.inference_mode()
+def _evaluate_sample(
+    model, tokenizer, config: E2EConfig, scorers: dict[str, Scorer], task_name: str, index: int
+) -> dict[str, Any]:
+    """One sample's part: the full cache's answer (or the essay's perplexity), then every policy's at every budget,
+    with each policy's holistic score and needle attention on the same prompt."""
+    task = get_task(task_name)
+    sample = make_sample(task, tokenizer, config.context, sample_seed(config.seed, index), config.text)
+    encoded = encode(tokenizer, sample)
+    ids = encoded.ids
+    windows = [query_window(s) for s in scorers.values() if s.needs_queries]
+    keep = None if None in windows else max(windows, default=0)
+    seconds = dict.fromkeys(("prefill", "decode", "scoring"), 0.0)
+    tick = time.perf_counter()
+    state = prefill(model, ids, keep, sinks=config.sinks, recent=config.recent)
+    seconds["prefill"] += time.perf_counter() - tick
+    prompt = _Prefilled(model, tokenizer, task, sample, state, model.generation_config.eos_token_id)
+    record: dict[str, Any] = {"task": task_name, "index": index, "prompt_tokens": len(ids), "answers": sample.answers}
+    tick = time.perf_counter()
+    future, record[FULL_CACHE] = _full_cache_reference(prompt, encoded.continuation_ids[: config.continuation])
+    seconds["decode"] += time.perf_counter() - tick
+    importance = _future_importance(model, ids, future, state)  # what the full-cache continuation attended to
+    all_scores, record["policies"] = _score_policies(state, scorers, importance, encoded.needle_spans, config, seconds)
+    tick = time.perf_counter()
+    for budget in config.budgets:  # every policy's compression of this prompt decoded in one batch
+        for label, result in _decode_budget(prompt, all_scores, budget, future).items():
+            record["policies"][label]["budgets"][str(budget)] = result
+    seconds["decode"] += time.perf_counter() - tick
+    record["seconds"] = seconds
+    return record
+
+
+def _full_cache_reference(prompt: _Prefilled, essay_continuation: list[int]) -> tuple[list[int], dict[str, Any]]:
+    """(the continuation the oracle ranks by, the full cache's result): for a task, the greedy answer and its
+    score; for an essay, its real continuation (``essay_continuation``) and the perplexity of it."""
+    state = prompt.state
+    if prompt.task.has_answers:
+        tokens, _, _ = continue_from(
+            prompt.model, state.cache.copy(), state.logits, prompt.task.answer_tokens, prompt.eos
+        )
+        future = until_eos(tokens[0].tolist(), prompt.eos)
+        return future, _answer(prompt.tokenizer, prompt.task, prompt.sample, future)
+    future = essay_continuation
+    _, logits, _ = continue_from(prompt.model, state.cache.copy(), state.logits, 0, forced=future)
+    return future, {"perplexity": _perplexity(logits[0], future)}
+
+
+def _score_policies(
+    state: Prefill,
+    scorers: dict[str, Scorer],
+    importance: dict[int, torch.Tensor],
+    spans: list[tuple[int, int]],
+    config: E2EConfig,
+    seconds: dict[str, float],
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, dict[str, Any]]]:
+    """Every policy's scores of the prefilled cache (label -> one tensor per layer), and its part record so far:
+    the holistic score and needle attention of those scores (``seconds["scoring"]`` counts the scoring)."""
+    all_scores, results = {}, {}
+    for label, scorer in scorers.items():
+        tick = time.perf_counter()
+        all_scores[label] = state.cache.score(scorer, state.queries, importance if scorer.needs_future else None)
+        seconds["scoring"] += time.perf_counter() - tick
+        results[label] = {
+            "holistic_score": _holistic(importance, all_scores[label], config),
+            "needle_attention": _needle_attention(importance, all_scores[label], spans, config),
+            "budgets": {},
+        }
+    return all_scores, results
+
+
+def _decode_budget(
+    prompt: _Prefilled, all_scores: dict[str, list[torch.Tensor]], budget: int, future: list[int]
+) -> dict[str, dict[str, Any]]:
+    """Every policy's result at ``budget``: each keeps the top of its scores in a copy of the cache, and the copies
+    decode together as one batch (decoding a small model is bound by reading its weights, once per step)."""
+    labels = list(all_scores)
+    caches = []
+    for label in labels:
+        cache = prompt.state.cache.copy()
+        cache.keep_top(all_scores[label], budget)
+        caches.append(cache)
+    batch = EvictingCache.stack(caches)
+    logits = prompt.state.logits.expand(len(labels), -1)
+    if prompt.task.has_answers:
+        tokens, _, _ = continue_from(prompt.model, batch, logits, prompt.task.answer_tokens, prompt.eos)
+        return {
+            label: _answer(prompt.tokenizer, prompt.task, prompt.sample, until_eos(tokens[row].tolist(), prompt.eos))
+            for row, label in enumerate(labels)
+        }
+    _, logits, _ = continue_from(prompt.model, batch, logits, 0, forced=future)
+    return {label: {"perplexity": _perplexity(logits[row], future)} for row, label in enumerate(labels)}
+
+
+def _answer(tokenizer, task, sample, tokens: list[int]) -> dict:
+    output = tokenizer.decode(tokens, skip_special_tokens=True)
+    return {"output": output, "score": task.score(output, sample.answers)}
+
+
+def _perplexity(logits: torch.Tensor, future: Sequence[int]) -> float:
+    """exp(mean NLL) of ``future`` under ``logits`` [len(future), vocab] (row i predicts future[i])."""
+    target = torch.tensor(list(future), device=logits.device)
+    return math.exp(torch.nn.functional.cross_entropy(logits.float(), target).item())
+
+
+def _future_importance(model, ids: list[int], future: list[int], state: Prefill) -> dict[int, torch.Tensor]:
+    """layer -> [1, H_kv, n]: the attention the continuation paid to each prompt token (the oracle's ranking)."""
+    attention = state.cache.attention
+    with capture_qkv(model, range(len(attention.specs))) as captured:
+        model(torch.tensor([ids + future], device=model.device), use_cache=False)
+    found = {}
+    for layer, (queries, keys, _) in captured.items():
+        grouped = attention.group_queries(queries)[0]  # [H, G, S, D]
+        importance = future_importance(grouped, keys[0], len(ids), attention=attention.specs[layer])
+        found[layer] = importance[None].to(state.logits.device)
+    return found
+
+
+def _holistic(importance: dict[int, torch.Tensor], scores: list[torch.Tensor], config: E2EConfig) -> float:
+    """Mean over layers and KV heads of the holistic score of ``scores`` against ``importance`` (paper protocol:
+    the protected tokens kept, the ranking of the rest scored)."""
+    values = []
+    for layer, layer_scores in enumerate(scores):
+        imp = importance[layer].cpu()
+        n = imp.shape[-1]
+        ranked = ~protected_tokens(n, n, config.sinks, config.recent)
+        values.append(holistic_score(imp * ranked, layer_scores.cpu().float(), ranked).mean().item())
+    return float(np.mean(values))
+
+
+def _needle_attention(
+    importance: dict[int, torch.Tensor], scores: list[torch.Tensor], spans: list[tuple[int, int]], config: E2EConfig
+) -> dict[str, Any] | None:
+    """{"paid", "kept": {budget: ...}}: the attention the continuation paid to the needle tokens, summed over layers
+    and KV heads, and the part each budget keeps with the protected tokens (paper protocol); None without needles."""
+    if not spans:
+        return None
+    kept, paid = torch.zeros(len(config.budgets)), 0.0
+    for layer, layer_scores in enumerate(scores):
+        imp = importance[layer].cpu()  # [1, H, n]
+        n = imp.shape[-1]
+        protected = protected_tokens(n, n, config.sinks, config.recent)
+        layer_kept, layer_paid = needle_attention_kept(
+            imp, layer_scores.cpu().float(), spans, config.budgets, protected
+        )
+        kept += layer_kept.sum((0, 1))
+        paid += float(layer_paid.sum())
+    return {"paid": paid, "kept": {str(b): float(v) for b, v in zip(config.budgets, kept, strict=True)}}
+
+
+def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], seed: int = 0) -> dict[str, Any]:
+    """Aggregate ``out/parts`` into ``out/results.json`` and the plots; return the record. ``seed`` seeds every
+    bootstrap interval's own generator."""
+    out = Path(out)
+    settings = read_settings(out)
+    config = _config_of(settings)
+    records = _read_parts(out, config)
+    labels = [label for label in scorers if all(label in r["policies"] for r in records.values())]
+    budgets = [str(b) for b in config.budgets]
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "kvp_gym_version": __version__,
+        "settings": settings,
+        "samples": {task: sum(1 for t, _ in records if t == task) for task in (*config.tasks, "essay")},
+        "policies": {
+            label: {
+                "name": scorers[label].name,
+                "parameters": parameters(scorers[label]),
+                "needs_queries": scorers[label].needs_queries,
+                "privileged": scorers[label].needs_future,
+                "variant": label in variants,
+                "files": settings.get("policy_files", {}).get(label, {}),  # what the parts were computed with
+            }
+            for label in labels
+        },
+        "skipped": next(iter(records.values()))["skipped"] if records else {},
+        "accuracy": _accuracy(records, config.tasks, labels, budgets, seed),
+        "perplexity": _perplexity_intervals(
+            [r for (t, _), r in records.items() if t == "essay"], labels, budgets, seed
+        ),
+    }
+    tasks_rows = [r for (t, _), r in records.items() if t != "essay"]
+    record["holistic_score"] = {
+        label: float(np.mean([r["policies"][label]["holistic_score"] for r in tasks_rows])) if tasks_rows else None
+        for label in labels
+    }
+    record["needle_retention"] = _needle_retention(tasks_rows, labels, budgets)
+    record["proxy_correlation"] = _proxy_correlation(record, config.tasks, labels, budgets)
+    record["seconds"] = {
+        key: float(sum(r["seconds"][key] for r in records.values())) for key in ("prefill", "decode", "scoring")
+    }
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+    plot_end_to_end(record, out)
+    return record
+
+
+def _read_parts(out: Path, config: E2EConfig) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every sample's part, by (task, index) in the run's order; ValueError naming the first one missing."""
+    records = {}
+    for task, index in config.work():
+        path = part_path(out / "parts", task, index)
+        if not path.exists():
+            raise ValueError(f"{out}: sample {task} {index} is not evaluated yet (resume the run, or merge shards)")
+        records[task, index] = json.loads(path.read_text())
+    return records
+
+
+def _accuracy(records: dict, tasks: Sequence[str], labels: list[str], budgets: list[str], seed: int) -> dict:
+    """task -> the full cache's and every policy's (per budget) mean exact-match score with its interval."""
+    found = {}
+    for task in tasks:
+        rows = [r for (t, _), r in records.items() if t == task]
+        found[task] = {
+            FULL_CACHE: mean_interval([r[FULL_CACHE]["score"] for r in rows], seed),
+            "policies": {
+                label: {
+                    b: mean_interval([r["policies"][label]["budgets"][b]["score"] for r in rows], seed) for b in budgets
+                }
+                for label in labels
+            },
+        }
+    return found
+
+
+def _perplexity_intervals(essays: list[dict], labels: list[str], budgets: list[str], seed: int) -> dict:
+    """The full cache's and every policy's (per budget) geometric mean perplexity over the essays with its interval;
+    {} without essays."""
+    if not essays:
+        return {}
+    return {
+        FULL_CACHE: geometric_mean_interval([r[FULL_CACHE]["perplexity"] for r in essays], seed),
+        "policies": {
+            label: {
+                b: geometric_mean_interval([r["policies"][label]["budgets"][b]["perplexity"] for r in essays], seed)
+                for b in budgets
+            }
+            for label in labels
+        },
+    }
+
+
+def _needle_retention(tasks_rows: list[dict], labels: list[str], budgets: list[str]) -> dict | None:
+    """label -> budget -> the share of the attention paid to needle tokens that the budget keeps, pooled over the
+    prompts with needles; None without any (parts written before needle retention existed have none: left out)."""
+    needle_rows = [r for r in tasks_rows if all(r["policies"][label].get("needle_attention") for label in labels)]
+    paid = sum(r["policies"][labels[0]]["needle_attention"]["paid"] for r in needle_rows) if labels else 0.0
+    if not (needle_rows and paid > 0):
+        return None
+    return {
+        label: {
+            b: sum(r["policies"][label]["needle_attention"]["kept"][b] for r in needle_rows) / paid for b in budgets
+        }
+        for label in labels
+    }
+
+
+def _proxy_correlation(record: dict, tasks: Sequence[str], labels: list[str], budgets: list[str]) -> dict:
+    """budget -> Spearman's correlation across policies of each proxy (holistic score, needle retention) with the
+    mean accuracy over tasks; {} without tasks or with two policies or fewer."""
+    found = {}
+    if not tasks or len(labels) <= 2:
+        return found
+    for b in budgets:
+        accuracy = [np.mean([record["accuracy"][t]["policies"][label][b]["mean"] for t in tasks]) for label in labels]
+        proxy = [record["holistic_score"][label] for label in labels]
+        needles = record["needle_retention"]
+        found[b] = {
+            "spearman": spearman(proxy, accuracy),
+            "spearman_needle_retention": spearman([needles[label][b] for label in labels], accuracy)
+            if needles
+            else None,
+            "policies": labels,
+        }
+    return found

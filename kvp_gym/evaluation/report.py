@@ -1,0 +1,382 @@
+"""Tables and plots of evaluation records: trace level (``kvp-gym evaluate``) and end to end (``evaluate-e2e``).
+
+Everything here reads a finished record (the results.json schemas of :mod:`kvp_gym.evaluation.trace_level` and
+:mod:`kvp_gym.evaluation.end_to_end`) and computes nothing new but the paired statistics of :func:`versus_table`.
+matplotlib is imported only when a plot is drawn.
+
+Imports only kvp_gym.evaluation.stats and kvp_gym.storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvp_gym.evaluation.stats import paired_differences
+from kvp_gym.storage import atomic_path
+
+FULL_CACHE = "full_cache"  # the reference row of end-to-end records: the model with its whole cache
+
+
+# --- trace level ----------------------------------------------------------------------------------------------------
+
+
+def trace_level_table(record: dict[str, Any]) -> str:
+    """A plain-text table: policy, mean holistic score, 95% interval, retained fraction at 64 and 256 tokens, the
+    needle retention at 64 tokens when samples have needles, the mean per task when there are several, and, when
+    the record has paired comparisons, the mean paired difference of the ``versus`` policy with each other one (its
+    95% interval; ``~`` = the interval includes 0) and the share of heads the ``versus`` policy wins."""
+    tasks = sorted(set(record.get("tasks", []))) if len(set(record.get("tasks", []))) > 1 else []
+    paired = record.get("paired")
+    versus = paired["versus"] if paired else None
+    width = max(16, *(len(label) for label in record["policies"]))
+    needles = any(p.get("needle_retention") for p in record["policies"].values())
+    lines = [_trace_level_title(record), _trace_level_header(width, needles, tasks, versus) + "  sees"]
+    ranked = sorted(record["policies"].items(), key=lambda kv: -kv[1]["holistic_score"]["mean"])
+    for label, policy in ranked:
+        line = _trace_level_row(label, policy, width, needles, tasks)
+        if versus:
+            line += _paired_cells(paired["policies"].get(label))
+        sees = "future (upper bound)" if policy["privileged"] else ("queries" if policy["needs_queries"] else "K/V")
+        sees += ", variant of ours" if policy.get("variant") else ""
+        lines.append(line + f"  {sees}")
+    if versus:
+        lines.append(
+            f"'{versus} - policy': mean paired difference of the holistic score (same samples and heads) with its 95% "
+            f"paired bootstrap interval, ~ = the interval includes 0; '{versus} wins': share of (layer, KV head) "
+            f"pairs on which {versus} scores higher"
+        )
+    return "\n".join(lines)
+
+
+def _trace_level_title(record: dict[str, Any]) -> str:
+    files = ", ".join(t["path"] for t in record["traces"])
+    protocol = record["protocol"]
+    return (
+        f"{files} ({record['model']}), split {record['split']}, {len(record['samples'])} samples x "
+        f"{len(record['layers'])} layers x {record['num_kv_heads']} KV heads; protocol {protocol['name']}: "
+        f"{protocol['description']}"
+    )
+
+
+def _trace_level_header(width: int, needles: bool, tasks: list[str], versus: str | None) -> str:
+    header = f"{'policy':{width}s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} {'kept@256':>9s}"
+    header += f" {'needles@64':>10s}" if needles else ""
+    header += "".join(f" {t[:12]:>12s}" for t in tasks)
+    if versus:
+        header += f" {versus[:14] + ' - policy':>33s} {versus[:9] + ' wins':>14s}"
+    return header
+
+
+def _trace_level_row(label: str, policy: dict[str, Any], width: int, needles: bool, tasks: list[str]) -> str:
+    low, high = policy["holistic_score"]["ci95"]
+    kept = policy["retained_fraction"]["absolute"]
+    line = (
+        f"{label:{width}s} {policy['holistic_score']['mean']:14.3f} {f'[{low:.3f}, {high:.3f}]':>16s} "
+        f"{_cell(kept['64']):>8s} {_cell(kept['256']):>9s}"
+    )
+    if needles:
+        line += f" {_cell((policy.get('needle_retention') or {}).get('absolute', {}).get('64')):>10s}"
+    return line + "".join(f" {policy['per_task'][t]:12.3f}" for t in tasks)
+
+
+def _paired_cells(comparison: dict[str, Any] | None) -> str:
+    """The paired difference and the share of heads won (blank for the ``versus`` policy itself)."""
+    if comparison is None:
+        return f" {'':33s} {'':14s}"
+    d, (a, b) = comparison["mean_difference"], comparison["ci95"]
+    mark = "~" if comparison["interval_includes_zero"] else " "
+    return f" {f'{d:+.3f} [{a:+.3f}, {b:+.3f}]{mark}':>33s} {comparison['share_of_heads_won']:14.0%}"
+
+
+def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resamples: int = 1000, seed: int = 0) -> str:
+    """A Markdown summary of ``versus`` against the other policies over several evaluations (one row per record,
+    e.g. one per prompt length; keys are the row labels).
+
+    Columns: the ``versus`` policy's holistic score; among the attention-free policies (they see keys and values
+    only), the one ``versus`` beats on the fewest (layer, KV head) pairs (on a tie, the best scoring), with that
+    share; the best query-using policy by mean score, the paired difference against it with its 95% bootstrap
+    interval (over samples) and the share of heads won. Privileged policies (upper bounds) and other settings of
+    the ``versus`` policy's own scorer (another checkpoint) are left out. Paired statistics are those of
+    :func:`kvp_gym.evaluation.trace_level.paired_comparison` on the same samples and heads.
+    """
+    rows = [
+        f"| set | samples | {versus} | attention-free: fewest heads won | best query-using | "
+        f"{versus} - it [95% CI] | heads won |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, record in records.items():
+        policies = record["policies"]
+        scores = {label: policy["per_sample_head"] for label, policy in policies.items()}
+        paired = paired_differences(scores, versus, resamples, seed)
+        own = policies[versus]["name"]  # other checkpoints or settings of the same scorer are not baselines
+        fair = {label: p for label, p in policies.items() if p["name"] != own and not p["privileged"]}
+        free = [label for label, p in fair.items() if not p["needs_queries"]]
+        querying = [label for label, p in fair.items() if p["needs_queries"]]
+        cells = [name, str(len(record["samples"])), f"{policies[versus]['holistic_score']['mean']:.3f}"]
+        cells.append(_fewest_heads_won(free, policies, paired))
+        cells += _best_query_using(querying, policies, paired)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _fewest_heads_won(free: list[str], policies: Mapping[str, Any], paired: dict[str, dict[str, Any]]) -> str:
+    """The attention-free policy the ``versus`` policy beats on the fewest heads; on a tie, the strongest of them."""
+    if not free:
+        return "-"
+    worst = min(
+        free, key=lambda label: (paired[label]["share_of_heads_won"], -policies[label]["holistic_score"]["mean"])
+    )
+    return f"{paired[worst]['share_of_heads_won']:.0%} ({worst})"
+
+
+def _best_query_using(querying: list[str], policies: Mapping[str, Any], paired: dict[str, dict[str, Any]]) -> list:
+    """The best query-using policy by mean score, the paired difference against it and the share of heads won."""
+    if not querying:
+        return ["-", "-", "-"]
+    best = max(querying, key=lambda label: policies[label]["holistic_score"]["mean"])
+    c = paired[best]
+    low, high = c["ci95"]
+    return [
+        f"{best} ({policies[best]['holistic_score']['mean']:.3f})",
+        f"{c['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]",
+        f"{c['share_of_heads_won']:.0%}",
+    ]
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def plot_trace_level(record: dict[str, Any], out: Path) -> list[Path]:
+    """holistic_score.png, retained_fraction.png, layer_head_scores.png and, with paired comparisons,
+    paired_differences.png in ``out``."""
+    plt = _pyplot()
+    policies = sorted(record["policies"].items(), key=lambda kv: kv[1]["holistic_score"]["mean"])
+    names = [n + (" (upper bound)" if p["privileged"] else "") for n, p in policies]
+    written = [
+        _save(_holistic_bars(plt, record, policies, names), out / "holistic_score.png"),
+        _save(_retained_curves(plt, record, policies, names), out / "retained_fraction.png"),
+        _save(_layer_head_maps(plt, record, policies), out / "layer_head_scores.png"),
+    ]
+    if record.get("paired"):
+        written.append(_save(_paired_intervals(plt, record), out / "paired_differences.png"))
+    return written
+
+
+def _holistic_bars(plt, record: dict[str, Any], policies: list, names: list[str]):
+    """Each policy's mean holistic score with its interval (orange: sees queries, grey: privileged)."""
+    means = np.array([p["holistic_score"]["mean"] for _, p in policies])
+    intervals = np.array([p["holistic_score"]["ci95"] for _, p in policies])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(policies) + 1.5))
+    colors = ["0.6" if p["privileged"] else ("tab:orange" if p["needs_queries"] else "tab:blue") for _, p in policies]
+    ax.barh(names, means, xerr=np.abs(intervals.T - means), color=colors, capsize=3)
+    ax.set_xlabel("holistic score (oracle cost / cost), 95% bootstrap interval over samples")
+    ax.set_xlim(0, 1.05)
+    protocol = record["protocol"]["name"]
+    ax.set_title(f"{record['model']}, split {record['split']}, protocol {protocol} (orange: sees queries)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _retained_curves(plt, record: dict[str, Any], policies: list, names: list[str]):
+    """The share of future attention each policy keeps, against the absolute budget."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(
+        color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]
+    )  # distinct colours for a dozen policies
+    budgets = record["budgets"]["absolute"]
+    for (_, p), label in zip(policies[::-1], names[::-1], strict=True):
+        values = [_nan(p["retained_fraction"]["absolute"][str(b)]) for b in budgets]
+        ax.plot(budgets, values, marker="o", label=label, linestyle="--" if p["privileged"] else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("budget (tokens kept per head)")
+    ax.set_ylabel("share of future attention retained")
+    ax.set_title(f"protocol {record['protocol']['name']}: {record['protocol']['description']}", fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _layer_head_maps(plt, record: dict[str, Any], policies: list):
+    """One layer x KV head heat map of the holistic score per unprivileged policy."""
+    shown = [(n, p) for n, p in policies[::-1] if not p["privileged"]]
+    columns = min(4, len(shown)) or 1
+    rows = -(-len(shown) // columns) or 1
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.6 * columns + 1, 3.4 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for index, (ax, (name, p)) in enumerate(zip(axes.flat, shown, strict=False)):
+        ax.axis("on")
+        image = ax.imshow(np.array(p["per_head"]), aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(name, fontsize=9)
+        if "heads" in record:  # the evaluated layers and heads may be a subset
+            ax.set_xticks(range(len(record["heads"])), record["heads"])
+            if len(record["layers"]) <= 12:
+                ax.set_yticks(range(len(record["layers"])), record["layers"])
+        if index // columns == rows - 1:
+            ax.set_xlabel("KV head")
+        if index % columns == 0:
+            ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="holistic score (oracle = 1)")
+    return fig
+
+
+def _paired_intervals(plt, record: dict[str, Any]):
+    """The ``versus`` policy's paired difference with each other policy (green: better, red: worse, grey: unsure)."""
+    versus, compared = record["paired"]["versus"], record["paired"]["policies"]
+    order = sorted(compared, key=lambda label: compared[label]["mean_difference"])
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(order) + 1.6))
+    for row, label in enumerate(order):
+        c = compared[label]
+        low, high = c["ci95"]
+        color = "0.6" if c["interval_includes_zero"] else "tab:green" if c["mean_difference"] > 0 else "tab:red"
+        ax.plot([low, high], [row, row], color=color, linewidth=2)
+        ax.plot(c["mean_difference"], row, "o", color=color)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(order)), order)
+    ax.set_xlabel(f"holistic score of {versus} minus policy (paired, 95% bootstrap interval over samples)")
+    protocol = record["protocol"]["name"]
+    ax.set_title(f"{versus} versus each policy, protocol {protocol} (grey: interval includes 0)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+# --- end to end -----------------------------------------------------------------------------------------------------
+
+
+def end_to_end_table(record: dict[str, Any]) -> str:
+    """Accuracy per task and budget, perplexity per budget, and the holistic score, one row per policy."""
+    settings = record["settings"]
+    budgets = [str(b) for b in settings["budgets"]]
+    tasks = list(settings["tasks"])
+    columns = [f"{t}@{b}" for t in tasks for b in budgets] + (
+        [f"ppl@{b}" for b in budgets] if record["perplexity"] else []
+    )
+    width = max(16, *(len(label) for label in record["policies"]))
+    cell = max(16, *(len(c) for c in columns))  # whole task names: niah_single_words@64 vs niah_single_uuids@64
+    lines = [
+        f"{record['settings']['model']}, {settings['context']}-token prompts, {settings['text']} text; accuracy "
+        f"(exact match) per task and budget over {', '.join(f'{n} {t}' for t, n in record['samples'].items())} "
+        "samples; ppl = perplexity of the essays' real continuation (geometric mean); holistic = trace-level "
+        "score of the same policy on the same samples (paper protocol)",
+        f"{'policy':{width}s}" + "".join(f" {c:>{cell}s}" for c in columns) + f" {'holistic':>9s}",
+    ]
+    full = f"{FULL_CACHE:{width}s}"
+    for t in tasks:
+        full += "".join(f" {record['accuracy'][t][FULL_CACHE]['mean']:{cell}.3f}" for _ in budgets)
+    if record["perplexity"]:
+        full += "".join(f" {record['perplexity'][FULL_CACHE]['mean']:{cell}.2f}" for _ in budgets)
+    lines.append(full + f" {'':>9s}")
+    order = sorted(record["policies"], key=lambda label: -(record["holistic_score"].get(label) or 0))
+    lines += [_end_to_end_row(record, label, tasks, budgets, width, cell) for label in order]
+    lines += _correlation_lines(record)
+    return "\n".join(lines)
+
+
+def _end_to_end_row(record: dict[str, Any], label: str, tasks: list[str], budgets: list[str], width: int, cell: int):
+    line = f"{label:{width}s}"
+    for t in tasks:
+        line += "".join(f" {record['accuracy'][t]['policies'][label][b]['mean']:{cell}.3f}" for b in budgets)
+    if record["perplexity"]:
+        line += "".join(f" {record['perplexity']['policies'][label][b]['mean']:{cell}.2f}" for b in budgets)
+    holistic = record["holistic_score"].get(label)
+    line += f" {holistic:9.3f}" if holistic is not None else f" {'':>9s}"
+    return line + ("  (upper bound)" if record["policies"][label]["privileged"] else "")
+
+
+def _correlation_lines(record: dict[str, Any]) -> list[str]:
+    """Per budget: how well the holistic score (and the needle retention) rank the policies by accuracy."""
+    lines = []
+    for b, c in record["proxy_correlation"].items():
+        rho = "n/a (constant)" if c["spearman"] is None else f"{c['spearman']:+.2f}"
+        lines.append(f"budget {b}: Spearman correlation across policies of holistic score vs mean accuracy = {rho}")
+        if record.get("needle_retention"):
+            rho = c["spearman_needle_retention"]
+            rho = "n/a (constant)" if rho is None else f"{rho:+.2f}"
+            lines.append(
+                f"budget {b}: Spearman correlation across policies of needle retention vs mean accuracy = {rho}"
+            )
+    return lines
+
+
+def plot_end_to_end(record: dict[str, Any], out: Path) -> list[Path]:
+    """accuracy_vs_budget.png (one panel per task) and, with essays, perplexity_vs_budget.png."""
+    plt = _pyplot()
+    written = []
+    if record["settings"]["tasks"]:
+        written.append(_save(_accuracy_panels(plt, record), out / "accuracy_vs_budget.png"))
+    if record["perplexity"]:
+        written.append(_save(_perplexity_curves(plt, record), out / "perplexity_vs_budget.png"))
+    return written
+
+
+def _accuracy_panels(plt, record: dict[str, Any]):
+    budgets = record["settings"]["budgets"]
+    tasks = list(record["settings"]["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
+        for label, p in record["accuracy"][task]["policies"].items():
+            values = [p[str(b)]["mean"] for b in budgets]
+            dashed = record["policies"][label]["privileged"]
+            ax.plot(budgets, values, marker="o", label=label, linestyle="--" if dashed else "-")
+        ax.axhline(record["accuracy"][task][FULL_CACHE]["mean"], color="black", linewidth=1, label="full cache")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("budget (tokens kept per KV head)")
+        ax.set_title(task)
+    axes[0][0].set_ylabel("accuracy (exact match)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def _perplexity_curves(plt, record: dict[str, Any]):
+    budgets = record["settings"]["budgets"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
+    for label, p in record["perplexity"]["policies"].items():
+        ax.plot(budgets, [p[str(b)]["mean"] for b in budgets], marker="o", label=label)
+    ax.axhline(record["perplexity"][FULL_CACHE]["mean"], color="black", linewidth=1, label="full cache")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("budget (tokens kept per KV head)")
+    ax.set_ylabel("perplexity of the real continuation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --- both ---------------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
