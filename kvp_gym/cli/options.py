@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"
-DEVICE_HELP = "auto (CUDA when present), cpu or cuda"
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:i (under torchrun, cuda is the process's own GPU)"
 
 
 # Value types. Each raises argparse.ArgumentTypeError with a message naming what was expected: argparse prints it as
