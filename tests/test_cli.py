@@ -200,3 +200,31 @@ def test_every_command_registers_its_handler(argv):
     from kvp_gym.cli import build_parser
 
     assert callable(build_parser().parse_args(argv).handler)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0", "expected a positive number of tokens, got '0'"),
+        ("-3", "expected a positive number of tokens, got '-3'"),
+        ("1.5", r"expected a fraction of the prompt in \(0, 1\], got '1.5'"),
+        ("0.0", r"expected a fraction of the prompt in \(0, 1\], got '0.0'"),
+        ("lots", "expected a number of tokens or a fraction, got 'lots'"),
+    ],
+)
+def test_generate_refuses_a_bad_budget_before_loading_a_model(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--budget", value, "--prompt", "hi"])
+    assert exit_.value.code == 2
+    assert re.search(f"argument --budget: {message}", capsys.readouterr().err)
+
+
+def test_generate_refuses_a_budget_below_the_protected_tokens_before_loading_a_model(monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("kvp_gym.models.load", no_loading)
+    assert main(["generate", "--budget", "10", "--prompt", "hi"]) == 2
+    assert "--budget 10 is below the 20 protected tokens (4 sinks + 16 recent" in capsys.readouterr().err
+    assert main(["generate", "--budget", "64", "--prompt", "hi", "--device", "gpu"]) == 2
+    assert "device must be" in capsys.readouterr().err

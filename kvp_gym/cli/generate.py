@@ -39,12 +39,21 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from kvp_gym import models
-    from kvp_gym.cache import generate
+    from kvp_gym.cache import CacheError, generate
+    from kvp_gym.cache.evicting import DEFAULT_RECENT, DEFAULT_SINKS
     from kvp_gym.device import resolve_device
     from kvp_gym.scorers import ScorerError, from_spec, model_mismatches
 
+    # Everything that can be checked without the model is checked before it loads (that takes up to a minute).
     scorer = from_spec(args.policy)
+    protected = DEFAULT_SINKS + DEFAULT_RECENT
+    if isinstance(args.budget, int) and args.budget < protected:
+        raise CacheError(
+            f"--budget {args.budget} is below the {protected} protected tokens ({DEFAULT_SINKS} sinks + "
+            f"{DEFAULT_RECENT} recent, always kept): use a budget of at least {protected}"
+        )
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    resolve_device(args.device)
     model, tokenizer = models.load(args.model)
     model.to(resolve_device(args.device))
     for reason in model_mismatches({args.policy: scorer}, args.model, models.geometry(model)).values():

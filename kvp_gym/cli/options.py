@@ -85,15 +85,19 @@ def non_negative_int(text: str) -> int:
 
 
 def budget(text: str) -> int | float:
-    """'128' (tokens) or '0.25' (a fraction of the prompt)."""
+    """'128' (tokens, >= 1) or '0.25' (a fraction of the prompt, in (0, 1]): checked here, before a model loads."""
     try:
-        return int(text)
+        value: int | float = int(text)
     except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens or a fraction, got {text!r}") from None
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of tokens or a fraction, got {text!r}") from None
+    if isinstance(value, int) and value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {text!r}")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the prompt in (0, 1], got {text!r}")
+    return value
 
 
 def comma_list(text: str) -> list[str]:
