@@ -269,3 +269,13 @@ def test_default_trace_set_is_collected_once(tmp_path, monkeypatch):
     assert default_traces("tiny-random") == paths and [p.stat().st_mtime_ns for p in paths] == stamps
     with open_traces(paths[1]) as trace:
         assert len(trace.samples) == 8 and {s.task for s in trace.samples.values()} == {"essay"}
+
+
+@pytest.mark.parametrize("make", [gym.make, lambda *a, **k: gym.make_vec(*a, num_envs=2, **k)])
+@pytest.mark.parametrize("env_id", ["KVEvict-v0", "KVEvictDecode-v0"])
+def test_settings_as_keyword_arguments_say_where_they_go(make, env_id):
+    """gym.make("KVEvict-v0", traces=...) names the config= form instead of Gymnasium's bare TypeError."""
+    with pytest.raises(
+        TypeError, match=r"takes its settings in one dict: gym.make\(\.\.\., config=\{'traces': \.\.\.\}"
+    ):
+        make(env_id, traces=["x.h5"])

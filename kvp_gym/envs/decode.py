@@ -81,8 +81,8 @@ class KVEvictDecodeEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, config: Mapping[str, Any] | None = None, render_mode: str | None = None):
-        self.config = validated_config(config, DECODE_CONFIG, "KVEvictDecode")
+    def __init__(self, config: Mapping[str, Any] | None = None, render_mode: str | None = None, **loose: Any):
+        self.config = validated_config(config, DECODE_CONFIG, "KVEvictDecode", loose)
         budget, action = self.config["budget"], self.config["action"]
         if self.config["sinks"] + self.config["recent"] > budget:
             raise ValueError(

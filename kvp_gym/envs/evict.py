@@ -40,9 +40,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+def resolve_config(config: Mapping[str, Any] | None, loose: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """DEFAULT_CONFIG updated with ``config`` and validated (:func:`validated_config`)."""
-    return validated_config(config, DEFAULT_CONFIG, "KVEvict")
+    return validated_config(config, DEFAULT_CONFIG, "KVEvict", loose)
 
 
 def _is_int(value: Any, low: int) -> bool:
@@ -90,9 +90,19 @@ CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def validated_config(config: Mapping[str, Any] | None, defaults: Mapping[str, Any], env: str) -> dict[str, Any]:
+def validated_config(
+    config: Mapping[str, Any] | None, defaults: Mapping[str, Any], env: str, loose: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """``defaults`` updated with ``config``. An unknown key (KeyError, listing the known ones), or a value of the
-    wrong type or range (ValueError naming the key, the value and what is allowed), is refused."""
+    wrong type or range (ValueError naming the key, the value and what is allowed), is refused. ``loose``: keyword
+    arguments the constructor received beside ``config`` (``gym.make(id, traces=...)``), refused with a TypeError
+    that shows the ``config=`` form, since Gymnasium's own message would not say where settings go."""
+    if loose:
+        settings = ", ".join(f"{key!r}: ..." for key in loose)
+        raise TypeError(
+            f"{env} takes its settings in one dict: gym.make(..., config={{{settings}}}), not as keyword arguments "
+            f"({', '.join(loose)}); known keys: {sorted(defaults)}"
+        )
     if config is None:
         config = {}
     if not isinstance(config, Mapping):
@@ -262,8 +272,8 @@ class KVEvictEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, config: Mapping[str, Any] | None = None, render_mode: str | None = None):
-        self.config = resolve_config(config)
+    def __init__(self, config: Mapping[str, Any] | None = None, render_mode: str | None = None, **loose: Any):
+        self.config = resolve_config(config, loose)
         self.episodes = episode_source(self.config)
         self.observations = Observations(self.config, self.episodes)
         self.observation_space = self.observations.space

@@ -31,11 +31,17 @@ class KVEvictVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
 
-    def __init__(self, num_envs: int = 1, config: Mapping[str, Any] | None = None, render_mode: str | None = None):
+    def __init__(
+        self,
+        num_envs: int = 1,
+        config: Mapping[str, Any] | None = None,
+        render_mode: str | None = None,
+        **loose: Any,
+    ):
         if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
             raise ValueError(f"num_envs: expected an integer >= 1, got {num_envs!r}")
         self.num_envs = num_envs
-        self.config = resolve_config(config)
+        self.config = resolve_config(config, loose)
         self.episodes = episode_source(self.config)
         self.observations = Observations(self.config, self.episodes)
         self.single_observation_space = self.observations.space
