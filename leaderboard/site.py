@@ -2,7 +2,8 @@
 
 Ranks follow the holistic score, and tie where the 95% intervals overlap (as MTEB and HELM do): an entry's rank is
 1 + the number of ranked entries whose interval lies wholly above its own. Privileged upper bounds (oracles) are
-shown, marked, and not ranked. The page sorts by any column when its header is clicked (a few lines of inline
+shown, marked, and not ranked. Every kind on the board is :func:`board_kind`, what the entry's scorer declares,
+never the entry's own ``kind`` field. The page sorts by any column when its header is clicked (a few lines of inline
 JavaScript), shows the retained fraction and end-to-end accuracy against the budget, the per-layer x head scores of
 the top entry, and how to submit.
 
@@ -12,6 +13,7 @@ benchmark.
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import json
@@ -22,19 +24,43 @@ from typing import Any
 import numpy as np
 
 from kvp_gym.storage import atomic_path
-from kvp_gym_leaderboard.submission import KINDS, end_to_end_results, kind_of
+from kvp_gym_leaderboard.submission import KINDS, declarations, end_to_end_results, kind_of
 
 UPPER_BOUND = KINDS["future"]
 KIND_BADGES = {KINDS["attention-free"]: "K/V only", KINDS["queries"]: "uses queries", UPPER_BOUND: "upper bound"}
 
 
+def board_kind(entry: dict[str, Any]) -> str:
+    """The kind the board shows and ranks ``entry`` by: what its scorer declares when loaded from the entry's
+    ``load`` record (:func:`kvp_gym_leaderboard.submission.declarations`), never the entry's ``kind``. ValueError
+    naming the entry when the scorer cannot be loaded.
+
+    The checkpoint goes with it when its path resolves (``read_entry`` makes it absolute); an entry read as plain
+    JSON holds it relative to a file this function does not know, and the scorer is built without it: what a scorer
+    reads is declared by its code and parameters, not by its weights (``validate`` checks the kind with the
+    checkpoint loaded)."""
+    load = entry["load"]
+    if "checkpoint" in load and not Path(load["checkpoint"]["path"]).is_file():
+        load = {key: value for key, value in load.items() if key != "checkpoint"}
+    try:
+        return _declared_kind(json.dumps(load, sort_keys=True))
+    except ValueError as err:
+        raise ValueError(f"entry {entry.get('name')!r}: cannot load its scorer to read its kind: {err}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _declared_kind(load: str) -> str:
+    """The kind of a ``load`` record (as JSON): built once per record, as the board asks for each kind often."""
+    return kind_of(*declarations(json.loads(load)))
+
+
 def ranks(entries: Sequence[dict[str, Any]]) -> list[int | None]:
     """Rank of each entry (None for upper bounds): 1 + the ranked entries whose interval is wholly above its own."""
     intervals = [e["results"]["trace_level"]["holistic_score"]["ci95"] for e in entries]
-    ranked = [i for i, e in enumerate(entries) if e["kind"] != UPPER_BOUND]
+    bounds = [board_kind(e) == UPPER_BOUND for e in entries]
+    ranked = [i for i, bound in enumerate(bounds) if not bound]
     return [
-        None if e["kind"] == UPPER_BOUND else 1 + sum(intervals[j][0] > intervals[i][1] for j in ranked)
-        for i, e in enumerate(entries)
+        None if bound else 1 + sum(intervals[j][0] > intervals[i][1] for j in ranked) for i, bound in enumerate(bounds)
     ]
 
 
@@ -45,7 +71,7 @@ def ordered(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(
         entries,
         key=lambda e: (
-            e["kind"] != UPPER_BOUND,
+            board_kind(e) != UPPER_BOUND,
             rank_of[id(e)] or 0,
             -e["results"]["trace_level"]["holistic_score"]["mean"],
         ),
@@ -95,7 +121,7 @@ def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
         row = [
             "-" if rank is None else str(rank),
             entry["name"],
-            KIND_BADGES[entry["kind"]],
+            KIND_BADGES[board_kind(entry)],
             f"{score['mean']:.3f} ({low:.3f}-{high:.3f})",
         ] + [_format(key, cell(entry, key)) for key, _ in cols]
         lines.append("| " + " | ".join(row) + " |")
@@ -150,7 +176,7 @@ def entries_from_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], s
             {
                 "name": label,
                 "description": "",
-                "kind": kind_of(policy["needs_queries"], policy["privileged"]),
+                "load": {"scorer": policy["name"], "parameters": policy["parameters"]},  # the kind comes from it
                 "results": {
                     "trace_level": {
                         "holistic_score": policy["holistic_score"],
@@ -197,7 +223,8 @@ def _style(entry: dict[str, Any], index: int) -> dict[str, Any]:
     """Line style by kind (dashed: upper bound, dotted: uses queries), colour by position (20 distinct)."""
     import matplotlib
 
-    dash = "--" if entry["kind"] == UPPER_BOUND else ":" if entry["kind"] == KINDS["queries"] else "-"
+    kind = board_kind(entry)
+    dash = "--" if kind == UPPER_BOUND else ":" if kind == KINDS["queries"] else "-"
     return {"linestyle": dash, "color": matplotlib.colormaps["tab20"](index % 20)}
 
 
@@ -251,7 +278,7 @@ def _accuracy_plot(entries: Sequence[dict[str, Any]]) -> str | None:
 
 
 def _heatmap(entries: Sequence[dict[str, Any]]) -> str | None:
-    ranked = [e for e in entries if e["kind"] != UPPER_BOUND]
+    ranked = [e for e in entries if board_kind(e) != UPPER_BOUND]
     if not ranked:
         return None
     top = ranked[0]
@@ -329,8 +356,8 @@ def _page(entries: Sequence[dict[str, Any]], title: str | None, plots: list[str]
             f'<td class="name" data-value="{html.escape(entry["name"])}" title="{html.escape(entry["description"])}">'
             f"{html.escape(entry['name'])}</td>",
             f'<td data-value="{"" if rank is None else rank}">{"-" if rank is None else rank}</td>',
-            f'<td class="kind" data-value="{entry["kind"]}">'
-            f'<span class="badge">{KIND_BADGES[entry["kind"]]}</span></td>',
+            f'<td class="kind" data-value="{board_kind(entry)}">'
+            f'<span class="badge">{KIND_BADGES[board_kind(entry)]}</span></td>',
             f'<td data-value="{score["mean"]:.6f}">{score["mean"]:.3f} '
             f'<span class="ci">[{low:.3f}, {high:.3f}]</span></td>',
         ]
@@ -341,7 +368,7 @@ def _page(entries: Sequence[dict[str, Any]], title: str | None, plots: list[str]
                 f'<td data-value="{"" if value is None else f"{value:.6f}"}"'
                 f"{' class=pending' if value is None else ''}>{text}</td>"
             )
-        kind = ' class="upper-bound"' if entry["kind"] == UPPER_BOUND else ""
+        kind = ' class="upper-bound"' if board_kind(entry) == UPPER_BOUND else ""
         rows.append(f"<tr{kind}>" + "".join(cells) + "</tr>")
     figures = {
         "retained.svg": "Share of the future's attention kept, against the budget (trace level).",

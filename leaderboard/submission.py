@@ -7,6 +7,9 @@ interval over samples, per task and per prompt length, the retained fraction at 
 per-layer x head scores (paper protocol); and end to end, the exact-match accuracy per task and budget and the
 essays' perplexity with the evicting cache, next to the full cache's.
 
+An entry's ``kind`` is what its loaded scorer declares (:func:`declarations`); :func:`validate` refuses another.
+The trace-level interval draws from ``bootstrap_generator(bootstrap seed, bootstrap_label(load), "holistic_score")``.
+
 :func:`standard_evaluation` produces entries (``kvp-gym submit``); :func:`validate` checks files (``kvp-gym
 leaderboard validate``); :func:`rerun` re-evaluates an entry and reports numbers that fall outside its own interval.
 
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from kvp_gym.evaluation.stats import mean_interval
+from kvp_gym.evaluation.stats import bootstrap_generator, mean_interval
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.version import __version__
 from kvp_gym_leaderboard.benchmark import (
@@ -47,6 +50,25 @@ KINDS = {"attention-free": "attention-free", "queries": "uses-prefill-queries", 
 def kind_of(needs_queries: bool, privileged: bool) -> str:
     """The board's kind of a policy, from what its scorer declares it reads."""
     return KINDS["future"] if privileged else KINDS["queries"] if needs_queries else KINDS["attention-free"]
+
+
+def declarations(load: dict[str, Any]) -> tuple[bool, bool]:
+    """(needs_queries, needs_future) of the scorer an entry's ``load`` record builds: its ``scorer`` with its
+    ``parameters`` and its ``checkpoint`` path as given (absolute, or relative to the working directory; see
+    :func:`read_entry`). A scorer is only ever given what it declares, so this, not the entry, says what it reads;
+    its kind is ``kind_of(*declarations(load))``. ScorerError when it cannot be built."""
+    from kvp_gym.scorers import get_scorer
+
+    checkpoint = load.get("checkpoint")
+    extra = {"checkpoint": checkpoint["path"]} if checkpoint else {}
+    scorer = get_scorer(load["scorer"], **load["parameters"], **extra)
+    return bool(scorer.needs_queries), bool(scorer.needs_future)
+
+
+def bootstrap_label(load: dict[str, Any]) -> str:
+    """The label an entry's intervals are drawn under: its policy spec without the checkpoint (a path, which differs
+    between machines), e.g. ``tova`` or ``kvp``."""
+    return policy_spec(load["scorer"], load["parameters"])
 
 
 def policy_spec(scorer_name: str, parameters: dict[str, Any], checkpoint: str | None = None) -> str:
@@ -164,11 +186,15 @@ def _entry(
     its end-to-end results (:func:`end_to_end_results`; None when not run)."""
     level = benchmark.trace_level
     policy = record["policies"][spec]
+    load = _load_record(policy["name"], policy["parameters"], checkpoint)
+    trace_level = _trace_level(
+        record, spec, bootstrap_label(load), contexts, level.bootstrap, level.bootstrap_seed, level.budgets
+    )
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": kind_of(policy["needs_queries"], policy["privileged"]),
-        "load": _load_record(policy["name"], policy["parameters"], checkpoint),
+        "load": load,
         "benchmark": {"id": benchmark.id, "manifest_sha256": manifest_sha256(benchmark)},
         "kvp_gym_version": record["kvp_gym_version"],
         "hardware": _hardware(device),
@@ -179,7 +205,7 @@ def _entry(
         },
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "results": {
-            "trace_level": _trace_level(record, spec, contexts, level.bootstrap, level.bootstrap_seed, level.budgets),
+            "trace_level": trace_level,
             "end_to_end": end_to_end,
         },
     }
@@ -214,15 +240,22 @@ def _context_of_samples(benchmark: Benchmark) -> dict[str, int]:
 
 
 def _trace_level(
-    record: dict, label: str, contexts: dict[str, int], bootstrap: int, seed: int, budgets: Sequence[int]
+    record: dict,
+    label: str,
+    drawn_as: str,
+    contexts: dict[str, int],
+    bootstrap: int,
+    seed: int,
+    budgets: Sequence[int],
 ) -> dict[str, Any]:
-    """The trace-level results of one policy; the interval is drawn from its own generator (``seed``), so it does
-    not depend on which other policies ran in the same evaluation."""
+    """The trace-level results of the policy ``label`` of ``record``; the interval draws from the generator of
+    (``seed``, ``drawn_as``, "holistic_score"), so it does not depend on which other policies ran in the same
+    evaluation."""
     policy = record["policies"][label]
     per_sample = np.asarray(policy["per_sample_head"]).mean((1, 2))
     of_context = np.array([contexts[name] for name in record["samples"]])
     return {
-        "holistic_score": mean_interval(per_sample, seed, bootstrap),
+        "holistic_score": mean_interval(per_sample, bootstrap_generator(seed, drawn_as, "holistic_score"), bootstrap),
         "per_task": policy["per_task"],
         "per_context": {str(c): float(per_sample[of_context == c].mean()) for c in sorted(set(of_context.tolist()))},
         "retained_fraction": {str(b): policy["retained_fraction"]["absolute"][str(b)] for b in budgets},
@@ -267,7 +300,8 @@ def validate(paths: Sequence[Path], benchmark: Benchmark | None = None) -> list[
     Checks: valid JSON, the schema, a known benchmark (``benchmark`` if given, else the entry's id) with the current
     manifest hash, internal consistency (intervals contain their mean, retained fraction non-decreasing in the
     budget, the benchmark's tasks, lengths, budgets, sample counts and seeds), a checkpoint whose SHA-256 matches,
-    and no two entries with the same name.
+    a ``kind`` that is what the loaded scorer declares (:func:`declarations`), and no two entries with the same
+    name.
     """
     import jsonschema
 
@@ -359,19 +393,50 @@ def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[t
             yield from _same_keys("$.results.end_to_end.perplexity", e2e["perplexity"], budgets)
         for budget, interval in e2e["perplexity"].items():
             yield from _interval_problems(f"$.results.end_to_end.perplexity.{budget}", interval)
-    checkpoint = entry["load"].get("checkpoint")
+    load = entry["load"]
+    checkpoint = load.get("checkpoint")
     if checkpoint is not None:
         file = resolve_checkpoint(checkpoint["path"], path)
         if not file.exists():
             yield "$.load.checkpoint.path", f"no such file {file}"
-        elif (found := file_sha256(file)) != checkpoint["sha256"]:
+            return
+        if (found := file_sha256(file)) != checkpoint["sha256"]:
             yield "$.load.checkpoint.sha256", f"{file} has SHA-256 {found}, not the entry's"
+            return
+        load = {**load, "checkpoint": {**checkpoint, "path": str(file)}}
+    yield from _kind_problems(entry["kind"], load)
+
+
+def _kind_problems(stated: str, load: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """The entry's ``kind`` against what its scorer declares (``load``'s checkpoint path already resolved)."""
+    try:
+        needs_queries, needs_future = declarations(load)
+    except ValueError as err:  # ScorerError: an unknown scorer, bad parameters, an unreadable checkpoint
+        yield "$.load", f"cannot load the scorer {load['scorer']!r} to read what it declares: {err}"
+        return
+    declared = kind_of(needs_queries, needs_future)
+    if declared != stated:
+        yield (
+            "$.kind",
+            f"the entry says {stated!r}, but its scorer {load['scorer']!r} declares needs_queries={needs_queries}, "
+            f"needs_future={needs_future}: {declared!r}",
+        )
 
 
 def resolve_checkpoint(path: str, entry_file: Path) -> Path:
     """A checkpoint path of an entry: absolute, or relative to the entry file's folder."""
     candidate = Path(path)
     return candidate if candidate.is_absolute() else Path(entry_file).parent / candidate
+
+
+def read_entry(path: Path) -> dict[str, Any]:
+    """The entry in the file ``path``, its checkpoint path (relative to the entry's folder) made absolute, so that
+    :func:`declarations` can load its scorer from anywhere."""
+    entry = json.loads(Path(path).read_text())
+    checkpoint = entry["load"].get("checkpoint")
+    if checkpoint is not None:
+        checkpoint["path"] = str(resolve_checkpoint(checkpoint["path"], path).resolve())
+    return entry
 
 
 def _interval_problems(where: str, interval: dict) -> Iterator[tuple[str, str]]:
@@ -415,27 +480,18 @@ def rerun(
 
 
 def _outside(claimed: dict, fresh: dict, path: Path) -> Iterator[str]:
-    pairs = [
-        (
-            "$.results.trace_level.holistic_score",
-            claimed["trace_level"]["holistic_score"],
-            fresh["trace_level"]["holistic_score"],
-        )
-    ]
-    if claimed["end_to_end"] is not None:
-        for task, by_budget in claimed["end_to_end"]["accuracy"].items():
-            for budget, interval in by_budget.items():
-                pairs.append(
-                    (
-                        f"$.results.end_to_end.accuracy.{task}.{budget}",
-                        interval,
-                        fresh["end_to_end"]["accuracy"][task][budget],
-                    )
-                )
-    for where, interval, again in pairs:
+    """Every rerun mean outside the entry's own interval: the holistic score and each end-to-end accuracy."""
+    score, fresh_score = claimed["trace_level"]["holistic_score"], fresh["trace_level"]["holistic_score"]
+    pairs = [("$.results.trace_level.holistic_score", score, fresh_score)]
+    for task, by_budget in (claimed["end_to_end"] or {"accuracy": {}})["accuracy"].items():
+        again = fresh["end_to_end"]["accuracy"][task]
+        pairs += [
+            (f"$.results.end_to_end.accuracy.{task}.{b}", interval, again[b]) for b, interval in by_budget.items()
+        ]
+    for where, interval, rerun_of in pairs:
         low, high = interval["ci95"]
-        if not low - 1e-9 <= again["mean"] <= high + 1e-9:
+        if not low - 1e-9 <= rerun_of["mean"] <= high + 1e-9:
             yield (
-                f"{path}: {where}: rerun gives {again['mean']:.4f}, outside the entry's interval "
+                f"{path}: {where}: rerun gives {rerun_of['mean']:.4f}, outside the entry's interval "
                 f"[{low:.4f}, {high:.4f}]"
             )

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from kvp_gym.cli import main
-from kvp_gym.evaluation.end_to_end import E2EConfig, merge, run
+from kvp_gym.evaluation.end_to_end import E2EConfig, merge, run, summarize
 from kvp_gym.evaluation.report import end_to_end_table
+from kvp_gym.evaluation.run_folder import part_path, run_settings, write_settings
 from kvp_gym.evaluation.stats import spearman
+from kvp_gym.scorers import resolve_policies
 from kvp_gym.storage import file_sha256
 
 CONFIG = E2EConfig(
@@ -64,7 +66,12 @@ def test_record_is_built_from_the_parts(finished):
     assert "spearman_needle_retention" in correlation and correlation["spearman"] is None
     table = end_to_end_table(record)
     assert "full_cache" in table and "niah_single@32" in table and "ppl@64" in table
-    assert "budget 64: Spearman correlation across policies of needle retention vs mean accuracy" in table
+    # The oracle (privileged: its holistic score is 1 by construction) is left out of the correlations.
+    assert correlation["policies"] == ["knorm", "tova", "streaming_llm"]
+    assert (
+        "budget 64: Spearman correlation across 3 policies (privileged ones left out) of needle retention vs mean "
+        "accuracy" in table
+    )
     assert (out / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "perplexity_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -134,6 +141,47 @@ def test_bad_settings_and_the_cli(tmp_path, capsys):
         + ["--policies", "knorm,nope", "--samples", "1", "--essays", "0", "--out", str(tmp_path / "x")]
     )
     assert code == 2 and "unknown policies ['nope']" in capsys.readouterr().err
+
+
+def test_summary_intervals_ignore_the_company_and_correlations_leave_out_privileged_policies(tmp_path):
+    """A run folder of 24 synthetic prompts (each policy answers with its own rate): summarized with any subset of
+    its policies, in any order, a policy's intervals are the same; the proxy correlation is Spearman's over the
+    unprivileged policies only."""
+    labels = ["knorm", "random", "streaming_llm", "tova", "oracle"]
+    rate = {"knorm": 0.4, "random": 0.1, "streaming_llm": 0.3, "tova": 0.6, "oracle": 0.9}
+    holistic = {"knorm": 0.5, "random": 0.3, "streaming_llm": 0.6, "tova": 0.7, "oracle": 1.0}
+    config = E2EConfig(
+        model="tiny-random", tasks=("niah_single",), budgets=(32,), policies=tuple(labels), samples=24, essays=0
+    )
+    scorers, _, _ = resolve_policies(labels)
+    write_settings(tmp_path, run_settings(config, scorers))
+    rng = np.random.default_rng(0)
+    (tmp_path / "parts").mkdir()
+    for _, index in config.work():
+        part = {"task": "niah_single", "index": index, "full_cache": {"score": float(rng.random() < 0.95)}}
+        part |= {"skipped": {}, "seconds": {"prefill": 0.0, "decode": 0.0, "scoring": 0.0}}
+        part["policies"] = {
+            label: {
+                "holistic_score": holistic[label] + 0.01 * rng.random(),
+                "needle_attention": None,
+                "budgets": {"32": {"score": float(rng.random() < rate[label])}},
+            }
+            for label in labels
+        }
+        part_path(tmp_path / "parts", "niah_single", index).write_text(json.dumps(part))
+    full = summarize(tmp_path, scorers, set())
+    some = summarize(tmp_path, {label: scorers[label] for label in ["oracle", "tova", "knorm"]}, set())
+    for label in ("knorm", "tova", "oracle"):
+        assert some["accuracy"]["niah_single"]["policies"][label] == full["accuracy"]["niah_single"]["policies"][label]
+    assert some["accuracy"]["niah_single"]["full_cache"] == full["accuracy"]["niah_single"]["full_cache"]
+    knorm = full["accuracy"]["niah_single"]["policies"]["knorm"]["32"]
+    assert knorm["ci95"][0] < knorm["mean"] < knorm["ci95"][1]  # a real interval: equal draws are not vacuous
+    fair = ["knorm", "random", "streaming_llm", "tova"]
+    correlation = full["proxy_correlation"]["32"]
+    assert correlation["policies"] == fair
+    accuracy = [full["accuracy"]["niah_single"]["policies"][label]["32"]["mean"] for label in fair]
+    assert correlation["spearman"] == pytest.approx(spearman([full["holistic_score"][x] for x in fair], accuracy))
+    assert some["proxy_correlation"] == {}  # two unprivileged policies: nothing to correlate
 
 
 def test_spearman_by_hand():

@@ -10,6 +10,7 @@ import torch
 
 from kvp_gym.cli import main
 from kvp_gym.evaluation import evaluate, paired_comparison, trace_level_table, versus_table, write_results
+from kvp_gym.evaluation.stats import bootstrap_generator
 from kvp_gym.scorers import HeadView, get_scorer, score
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import future_importance, holistic_score, protected_tokens
@@ -99,8 +100,70 @@ def test_paired_comparison_by_hand():
     assert found["c"]["share_of_heads_won"] == 0.5
     # The same resample for both policies: a policy against itself is exactly 0 in every resample.
     assert paired_comparison(_record({"a": a, "a2": a}), "a")["a2"]["ci95"] == [0.0, 0.0]
+    # A pair's numbers depend on the pair only: not on the other policies compared, nor on their order.
+    alone = paired_comparison(_record({"c": c, "a": a}), "a", resamples=2000, seed=0)
+    assert alone["c"] == found["c"]
     with pytest.raises(ValueError, match="not among the evaluated policies"):
         paired_comparison(_record({"a": a}), "z")
+
+
+def test_bootstrap_generator_is_a_stable_function_of_the_seed_and_names():
+    """The documented derivation, computed here from its definition; the same in a process with another hash seed
+    (Python's hash() of a string changes between processes, SHA-256 does not)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    digest = hashlib.sha256(json.dumps(["knorm", "holistic_score"]).encode()).digest()
+    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4)]
+    expected = np.random.default_rng(np.random.SeedSequence([7, *words])).random(5)
+    np.testing.assert_array_equal(bootstrap_generator(7, "knorm", "holistic_score").random(5), expected)
+    draws = {
+        names: bootstrap_generator(7, *names).random(5).tolist()
+        for names in [("knorm", "holistic_score"), ("random", "holistic_score"), ("knorm", "accuracy")]
+    }
+    assert len({tuple(d) for d in draws.values()}) == 3  # another policy or statistic: other draws
+    assert bootstrap_generator(8, "knorm", "holistic_score").random(5).tolist() != draws["knorm", "holistic_score"]
+    code = (
+        "from kvp_gym.evaluation.stats import bootstrap_generator as g\n"
+        "print(g(7, 'knorm', 'holistic_score').random(5).tolist())"
+    )
+    for hash_seed in ("1", "2"):
+        found = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            capture_output=True,
+            text=True,
+        )
+        assert json.loads(found.stdout) == draws["knorm", "holistic_score"], found.stderr
+    with pytest.raises(ValueError, match="bootstrap seed must be >= 0, got -1"):
+        bootstrap_generator(-1, "knorm")
+
+
+def test_a_policys_intervals_do_not_depend_on_its_company(tiny_trace):
+    """The same policies evaluated with other company, in another order: exactly the same intervals, paired ones
+    included (one generator per policy and statistic, per pair for paired comparisons)."""
+    first = evaluate(
+        tiny_trace, ["knorm", "random", "streaming_llm"], split="all", bootstrap=300, progress=False, versus="knorm"
+    )
+    second = evaluate(
+        tiny_trace,
+        ["streaming_llm", "keydiff", "random", "knorm"],
+        split="all",
+        bootstrap=300,
+        progress=False,
+        versus="knorm",
+    )
+    for label in ("knorm", "random", "streaming_llm"):
+        np.testing.assert_array_equal(
+            first["policies"][label]["per_sample_head"], second["policies"][label]["per_sample_head"]
+        )
+        assert first["policies"][label]["holistic_score"] == second["policies"][label]["holistic_score"]
+    for label in ("random", "streaming_llm"):
+        assert first["paired"]["policies"][label] == second["paired"]["policies"][label]
+    knorm = first["policies"]["knorm"]["holistic_score"]
+    assert knorm["ci95"][0] < knorm["mean"] < knorm["ci95"][1]  # a real interval: equal draws are not vacuous
 
 
 def test_versus_table_picks_the_weakest_attention_free_and_the_best_query_using_policy(tmp_path, capsys):
@@ -132,19 +195,39 @@ def test_versus_table_picks_the_weakest_attention_free_and_the_best_query_using_
     assert "other.json: not a results.json of kvp-gym evaluate" in capsys.readouterr().err
 
 
+def test_versus_table_draws_as_the_records_own_paired_comparison():
+    a = [[[0.5, 0.7]], [[0.6, 0.6]], [[0.4, 0.6]], [[0.9, 0.5]], [[0.2, 0.3]], [[0.7, 0.8]]]
+    q = [[[0.6, 0.8]], [[0.4, 0.5]], [[0.5, 0.7]], [[0.8, 0.4]], [[0.1, 0.1]], [[0.75, 0.7]]]
+    record = _record({"a": a, "q": q})
+    record.update(schema="kvp-gym/trace-evaluation", samples=[f"s{i}" for i in range(6)], seed=5)
+    for label, needs_queries in (("a", False), ("q", True)):
+        policy = record["policies"][label]
+        policy.update(name=label, needs_queries=needs_queries, privileged=False)
+        policy["holistic_score"] = {"mean": float(np.mean(policy["per_sample_head"]))}
+    cells = [cell.strip() for cell in versus_table({"1k": record}, "a").splitlines()[2].strip("|").split("|")]
+    found = paired_comparison(record, "a", seed=5)["q"]  # the record's seed, not 0
+    low, high = found["ci95"]
+    assert cells[5] == f"{found['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def test_policies_added_to_an_earlier_run_equal_one_joint_run(tiny_trace, tmp_path, capsys):
     common = ["--traces", str(tiny_trace), "--split", "all", "--bootstrap", "100"]
     assert main(["evaluate", *common, "--policies", "knorm,tova", "--out", str(tmp_path / "base")]) == 0
     added = ["evaluate", *common, "--policies", "random,oracle", "--versus", "knorm"]
     assert main([*added, "--add-to", str(tmp_path / "base"), "--out", str(tmp_path / "both")]) == 0
     both = json.loads((tmp_path / "both" / "results.json").read_text())
-    joint = evaluate(tiny_trace, ["knorm", "tova", "random", "oracle"], split="all", bootstrap=100, progress=False)
+    joint = evaluate(
+        tiny_trace, ["knorm", "tova", "random", "oracle"], split="all", bootstrap=100, progress=False, versus="knorm"
+    )
     assert list(both["policies"]) == ["knorm", "tova", "random", "oracle"]
     for label in joint["policies"]:
         np.testing.assert_allclose(
             both["policies"][label]["per_sample_head"], joint["policies"][label]["per_sample_head"]
         )
+        # The intervals too: each policy's draws are its own, whichever run it was evaluated in.
+        assert both["policies"][label]["holistic_score"] == joint["policies"][label]["holistic_score"]
     assert set(both["paired"]["policies"]) == {"tova", "random", "oracle"} and both["paired"]["versus"] == "knorm"
+    assert both["paired"] == joint["paired"]
     # Another split, or a policy evaluated twice, is refused with the reason.
     other_split = ["evaluate", "--traces", str(tiny_trace), "--split", "train", "--bootstrap", "100", "--policies"]
     assert main([*other_split, "random", "--add-to", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 2

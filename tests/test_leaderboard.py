@@ -24,7 +24,7 @@ from kvp_gym_leaderboard.benchmark import (
     read_manifest,
 )
 from kvp_gym_leaderboard.site import build_site, markdown_table, ranks
-from kvp_gym_leaderboard.submission import ENTRIES, rerun, standard_evaluation, validate
+from kvp_gym_leaderboard.submission import ENTRIES, read_entry, rerun, standard_evaluation, validate
 
 TINY = """\
 id = "tiny-v0"
@@ -222,6 +222,13 @@ def _broken(entries: Path, tmp_path: Path, edit) -> Path:
         (lambda e: e["seeds"].update(trace_level=1), "$.seeds.trace_level", "not the benchmark's 5"),
         (lambda e: e.update(kind="clever"), "$.kind", "'clever' is not one of"),
         (
+            lambda e: e.update(kind="attention-free"),
+            "$.kind",
+            "the entry says 'attention-free', but its scorer 'tova' declares needs_queries=True, needs_future=False: "
+            "'uses-prefill-queries'",
+        ),
+        (lambda e: e["load"].update(scorer="nope"), "$.load", "cannot load the scorer 'nope'"),
+        (
             lambda e: e["load"].update(checkpoint={"path": "agents.safetensors", "sha256": "a" * 64}),
             "$.load.checkpoint.sha256",
             "not the entry's",
@@ -264,12 +271,34 @@ def test_validate_command_exit_status_and_no_board_from_bad_entries(bench, entri
     assert "nothing written" in capsys.readouterr().err and not site.exists()
 
 
+def test_validate_refuses_the_oracle_relabelled_as_attention_free(tmp_path, capsys):
+    entry = json.loads((ENTRIES / "oracle.json").read_text())
+    entry.update(name="future-free", kind="attention-free")
+    path = tmp_path / "future-free.json"
+    path.write_text(json.dumps(entry))
+    assert main(["leaderboard", "validate", str(path)]) == 1
+    assert (
+        f"{path}: $.kind: the entry says 'attention-free', but its scorer 'oracle' declares needs_queries=False, "
+        "needs_future=True: 'privileged-upper-bound'"
+    ) in capsys.readouterr().err
+
+
+def test_the_board_shows_the_kind_the_scorer_declares(entries):
+    loaded = [read_entry(f) for f in sorted(entries.glob("*.json"))]
+    oracle = next(e for e in loaded if e["name"] == "oracle")
+    oracle["kind"] = "attention-free"  # what the entry says is never read: the scorer reads the future
+    table = markdown_table(loaded).splitlines()
+    assert table[2].startswith("| - | oracle | upper bound |")
+    assert ranks([oracle]) == [None]
+
+
 def test_ranks_tie_where_intervals_overlap():
-    def entry(mean, low, high, kind="attention-free"):
-        return {"kind": kind, "results": {"trace_level": {"holistic_score": {"mean": mean, "ci95": [low, high]}}}}
+    def entry(mean, low, high, scorer="knorm"):
+        score = {"mean": mean, "ci95": [low, high]}
+        return {"load": {"scorer": scorer, "parameters": {}}, "results": {"trace_level": {"holistic_score": score}}}
 
     board = [
-        entry(1.0, 1.0, 1.0, "privileged-upper-bound"),
+        entry(1.0, 1.0, 1.0, "oracle"),
         entry(0.80, 0.75, 0.85),
         entry(0.74, 0.70, 0.78),  # overlaps the first: tied with it
         entry(0.60, 0.58, 0.62),  # below both
@@ -279,7 +308,7 @@ def test_ranks_tie_where_intervals_overlap():
 
 
 def test_board_markdown_and_site_from_entries(bench, entries, tmp_path):
-    loaded = [json.loads(f.read_text()) for f in sorted(entries.glob("*.json"))]
+    loaded = [read_entry(f) for f in sorted(entries.glob("*.json"))]
     page = build_site(loaded, tmp_path / "site")
     assert page.read_text().count("<tr") == 1 + len(loaded)
     assert {p.name for p in (tmp_path / "site").iterdir()} == {
@@ -305,7 +334,7 @@ def test_committed_entries_are_valid():
 
 
 def test_readme_embeds_the_current_board():
-    entries = [json.loads(f.read_text()) for f in sorted(ENTRIES.glob("*.json"))]
+    entries = [read_entry(f) for f in sorted(ENTRIES.glob("*.json"))]
     readme = (ROOT / "README.md").read_text()
     embedded = re.search(r"<!-- leaderboard:start -->\n(.*?)<!-- leaderboard:end -->", readme, re.S)
     assert embedded, "README.md lacks the leaderboard markers"
@@ -341,8 +370,10 @@ def test_an_interrupted_submit_resumes_after_the_trace_level(bench, tmp_path):
     again = standard_evaluation(benchmark, ["knorm"], traces, tmp_path, end_to_end=False, progress=False)
     assert saved.stat().st_mtime_ns == written  # reused, not evaluated again
     assert again["knorm"]["results"] == first["knorm"]["results"]
-    standard_evaluation(benchmark, ["knorm", "random"], traces, tmp_path, end_to_end=False, progress=False)
-    assert json.loads(saved.read_text())["key"]["policies"] == ["knorm", "random"]  # other policies: evaluated
+    both = standard_evaluation(benchmark, ["random", "knorm"], traces, tmp_path, end_to_end=False, progress=False)
+    assert json.loads(saved.read_text())["key"]["policies"] == ["random", "knorm"]  # other policies: evaluated
+    in_company, alone = both["knorm"]["results"]["trace_level"], first["knorm"]["results"]["trace_level"]
+    assert in_company["holistic_score"] == alone["holistic_score"]  # the interval too: its draws are its own
 
 
 def test_a_resumed_submit_notices_a_changed_checkpoint_behind_a_spec(bench, tmp_path):
@@ -355,6 +386,15 @@ def test_a_resumed_submit_notices_a_changed_checkpoint_behind_a_spec(bench, tmp_
     assert again[spec]["results"] != first[spec]["results"]  # evaluated again, not the saved record
     key = json.loads((tmp_path / "trace-level.json").read_text())["key"]
     assert key["policy_files"] == {spec: [file_sha256(checkpoint)]}
+    # The same file at another path (another machine's checkout): the same interval, drawn under the label "kvp".
+    moved = tmp_path / "elsewhere" / "agents.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(checkpoint, moved)
+    there = standard_evaluation(
+        benchmark, [f"kvp:checkpoint={moved}"], traces, tmp_path / "w2", end_to_end=False, progress=False
+    )
+    moved_score = there[f"kvp:checkpoint={moved}"]["results"]["trace_level"]["holistic_score"]
+    assert moved_score == again[spec]["results"]["trace_level"]["holistic_score"]
 
 
 def tiny_checkpoint(path: Path, seed: int) -> Path:

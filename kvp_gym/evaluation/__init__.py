@@ -7,8 +7,9 @@
 - :mod:`kvp_gym.evaluation.end_to_end`: ``kvp-gym evaluate-e2e``, a real model's answers and perplexity with the
   evicting cache (:class:`E2EConfig`, :func:`run`, :func:`merge`, :func:`summarize`);
   :mod:`kvp_gym.evaluation.run_folder`: its resumable folder (settings.json, parts/).
-- :mod:`kvp_gym.evaluation.stats`: the one seeded bootstrap (mean and geometric mean intervals), paired
-  differences and Spearman's correlation, shared by both levels and by the leaderboard.
+- :mod:`kvp_gym.evaluation.stats`: the one seeded bootstrap (a generator per policy and statistic, mean and
+  geometric mean intervals), paired differences and Spearman's correlation, shared by both levels and by the
+  leaderboard.
 - :mod:`kvp_gym.evaluation.report`: the tables and plots of both levels' records.
 
 Policy specs (``name:param=value;...``) parse in :mod:`kvp_gym.scorers` (``from_spec``, ``resolve_policies``).
@@ -40,7 +41,9 @@ _HOMES = {
         ("chosen_layers_and_heads", "evaluation_episodes", "evaluation_samples", "layer_view"), "selection"
     ),
     **dict.fromkeys(("E2EConfig", "merge", "run", "summarize"), "end_to_end"),
-    **dict.fromkeys(("geometric_mean_interval", "mean_interval", "paired_differences", "spearman"), "stats"),
+    **dict.fromkeys(
+        ("bootstrap_generator", "geometric_mean_interval", "mean_interval", "paired_differences", "spearman"), "stats"
+    ),
     **dict.fromkeys(
         ("end_to_end_table", "plot_end_to_end", "plot_trace_level", "trace_level_table", "versus_table"), "report"
     ),

@@ -27,8 +27,11 @@ settings, or with a changed file behind a label, is an error. ``OUT/results.json
      "proxy_correlation": {budget: {"spearman", "spearman_needle_retention", "policies"}},  # proxy vs accuracy
      "seconds": {"total", "prefill", "decode", "scoring"}}
 
-Every interval is drawn from its own generator seeded with the run's bootstrap seed (0), so a policy's interval
-does not depend on which other policies were evaluated with it (:mod:`kvp_gym.evaluation.stats`).
+Every interval draws from its own generator, derived from the bootstrap seed (0), the policy's label (or
+``full_cache``) and the statistic (accuracy on a task at a budget, perplexity at a budget):
+:func:`kvp_gym.evaluation.stats.bootstrap_generator`. So a policy's interval does not depend on which other
+policies were evaluated with it. The proxy correlations leave out privileged policies (the oracle reads the future:
+its holistic score is 1 by construction); ``policies`` lists the ones correlated.
 :func:`kvp_gym.evaluation.report.end_to_end_table` renders the summary.
 
 Imports kvp_gym.models, .cache, .capture, .device, .generation, .scorers, .storage, .tasks, .utility, .version and
@@ -63,7 +66,7 @@ from kvp_gym.evaluation.run_folder import (
     settings_differences,
     write_settings,
 )
-from kvp_gym.evaluation.stats import geometric_mean_interval, mean_interval, spearman
+from kvp_gym.evaluation.stats import bootstrap_generator, geometric_mean_interval, mean_interval, spearman
 from kvp_gym.generation import sample_seed
 from kvp_gym.scorers import Scorer, model_mismatches, parameters, resolve_policies
 from kvp_gym.storage import atomic_path
@@ -336,8 +339,8 @@ def _needle_attention(
 
 
 def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], seed: int = 0) -> dict[str, Any]:
-    """Aggregate ``out/parts`` into ``out/results.json`` and the plots; return the record. ``seed`` seeds every
-    bootstrap interval's own generator."""
+    """Aggregate ``out/parts`` into ``out/results.json`` and the plots; return the record. ``seed``: the bootstrap
+    seed every interval's own generator is derived from (with the label and the statistic)."""
     out = Path(out)
     settings = read_settings(out)
     config = _config_of(settings)
@@ -395,15 +398,22 @@ def _read_parts(out: Path, config: E2EConfig) -> dict[tuple[str, int], dict[str,
 
 
 def _accuracy(records: dict, tasks: Sequence[str], labels: list[str], budgets: list[str], seed: int) -> dict:
-    """task -> the full cache's and every policy's (per budget) mean exact-match score with its interval."""
+    """task -> the full cache's and every policy's (per budget) mean exact-match score with its interval (each from
+    its own generator: ``seed``, the label, "accuracy", the task and the budget)."""
     found = {}
     for task in tasks:
         rows = [r for (t, _), r in records.items() if t == task]
         found[task] = {
-            FULL_CACHE: mean_interval([r[FULL_CACHE]["score"] for r in rows], seed),
+            FULL_CACHE: mean_interval(
+                [r[FULL_CACHE]["score"] for r in rows], bootstrap_generator(seed, FULL_CACHE, "accuracy", task)
+            ),
             "policies": {
                 label: {
-                    b: mean_interval([r["policies"][label]["budgets"][b]["score"] for r in rows], seed) for b in budgets
+                    b: mean_interval(
+                        [r["policies"][label]["budgets"][b]["score"] for r in rows],
+                        bootstrap_generator(seed, label, "accuracy", task, b),
+                    )
+                    for b in budgets
                 }
                 for label in labels
             },
@@ -412,15 +422,20 @@ def _accuracy(records: dict, tasks: Sequence[str], labels: list[str], budgets: l
 
 
 def _perplexity_intervals(essays: list[dict], labels: list[str], budgets: list[str], seed: int) -> dict:
-    """The full cache's and every policy's (per budget) geometric mean perplexity over the essays with its interval;
-    {} without essays."""
+    """The full cache's and every policy's (per budget) geometric mean perplexity over the essays with its interval
+    (each from its own generator: ``seed``, the label, "perplexity" and the budget); {} without essays."""
     if not essays:
         return {}
     return {
-        FULL_CACHE: geometric_mean_interval([r[FULL_CACHE]["perplexity"] for r in essays], seed),
+        FULL_CACHE: geometric_mean_interval(
+            [r[FULL_CACHE]["perplexity"] for r in essays], bootstrap_generator(seed, FULL_CACHE, "perplexity")
+        ),
         "policies": {
             label: {
-                b: geometric_mean_interval([r["policies"][label]["budgets"][b]["perplexity"] for r in essays], seed)
+                b: geometric_mean_interval(
+                    [r["policies"][label]["budgets"][b]["perplexity"] for r in essays],
+                    bootstrap_generator(seed, label, "perplexity", b),
+                )
                 for b in budgets
             }
             for label in labels
@@ -444,9 +459,12 @@ def _needle_retention(tasks_rows: list[dict], labels: list[str], budgets: list[s
 
 
 def _proxy_correlation(record: dict, tasks: Sequence[str], labels: list[str], budgets: list[str]) -> dict:
-    """budget -> Spearman's correlation across policies of each proxy (holistic score, needle retention) with the
-    mean accuracy over tasks; {} without tasks or with two policies or fewer."""
+    """budget -> Spearman's correlation across the unprivileged policies of each proxy (holistic score, needle
+    retention) with the mean accuracy over tasks; {} without tasks or with two such policies or fewer. Privileged
+    policies are left out: the oracle's holistic score is 1 by construction (it ranks by the very attention the
+    score measures), so it would only add a sure agreement at the top."""
     found = {}
+    labels = [label for label in labels if not record["policies"][label]["privileged"]]
     if not tasks or len(labels) <= 2:
         return found
     for b in budgets:

@@ -92,7 +92,9 @@ def _paired_cells(comparison: dict[str, Any] | None) -> str:
     return f" {f'{d:+.3f} [{a:+.3f}, {b:+.3f}]{mark}':>33s} {comparison['share_of_heads_won']:14.0%}"
 
 
-def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resamples: int = 1000, seed: int = 0) -> str:
+def versus_table(
+    records: Mapping[str, Mapping[str, Any]], versus: str, resamples: int = 1000, seed: int | None = None
+) -> str:
     """A Markdown summary of ``versus`` against the other policies over several evaluations (one row per record,
     e.g. one per prompt length; keys are the row labels).
 
@@ -101,7 +103,8 @@ def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resample
     share; the best query-using policy by mean score, the paired difference against it with its 95% bootstrap
     interval (over samples) and the share of heads won. Privileged policies (upper bounds) and other settings of
     the ``versus`` policy's own scorer (another checkpoint) are left out. Paired statistics are those of
-    :func:`kvp_gym.evaluation.trace_level.paired_comparison` on the same samples and heads.
+    :func:`kvp_gym.evaluation.trace_level.paired_comparison` on the same samples and heads, drawn with ``seed``
+    (default: each record's own seed, so that they equal the record's own paired comparisons).
     """
     rows = [
         f"| set | samples | {versus} | attention-free: fewest heads won | best query-using | "
@@ -111,7 +114,7 @@ def versus_table(records: Mapping[str, Mapping[str, Any]], versus: str, resample
     for name, record in records.items():
         policies = record["policies"]
         scores = {label: policy["per_sample_head"] for label, policy in policies.items()}
-        paired = paired_differences(scores, versus, resamples, seed)
+        paired = paired_differences(scores, versus, resamples, record.get("seed", 0) if seed is None else seed)
         own = policies[versus]["name"]  # other checkpoints or settings of the same scorer are not baselines
         fair = {label: p for label, p in policies.items() if p["name"] != own and not p["privileged"]}
         free = [label for label, p in fair.items() if not p["needs_queries"]]
@@ -296,17 +299,17 @@ def _end_to_end_row(record: dict[str, Any], label: str, tasks: list[str], budget
 
 
 def _correlation_lines(record: dict[str, Any]) -> list[str]:
-    """Per budget: how well the holistic score (and the needle retention) rank the policies by accuracy."""
+    """Per budget: how well the holistic score (and the needle retention) rank the unprivileged policies by
+    accuracy (the record's ``policies`` of each correlation)."""
     lines = []
     for b, c in record["proxy_correlation"].items():
+        across = f"across {len(c['policies'])} policies (privileged ones left out)"
         rho = "n/a (constant)" if c["spearman"] is None else f"{c['spearman']:+.2f}"
-        lines.append(f"budget {b}: Spearman correlation across policies of holistic score vs mean accuracy = {rho}")
+        lines.append(f"budget {b}: Spearman correlation {across} of holistic score vs mean accuracy = {rho}")
         if record.get("needle_retention"):
             rho = c["spearman_needle_retention"]
             rho = "n/a (constant)" if rho is None else f"{rho:+.2f}"
-            lines.append(
-                f"budget {b}: Spearman correlation across policies of needle retention vs mean accuracy = {rho}"
-            )
+            lines.append(f"budget {b}: Spearman correlation {across} of needle retention vs mean accuracy = {rho}")
     return lines
 
 

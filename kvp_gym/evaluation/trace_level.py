@@ -43,8 +43,9 @@ mean over every head) averages away.
 a scorer object its name with the parameters that differ from its defaults; with ``--policies all`` every
 registered scorer runs with its defaults, plus the variants it declares (marked ``"variant": true``).
 
-The holistic score's intervals of all policies are drawn one after the other from one generator seeded with
-``seed`` (in policy order); the paired comparisons draw from a fresh generator with the same seed.
+Each policy's holistic-score interval draws from its own generator, ``bootstrap_generator(seed, label,
+"holistic_score")``, and each paired comparison from its pair's (:mod:`kvp_gym.evaluation.stats`): a policy's
+numbers are the same whichever other policies ran with it, in whatever order, and after ``--add-to``.
 
 :func:`kvp_gym.evaluation.selection.evaluation_episodes` lists the exact episodes an evaluation scores, as
 ``KVEvict-v0`` episode keys, so that an RL loop can report the number the table shows (see its docstring).
@@ -69,7 +70,7 @@ from tqdm.auto import tqdm
 
 from kvp_gym.evaluation.report import plot_trace_level
 from kvp_gym.evaluation.selection import chosen_layers_and_heads, evaluation_samples, layer_view
-from kvp_gym.evaluation.stats import mean_interval, paired_differences
+from kvp_gym.evaluation.stats import bootstrap_generator, mean_interval, paired_differences
 from kvp_gym.importance import ImportanceStore
 from kvp_gym.scorers import (
     HeadView,
@@ -152,9 +153,9 @@ def evaluate(
     finally:
         for trace in files:
             trace.close()
-    rng = np.random.default_rng(seed)  # every policy's interval from this one stream, in policy order
     with_needles = np.array([len(s.needle_spans) > 0 for _, s in samples])
     for label, scorer in scorers.items():
+        rng = bootstrap_generator(seed, label, "holistic_score")  # its own draws: the same in any company
         interval = mean_interval(tally.scores[label].mean((1, 2)), rng, bootstrap)
         record["policies"][label] = _policy_results(
             label, scorer, label in variants, tally, record["tasks"], with_needles, interval
@@ -392,8 +393,8 @@ def paired_comparison(
 ) -> dict[str, dict[str, Any]]:
     """``versus`` against every other policy of ``record``, on the same samples and heads: for each, the mean
     paired difference of the holistic score with its 95% paired bootstrap interval and the share of (layer, KV
-    head) pairs ``versus`` wins (:func:`kvp_gym.evaluation.stats.paired_differences`, from a generator seeded with
-    ``seed``)."""
+    head) pairs ``versus`` wins (:func:`kvp_gym.evaluation.stats.paired_differences`: each pair draws from its own
+    generator, derived from ``seed`` and the two labels)."""
     scores = {label: policy["per_sample_head"] for label, policy in record["policies"].items()}
     return paired_differences(scores, versus, resamples, seed)
 
