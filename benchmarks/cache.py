@@ -5,10 +5,18 @@
     subprocess, so one side's allocations cannot hide the other's); before the final reading, glibc's malloc_trim
     hands freed heap pages back to the OS (otherwise the allocator keeps them and RSS cannot show what was freed);
 (c) compression time (scoring + compaction, every layer) / prefill time, per policy (target <= 5% for kvp and the
-    attention-free baselines);
+    attention-free baselines). The denominator is the same for every policy: the plain prefill, which keeps no
+    query. A policy that reads queries needs a prefill that keeps them (its last W, or all of them for h2o and
+    expected_attention): that prefill's extra time is printed in its own column, and its compression receives
+    exactly those queries;
 (d) decode step time with the compressed cache / with the full cache (alternating, medians).
 
     python benchmarks/cache.py [--model smollm2-135m] [--context 4096] [--budget 256] [--steps 16]
+                               [--threads 1 --clock cpu]
+
+On a machine that other processes keep busy, ``--threads 1`` keeps torch's threads from waiting on each other in
+every call (with two threads on two busy cores, a decode step took 25x longer), and ``--clock cpu`` (with one
+thread) times the calling thread's CPU time, blind to the time it waits while other processes hold the cores.
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from kvp_gym import models
 from kvp_gym.cache import decode, prefill
-from kvp_gym.cache.generate import query_window
+from kvp_gym.cache.generate import Prefill, query_window
 from kvp_gym.scorers import from_spec
 
 from timing import alternate
@@ -71,8 +80,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed on each side")
     parser.add_argument("--policies", default=POLICIES)
     parser.add_argument("--memory-only", action="store_true", help="only (b)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for (a), (c), (d) (0: torch's default)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="(c), (d): wall-clock or thread CPU time (--threads 1)"
+    )
     parser.add_argument("--memory-child", choices=("full", "compressed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures the calling thread only: it needs --threads 1")
     if args.memory_child:
         budget = args.budget if args.memory_child == "compressed" else None
         print(json.dumps(memory(args.model, args.context, budget, args.steps, args.policies.split(",")[0])))
@@ -92,42 +107,81 @@ def main() -> None:
         )
 
 
+def kept_queries(queries: dict[int, torch.Tensor], window: int | None) -> dict[int, torch.Tensor] | None:
+    """What a prefill keeping ``window`` queries (0: none; None: all) would have captured, from one that kept all."""
+    if window == 0:
+        return None
+    return queries if window is None else {layer: q[..., -window:, :].contiguous() for layer, q in queries.items()}
+
+
+def prefill_times(
+    model, ids: list[int], windows: list[int | None], rounds: int, clock: Callable[[], float]
+) -> tuple[dict, Prefill]:
+    """Fastest of ``rounds`` prefills keeping each number of queries in ``windows`` (0: none, the common
+    denominator; None: all), after one untimed prefill of the last (widest) window, alternating, each round in
+    another order; and that untimed prefill."""
+    widest = prefill(model, ids, windows[-1])
+    times: dict[int | None, list[float]] = {window: [] for window in windows}
+    for round_ in range(rounds):
+        for window in windows[round_ % len(windows) :] + windows[: round_ % len(windows)]:
+            tick = clock()
+            prefill(model, ids, window)
+            times[window].append(clock() - tick)
+    return {window: min(found) for window, found in times.items()}, widest
+
+
 def timings(args: argparse.Namespace) -> None:
     """(a), (c) and (d)."""
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, _ = models.load(args.model)
     ids = _prompt(model, args.context)
     scorers = {spec: from_spec(spec) for spec in args.policies.split(",")}
-    window = [query_window(s) for s in scorers.values() if s.needs_queries]
-    keep = None if None in window else max(window, default=0)
-    prefill_seconds = []
-    for _ in range(2):
-        tick = time.perf_counter()
-        state = prefill(model, ids, keep)
-        prefill_seconds.append(time.perf_counter() - tick)
-    prefill_time = min(prefill_seconds)
+    window = {spec: query_window(scorer) for spec, scorer in scorers.items()}
+    # Every policy's compression time is divided by the same prefill: the plain one, which keeps no query (what
+    # kvp and the attention-free policies run). Prefills that keep queries for a policy cost more; their extra
+    # time is printed beside it, not folded into its ratio.
+    kept = sorted({w for w in window.values() if w != 0}, key=lambda w: float("inf") if w is None else w)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    prefill_seconds, state = prefill_times(model, ids, [0, *kept], 2, clock)
+    plain = prefill_seconds[0]
     full_bytes = state.cache.kv_bytes
-    print(f"{args.model}, {args.context}-token prompt, budget {args.budget}; prefill {prefill_time:.2f} s")
+    print(
+        f"{args.model}, {args.context}-token prompt, budget {args.budget}, {torch.get_num_threads()} torch "
+        f"thread{'s' * (torch.get_num_threads() > 1)}, {'thread CPU' if args.clock == 'cpu' else 'wall-clock'} time; "
+        f"prefill {plain:.2f} s (keeping no query; fastest of 2 after a warm-up, alternating with the prefills that "
+        "keep queries)"
+    )
 
     rows = []
     for spec, scorer in scorers.items():
+        queries = kept_queries(state.queries, window[spec]) if state.queries else None  # what its prefill keeps
         times = []
         for _ in range(3):
             cache = state.cache.copy()
-            tick = time.perf_counter()
-            cache.compress(scorer, args.budget, state.queries)
-            times.append(time.perf_counter() - tick)
+            tick = clock()
+            cache.compress(scorer, args.budget, queries)
+            times.append(clock() - tick)
         seconds = statistics.median(times)
-        rows.append((spec, seconds, seconds / prefill_time, cache.kv_bytes / full_bytes))
+        rows.append((spec, seconds, cache.kv_bytes / full_bytes))
     protected_ratio = args.budget / args.context
-    print(f"\n(a) KV bytes after / before: {rows[0][3]:.4f} (budget / prompt = {protected_ratio:.4f})")
-    print("\n(c) compression (scoring + compaction, all layers) / prefill")
-    print(f"{'policy':20s} {'seconds':>9s} {'/ prefill':>10s}")
-    for spec, seconds, ratio, _ in rows:
-        print(f"{spec:20s} {seconds:9.3f} {ratio:10.2%}")
+    print(f"\n(a) KV bytes after / before: {rows[0][2]:.4f} (budget / prompt = {protected_ratio:.4f})")
+    print(
+        f"\n(c) compression (scoring + compaction, all layers; median of 3) / the same prefill for every policy "
+        f"({plain:.2f} s, keeping no query); and the extra time of the prefill that keeps the queries a policy reads"
+    )
+    print(f"{'policy':20s} {'seconds':>9s} {'/ prefill':>10s}  {'queries kept':>12s} {'prefill extra':>14s}")
+    for spec, seconds, _ in rows:
+        w = window[spec]
+        extra = f"{prefill_seconds[w] / plain - 1:+.1%}" if w != 0 else "-"
+        print(
+            f"{spec:20s} {seconds:9.3f} {seconds / plain:10.2%}  {'all' if w is None else w or 'none':>12} {extra:>14s}"
+        )
 
     compressed = state.cache.copy()
-    compressed.compress(scorers[next(iter(scorers))], args.budget, state.queries)
+    first = next(iter(scorers))
+    compressed.compress(scorers[first], args.budget, kept_queries(state.queries or {}, window[first]))
     full = state.cache.copy()
     token = torch.tensor([[int(state.logits.argmax())]])
 
@@ -142,7 +196,7 @@ def timings(args: argparse.Namespace) -> None:
 
         return run
 
-    full_step, compressed_step = alternate(step(full), step(compressed), args.steps, warmup=2)
+    full_step, compressed_step = alternate(step(full), step(compressed), args.steps, warmup=2, clock=clock)
     print(
         f"\n(d) decode step: compressed {compressed_step * 1e3:.1f} ms / full {full_step * 1e3:.1f} ms = "
         f"{compressed_step / full_step:.3f}"

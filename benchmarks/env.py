@@ -6,23 +6,41 @@
     thread's CPU time): the median ratio of ``--rounds`` rounds, each the medians of 100 alternating calls, and
     every round's ratio (the spread).
 (b) KVEvict-v0 episodes per second: a single env, ``SyncVectorEnv`` with 64 copies and the native vector env with
-    64 (target: native >= 5x Sync). Every side runs the same number of warm-up episodes first (each env fills
-    its episode cache), then is timed.
+    64 (target: native >= 5x Sync), in alternating rounds. Each env keeps an episode cache (an episode drawn again
+    skips reading the trace); SyncVectorEnv's copies keep one each, the native env one for its 64 environments.
+    Warming the caches by running episodes would favour the shared cache (2,048 warm-up episodes fill one cache
+    of the native env but only 32 entries of each Sync copy), and the ratio would measure cache warmth. So every
+    side's caches start in the same state, measured twice:
+    - cold: ``cache_size`` 1 everywhere: every episode is read from the trace files and the importance store;
+    - warm: episodes of one layer only (3 heads x the train samples: 36 on the demo traces), and every cache of
+      every side filled with all of them before timing: every timed episode comes from memory.
+    Then every env copy runs the same number of untimed warm-up episodes (``--warmup``), and each round times
+    ``--timed`` episodes per side. SyncVectorEnv autoresets in the same step, as the native env does (its default,
+    the next step, would spend every other step call on resets); episodes are counted from ``terminated``.
+    Every side runs with the same number of torch threads, one by default: an episode's tensor work is small
+    (copies and sorts of about 1k x 64 values), and with two threads on a 2-core machine that another process
+    keeps busy, each call waits for the second thread (the single env, warm, ran 1,300 episodes/s with one thread and
+    90-110 with two on this machine while another process ran). The script prints how each side was warmed and
+    timed.
 
     python benchmarks/env.py [--traces traces/demo/niah_single.h5 traces/demo/essay.h5]   (run `make demo` first)
     python benchmarks/env.py --only-importance                                            (a) only
+    python benchmarks/env.py --only-env [--env-threads 1]                                 (b) only
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.vector import AutoresetMode
 
 import kvp_gym  # noqa: F401
+from kvp_gym.envs.episodes import EpisodeKey
 from kvp_gym.utility import future_importance
 
 from timing import alternate
@@ -62,48 +80,116 @@ def importance_vs_matmul(groups: int, prompt: int, future: int, head_dim: int, r
     return result
 
 
-def episodes_per_second(config: dict, num_envs: int, mode: str | None, warmup: int, timed: int) -> float:
-    """Episodes/s after ``warmup`` episodes; mode None = a single env, else gym.make_vec's vectorization mode."""
-    if mode is None:
-        env = gym.make("KVEvict-v0", config=config)
-        env.reset(seed=0)
-        action = env.action_space.sample()
+class Side:
+    """One side of the episodes/s comparison: a single env, or a vector env of ``num_envs`` copies; ``run(calls)``
+    makes ``calls`` step calls (one episode per env copy each) and returns the episodes finished."""
 
-        def run(episodes):
-            for _ in range(episodes):
-                env.step(action)
-                env.reset()
+    def __init__(self, name: str, config: dict, num_envs: int):
+        self.name, self.copies = name, 1 if name == "single" else num_envs
+        if name == "single":
+            self.env = gym.make("KVEvict-v0", config=config)
+            self.sources = [self.env.unwrapped.episodes]
+        elif name == "sync":  # autoreset in the same step, as the native env: every step call finishes an episode
+            self.env = gym.make_vec(
+                "KVEvict-v0", num_envs, "sync", vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, config=config
+            )
+            self.sources = [env_copy.unwrapped.episodes for env_copy in self.env.envs]
+        else:
+            self.env = gym.make_vec("KVEvict-v0", num_envs, "vector_entry_point", config=config)
+            self.sources = [self.env.unwrapped.episodes]
+        self.env.reset(seed=0)
+        self.action = self.env.action_space.sample()
 
-        per_step = 1
+    def run(self, calls: int) -> int:
+        finished = 0
+        for _ in range(calls):
+            _, _, terminated, _, _ = self.env.step(self.action)
+            finished += int(np.sum(terminated))
+            if self.name == "single":
+                self.env.reset()
+        return finished
+
+
+def fill_caches(side: Side) -> int:
+    """Load every episode its configuration can draw into each of ``side``'s episode caches (one per env copy; the
+    native env's is shared); return how many episodes that is per cache."""
+    for source in side.sources:
+        keys = [
+            EpisodeKey(trace, sample.name, layer, head, sample.prompt_length)
+            for trace, sample in source.samples
+            for layer in source.layers
+            for head in source.heads
+        ]
+        for key in keys:
+            source.load(key)
+    return len(keys)
+
+
+def episodes_per_second(
+    config: dict, num_envs: int, warm: bool, warmup: int, timed: int, rounds: int
+) -> tuple[dict[str, list[float]], str]:
+    """Episodes/s of the single env, SyncVectorEnv and the native vector env, each side warmed and timed the same
+    way, in ``rounds`` alternating rounds; returns (side -> episodes/s per round, how they were warmed).
+
+    Every env copy first runs ``warmup`` untimed episodes; a round then times ``timed`` episodes per side (the
+    single env runs them all, each vector env ``timed // num_envs`` step calls). ``warm``: every episode cache of
+    every side is filled with every episode the configuration can draw before the warm-up (every timed episode
+    is served from memory); else ``config`` holds ``cache_size`` 1 (every episode is read from the trace files and
+    the importance store)."""
+    sides = {name: Side(name, config, num_envs) for name in ("single", "sync", "native")}
+    filled = {name: fill_caches(side) for name, side in sides.items()} if warm else {}
+    if warm and max(filled.values()) > config["cache_size"]:
+        raise ValueError(f"{max(filled.values())} episodes do not fit a cache of {config['cache_size']}")
+    for side in sides.values():
+        side.run(warmup)
+    speeds: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, side in sides.items():
+            calls = timed // side.copies
+            start = time.perf_counter()
+            finished = side.run(calls)
+            speeds[name].append(finished / (time.perf_counter() - start))
+            assert finished == calls * side.copies, f"{name}: {finished} episodes in {calls} calls"
+    for side in sides.values():
+        side.env.close()
+    if warm:
+        how = (
+            f"warm: every episode cache ({num_envs} for SyncVectorEnv, one shared by the native env's {num_envs}) "
+            f"filled with all {filled['sync']} episodes of layers {config['layers']} before timing, so every timed "
+            "episode comes from memory"
+        )
     else:
-        env = gym.make_vec("KVEvict-v0", num_envs=num_envs, vectorization_mode=mode, config=config)
-        env.reset(seed=0)
-        action = env.action_space.sample()
-
-        def run(episodes):
-            for _ in range(max(1, episodes // num_envs)):
-                env.step(action)
-
-        per_step = num_envs
-    run(warmup)
-    start = time.perf_counter()
-    run(timed)
-    seconds = time.perf_counter() - start
-    env.close()
-    return (timed // per_step) * per_step / seconds
+        how = "cold: cache_size=1 on every side, so every episode is read from the trace files and importance store"
+    how += (
+        f"; each env copy then ran {warmup} untimed episodes; {rounds} alternating rounds of {timed} timed episodes "
+        f"per side (single env: {timed} episodes; x{num_envs}: {timed // num_envs} step calls, one episode per copy "
+        "each, both vector envs autoresetting in the same step)"
+    )
+    return speeds, how
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traces", nargs="+", default=["traces/demo/niah_single.h5", "traces/demo/essay.h5"])
     parser.add_argument("--num-envs", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=2048, help="episodes before timing, per side")
-    parser.add_argument("--timed", type=int, default=2048, help="episodes timed, per side")
+    parser.add_argument("--warmup", type=int, default=8, help="(b): untimed episodes per env copy, every side")
+    parser.add_argument("--timed", type=int, default=1024, help="(b): episodes timed per side and round")
+    parser.add_argument("--env-rounds", type=int, default=3, help="(b): alternating rounds")
     parser.add_argument("--rounds", type=int, default=5, help="(a): rounds of 100 alternating calls, per thread count")
+    parser.add_argument("--env-threads", type=int, default=1, help="(b): torch threads, every side")
     parser.add_argument("--only-importance", action="store_true", help="run (a) only")
+    parser.add_argument("--only-env", action="store_true", help="run (b) only")
     args = parser.parse_args()
 
-    a = importance_vs_matmul(groups=3, prompt=1024, future=256, head_dim=64, repeats=100, rounds=args.rounds)
+    if not args.only_env:
+        importance_benchmark(args.rounds)
+    if not args.only_importance:
+        env_benchmark(args)
+
+
+def importance_benchmark(rounds: int) -> None:
+    """(a), printed."""
+    a = importance_vs_matmul(groups=3, prompt=1024, future=256, head_dim=64, repeats=100, rounds=rounds)
     for (threads, clock), run in a.items():
         spread = ", ".join(f"{ratio:.2f}" for ratio in run["ratios"])
         print(
@@ -112,16 +198,25 @@ def main() -> None:
             f"matmul {run['matmul_s'] * 1e3:.2f} ms -> {run['importance_s'] / run['matmul_s']:.2f}x (target <= 2x; "
             f"{len(run['ratios'])} rounds: {spread})"
         )
-    if args.only_importance:
-        return
-    config = {"traces": args.traces, "cache_size": 4096}
-    single = episodes_per_second(config, 1, None, args.warmup // 8, args.timed // 8)
-    sync = episodes_per_second(config, args.num_envs, "sync", args.warmup, args.timed)
-    native = episodes_per_second(config, args.num_envs, "vector_entry_point", args.warmup, args.timed)
-    print(
-        f"(b) KVEvict-v0 episodes/s: single {single:.0f}, SyncVectorEnv x{args.num_envs} {sync:.0f}, "
-        f"native x{args.num_envs} {native:.0f} -> native / sync = {native / sync:.1f}x (target >= 5x)"
-    )
+
+
+def env_benchmark(args: argparse.Namespace) -> None:
+    """(b), cold then warm, printed."""
+    torch.set_num_threads(args.env_threads)
+    for warm in (False, True):
+        if warm:  # small enough for 64 caches of every episode: one layer's heads of every train sample
+            config = {"traces": args.traces, "layers": [0], "cache_size": 4096}
+        else:
+            config = {"traces": args.traces, "cache_size": 1}
+        speeds, how = episodes_per_second(config, args.num_envs, warm, args.warmup, args.timed, args.env_rounds)
+        ratios = [native / sync for native, sync in zip(speeds["native"], speeds["sync"], strict=True)]
+        median = {name: statistics.median(runs) for name, runs in speeds.items()}
+        print(
+            f"(b) KVEvict-v0 episodes/s, {how}:\n    single {median['single']:.0f}, SyncVectorEnv x{args.num_envs} "
+            f"{median['sync']:.0f}, native x{args.num_envs} {median['native']:.0f} (medians) -> native / sync = "
+            f"{statistics.median(ratios):.1f}x (target >= 5x; rounds: {', '.join(f'{r:.1f}' for r in ratios)}; "
+            f"{args.env_threads} torch thread{'s' * (args.env_threads > 1)})"
+        )
 
 
 if __name__ == "__main__":

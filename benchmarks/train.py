@@ -4,10 +4,17 @@
 Both sides train the same grouped network on the same heads with the same batch per head and the same RLOO
 update. The trainer scores the K rankings of an episode from one network pass. The reference is a plain Gymnasium
 loop, one env per head: every ranking is one env step, ``reset`` (replaying the episode for its K - 1 further
-rankings) -> network on the observation -> Gumbel-sort -> ``step`` for the reward. Timed twice: with the demo
-preset's K = 8 rankings per episode and with the paper's K = 1. Trainer speeds are measured from its second step.
+rankings) -> network on the observation -> Gumbel-sort -> ``step`` for the reward. Timed with the demo preset's
+K = 8 rankings per episode and with the paper's K = 1, in ``--rounds`` rounds alternating the two sides (the ratio
+is the median of the rounds'). Both sides are warmed and timed the same way: one untimed step (the trainer's own
+rule: it times itself from its second step), then the mean of the timed steps from the second on (the loop, K
+times slower per step, runs ``--steps`` / K of them). The trainer's timed steps include its one validation pass
+at the end (a few episodes), which the loop does not run. Both sides use one torch thread by default
+(``--threads``): on a 2-core machine shared with another process, two threads wait on each other in every small
+call and slow the loop's per-episode calls far more than the trainer's batched ones. The script prints how.
 
     python benchmarks/train.py [--traces traces/demo/niah_single.h5 traces/demo/essay.h5] [--heads 3] [--steps 40]
+                               [--rounds 2] [--threads 1]
 
 2. ``--scale DIR``: peak memory (RSS) of ``kvp-gym train`` (demo preset, all 90 heads, streaming) on a synthetic
 trace set of 100 and of 1,000 samples (target: flat, <= 4 GB), and steps/s of streaming against the in-memory
@@ -50,8 +57,34 @@ from kvp_gym_agents.data import parse_heads
 from kvp_gym_agents.kvp import KVPNetwork, gumbel_ranking, plackett_luce_log_prob
 from kvp_gym_agents.train import leave_one_out, normalised, train
 
+# The trainer times itself from its second step (agents/train.py: the first one loads the first batch and warms
+# caches up); the reference loop gets the same untimed step before its timed ones.
+WARMUP_STEPS = 1
 
-def gym_loop_seconds_per_step(traces, heads, config: TrainConfig, steps: int) -> float:
+
+def trainer_steps_per_second(traces: list[str], spec: str, rankings: int, steps: int) -> tuple[float, TrainConfig]:
+    """Steps/s of ``kvp-gym train`` (demo preset, heads ``spec``, K = ``rankings``) over ``steps`` timed steps after
+    WARMUP_STEPS untimed ones; and the configuration, for the reference loop."""
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(
+            **{
+                **PRESETS["demo"],
+                "traces": traces,
+                "out": out,
+                "heads": spec,
+                "steps": WARMUP_STEPS + steps,
+                "eval_every": 10**9,
+                "random_splits": 0,
+                "rankings": rankings,
+            }
+        )
+        return train(config, progress=False)["steps_per_second"], config
+
+
+def gym_loop_steps_per_second(traces: list[str], heads: list, config: TrainConfig, steps: int) -> float:
+    """Steps/s of the plain KVEvict-v0 loop doing the trainer's updates, over ``steps`` timed steps after
+    WARMUP_STEPS untimed ones. Its envs cache the episodes they load (as KVEvict-v0 does; the trainer reads every
+    batch from the trace files)."""
     envs = [
         gym.make("KVEvict-v0", config={"traces": traces, "layers": [layer], "heads": [head], "cache_size": 4096})
         for layer, head in heads
@@ -61,8 +94,8 @@ def gym_loop_seconds_per_step(traces, heads, config: TrainConfig, steps: int) ->
     head_dim = envs[0].observation_space["key"].shape[1]
     network = KVPNetwork(len(heads), head_dim, config.width, config.position_dim, config.buckets, 1024)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    started = time.perf_counter()
-    for _ in range(steps):
+
+    def step() -> None:
         log_probs, rewards = [], []
         for h, env in enumerate(envs):
             for _ in range(config.batch):
@@ -88,7 +121,16 @@ def gym_loop_seconds_per_step(traces, heads, config: TrainConfig, steps: int) ->
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - started) / steps
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - started
+    for env in envs:
+        env.close()
+    return steps / seconds
 
 
 SMOLLM2 = ModelGeometry(30, 9, 3, 64, (0, 0, 0, 1, 1, 1, 2, 2, 2), '{"rope_theta": 100000.0}', 0, 49152)
@@ -223,7 +265,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traces", nargs="+", default=["traces/demo/niah_single.h5", "traces/demo/essay.h5"])
     parser.add_argument("--heads", type=int, default=3, help="the first N (layer, head) pairs")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=40, help="trainer steps timed (the loop: this / K)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of trainer and loop, per K")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (0: torch's default)")
     parser.add_argument("--scale", type=Path, help="run the memory / streaming benchmark in this (new) folder")
     parser.add_argument("--distinct", type=int, default=100, help="distinct synthetic samples (--scale)")
     parser.add_argument("--scale-steps", type=int, default=6, help="training steps per configuration (--scale)")
@@ -237,28 +281,27 @@ def main() -> None:
     if args.scale:
         scale(args.scale, args.distinct, args.scale_steps, args.speed_heads, args.keep)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with open_traces(args.traces[0]) as trace:
         heads = parse_heads("all", trace.header.layers, trace.header.geometry.num_kv_heads)[: args.heads]
     spec = ",".join(f"{layer}:{head}" for layer, head in heads)
     for rankings in (PRESETS["demo"]["rankings"], 1):
-        with tempfile.TemporaryDirectory() as out:
-            config = TrainConfig(
-                **{
-                    **PRESETS["demo"],
-                    "traces": args.traces,
-                    "out": out,
-                    "heads": spec,
-                    "steps": args.steps + 1,
-                    "eval_every": 10**9,
-                    "random_splits": 0,
-                    "rankings": rankings,
-                }
-            )
-            trainer = train(config, progress=False)["steps_per_second"]
-        loop = 1 / gym_loop_seconds_per_step(args.traces, heads, config, max(1, args.steps // rankings))
+        loop_steps = max(1, args.steps // rankings)  # the loop's step costs K times as many env steps
+        ratios, trainer_speeds, loop_speeds = [], [], []
+        for _ in range(args.rounds):  # alternated: these machines are noisy
+            trainer, config = trainer_steps_per_second(args.traces, spec, rankings, args.steps)
+            loop = gym_loop_steps_per_second(args.traces, heads, config, loop_steps)
+            trainer_speeds.append(trainer)
+            loop_speeds.append(loop)
+            ratios.append(trainer / loop)
         print(
-            f"{len(heads)} heads x {config.batch} episodes x {rankings} rankings: trainer {trainer:.2f} steps/s, "
-            f"KVEvict-v0 loop {loop:.3f} steps/s -> {trainer / loop:.1f}x (target >= 10x)"
+            f"{len(heads)} heads x {config.batch} episodes x {rankings} rankings: trainer "
+            f"{statistics.median(trainer_speeds):.2f} steps/s, KVEvict-v0 loop {statistics.median(loop_speeds):.3f} "
+            f"steps/s -> {statistics.median(ratios):.1f}x (target >= 10x; median of {args.rounds} alternating rounds: "
+            f"{', '.join(f'{r:.1f}' for r in ratios)}). Each side: {WARMUP_STEPS} untimed warm-up step, then timed "
+            f"from its step {WARMUP_STEPS + 1} (trainer {args.steps} steps, loop {loop_steps}); "
+            f"{torch.get_num_threads()} torch thread{'s' * (torch.get_num_threads() > 1)}"
         )
 
 

@@ -1,18 +1,21 @@
 """The trainer at scale: streaming equals the in-memory pool, chunks of heads add up to the whole step, resuming
-continues the same run, head groups over two processes equal separate runs, and CUDA training agrees with the CPU
-(the CUDA tests run only where a GPU is present)."""
+continues the same run, head groups over two processes equal separate runs, and CUDA training agrees with the CPU:
+importance computed on the GPU, float32 agents near the CPU's, bf16 agents near float32's (the CUDA tests run only
+where a GPU is present)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kvp_gym.importance import ImportanceStore
+from kvp_gym.importance import ImportanceStore, ImportanceWarning
 from kvp_gym.traces import open_traces
 from kvp_gym_agents.checkpoint import read_checkpoint
 from kvp_gym_agents.config import TrainConfig
@@ -116,7 +119,10 @@ def test_resuming_continues_the_same_run(tiny_trace, tmp_path):
     assert resumed["best_validation_score"] == straight["best_validation_score"]
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
-    assert_same_weights(a["network"], b["network"]) and torch.equal(a["generator"], b["generator"])
+    assert a["step"] == b["step"] == 6
+    assert_same_weights(a["network"], b["network"])
+    assert_same_weights(a["ema"], b["ema"])
+    assert torch.equal(a["generator"], b["generator"]), "the batch generator's state differs after resuming"
 
 
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
@@ -161,21 +167,98 @@ def test_head_groups_over_two_processes_equal_separate_runs(tiny_trace, tmp_path
         torch.set_num_threads(threads)
 
 
+def stored_importance(trace_path, folder) -> dict[tuple[str, int, int], torch.Tensor]:
+    """Every entry the importance store in ``folder`` holds for ``trace_path``: (sample, layer, split point) ->
+    float32 [H_kv, split]. An entry that fails its checks is an error here (the store would recompute it on the
+    CPU, hiding what the run wrote)."""
+    with open_traces(trace_path) as trace, warnings.catch_warnings():
+        warnings.simplefilter("error", ImportanceWarning)
+        store = ImportanceStore(trace, sidecar=folder)
+        entries = {}
+        for path in sorted(store.folder.glob("*/*.importance")):
+            layer, split = (int(part) for part in path.stem.split("-"))
+            entries[path.parent.name, layer, split] = store.layer(path.parent.name, layer, split)
+    return entries
+
+
+def last_weights(run: dict) -> dict[str, torch.Tensor]:
+    """The network's weights after a run's last step (OUT/last.pt; agents.safetensors holds the EMA weights of the
+    best validation step, which two runs may reach at different steps)."""
+    state = torch.load(Path(run["checkpoint"]).parent / "last.pt", map_location="cpu", weights_only=False)
+    return state["network"]
+
+
+def initial_weights(run: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weights every run with ``run``'s network settings and ``seed`` starts from (as Learner.build draws them)."""
+    settings = read_checkpoint(run["checkpoint"])[1]["network"]  # before seeding: reading builds a network too
+    torch.manual_seed(seed)
+    return KVPNetwork(**settings).state_dict()
+
+
+# out.bias adds the same amount to every score of a head, which changes no ranking: its gradient is zero in exact
+# arithmetic, and AdamW's normalised step turns the rounding noise left in it into moves of up to about lr per step
+# whose sign follows the device's summation order. It carries no signal, so distances between runs leave it out.
+SHIFT_ONLY = ("out.bias",)
+
+
+def relative_distance(a: dict, b: dict, start: dict) -> float:
+    """||a - b|| / ||b - start|| over every weight but SHIFT_ONLY: how far apart two runs from ``start`` ended, as a
+    fraction of how far ``b`` moved."""
+
+    def norm(x: dict, y: dict) -> float:
+        return sum(float(((x[n] - y[n]).double() ** 2).sum()) for n in x if n not in SHIFT_ONLY) ** 0.5
+
+    assert a.keys() == b.keys() == start.keys()
+    return norm(a, b) / norm(b, start)
+
+
 @needs_gpu
-def test_cuda_training_agrees_with_the_cpu(tiny_trace, tmp_path):
-    """A few steps on one GPU: the same batches and rankings (drawn on the CPU) give nearly the same agents."""
-    cpu = train(config(tiny_trace, tmp_path / "cpu", device="cpu"), progress=False)
-    gpu = train(config(tiny_trace, tmp_path / "gpu", device="cuda"), progress=False)
-    assert gpu["device"] == "cuda:0" and cpu["device"] == "cpu"
-    assert gpu["best_validation_score"] == pytest.approx(cpu["best_validation_score"], abs=2e-3)
-    assert_same_weights(weights(cpu["checkpoint"]), weights(gpu["checkpoint"]), exact=False, rtol=1e-3, atol=1e-4)
-    bf16 = train(config(tiny_trace, tmp_path / "bf16", device="cuda", bf16=True), progress=False)
-    assert 0 < bf16["best_validation_score"] <= 1
+def test_cuda_training_agrees_with_the_cpu(tiny_trace, tmp_path, monkeypatch):
+    """A few steps on one GPU, future importance included: each run computes it into a private store (the shared one
+    would hand the GPU runs what a CPU run stored), so the GPU runs take the Triton path. The GPU's importance
+    equals the CPU's; the same batches and rankings (drawn on the CPU) give nearly the same agents in float32, and
+    agents near the float32 ones in bf16 autocast."""
+    runs, stores = {}, {}
+    for name, device, bf16 in (("cpu", "cpu", False), ("cuda", "cuda", False), ("bf16", "cuda", True)):
+        stores[name] = tmp_path / f"importance-{name}"
+        monkeypatch.setenv("KVP_GYM_IMPORTANCE", str(stores[name]))
+        runs[name] = train(config(tiny_trace, tmp_path / name, device=device, bf16=bf16), progress=False)
+    assert runs["cpu"]["device"] == "cpu" and runs["cuda"]["device"] == runs["bf16"]["device"] == "cuda:0"
+
+    # Triton vs the torch path: both accumulate float32 from the same float16 inputs and differ by summation order
+    # and exp2 rounding only: tests/test_kernels.py's rtol, and an atol of 1e-7 because this trace's importance
+    # lies below 0.03 (1.1e-8 apart at most between the torch path and the Triton interpreter).
+    cpu_importance = stored_importance(tiny_trace, stores["cpu"])
+    cuda_importance = stored_importance(tiny_trace, stores["cuda"])
+    assert cpu_importance and cuda_importance.keys() == cpu_importance.keys()
+    for key, expected in cpu_importance.items():
+        torch.testing.assert_close(
+            cuda_importance[key], expected, rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}"
+        )
+
+    # Weights after 4 steps, as a fraction of how far they moved from the common start (0.32). Measured on a CPU:
+    # importance off by a random 1e-4 (relative) ends 0.012 away, 1e-3 ends 0.12 away; the Triton interpreter's
+    # importance (5e-7 relative from the torch path's) 6e-4 away. float32 on a GPU differs from the CPU by summation
+    # order only, at that level: <= 0.01 leaves 15x.
+    start = initial_weights(runs["cpu"])
+    cpu, cuda, bf16 = (last_weights(runs[name]) for name in ("cpu", "cuda", "bf16"))
+    assert relative_distance(cuda, cpu, start) <= 1e-2
+    # bf16 autocast rounds the network's matmul inputs to 8 significant bits (2^-9 relative): with CPU autocast the
+    # bf16 run ended 0.037 from the float32 one. 0.2 allows five times that; a run that diverges (importance 1% off:
+    # 0.75) fails.
+    assert relative_distance(bf16, cuda, start) <= 0.2
+    # Validation scores are a coarse check: tiny-random's near-uniform attention puts any agent near 0.99
+    # (importance 1% off moves it by 1.6e-3, bf16 on a CPU by 5e-6).
+    assert runs["cuda"]["best_validation_score"] == pytest.approx(runs["cpu"]["best_validation_score"], abs=1e-3)
+    assert runs["bf16"]["best_validation_score"] == pytest.approx(runs["cuda"]["best_validation_score"], abs=1e-3)
 
 
 @needs_two_gpus
-def test_two_gpus_under_torchrun(tiny_trace, tmp_path):
-    """torchrun, 2 processes on 2 GPUs (NCCL): one GPU each, replicas in sync."""
+def test_two_gpus_under_torchrun(tiny_trace, tmp_path, monkeypatch):
+    """torchrun, 2 processes on 2 GPUs (NCCL): one GPU each, importance computed there (a private store, which the
+    processes share), replicas in sync."""
+    monkeypatch.setenv("KVP_GYM_IMPORTANCE", str(tmp_path / "importance"))
     torchrun(flags(config(tiny_trace, tmp_path / "ddp", device="cuda")))
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_in_sync"] is True and summary["device"] == "cuda:0"
+    assert stored_importance(tiny_trace, tmp_path / "importance"), "the processes computed no importance"

@@ -12,7 +12,7 @@ On a CUDA device, for keys S in --keys (default 4k to 32k), bfloat16, B=1, Hq=32
 Times are medians of triton.testing.do_bench. Without a GPU, no timing is possible: the script runs every Triton
 kernel in the interpreter against its torch path on small shapes and prints the largest differences.
 
-    python benchmarks/kernels.py [--keys 4096 8192 16384 32768] [--peak-gbps 4800]
+    python benchmarks/kernel_timings.py [--keys 4096 8192 16384 32768] [--peak-gbps 4800]
 """
 
 from __future__ import annotations
