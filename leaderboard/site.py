@@ -1,7 +1,9 @@
 """The board: one static HTML page (no network needed), its SVG plots, and a Markdown table for the README.
 
-Ranks follow the holistic score, and tie where the 95% intervals overlap (as MTEB and HELM do): an entry's rank is
-1 + the number of ranked entries whose interval lies wholly above its own. Privileged upper bounds (oracles) are
+Rows follow the mean holistic score; ranks come from paired comparisons, since every entry is scored on the same
+samples and heads: two entries tie unless the 95% paired bootstrap interval of their difference excludes 0, and an
+entry's rank is 1 + the number of entries surely better than it, never better than the rank of a row above it
+(:func:`ranks`). Privileged upper bounds (oracles) are
 shown, marked, and not ranked. Every kind on the board is :func:`board_kind`, what the entry's scorer declares,
 never the entry's own ``kind`` field. The page sorts by any column when its header is clicked (a few lines of inline
 JavaScript), shows the retained fraction and end-to-end accuracy against the budget, the per-layer x head scores of
@@ -23,10 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from kvp_gym.evaluation.stats import bootstrap_generator, mean_interval
 from kvp_gym.storage import atomic_path
+from kvp_gym_leaderboard.records import pack, sample_scores
 from kvp_gym_leaderboard.submission import KINDS, declarations, end_to_end_results, kind_of
 
 UPPER_BOUND = KINDS["future"]
+RANK_SEED = 0  # the bootstrap seed of the paired comparisons behind ranks
 KIND_BADGES = {KINDS["attention-free"]: "K/V only", KINDS["queries"]: "uses queries", UPPER_BOUND: "upper bound"}
 
 
@@ -55,27 +60,46 @@ def _declared_kind(load: str) -> str:
 
 
 def ranks(entries: Sequence[dict[str, Any]]) -> list[int | None]:
-    """Rank of each entry (None for upper bounds): 1 + the ranked entries whose interval is wholly above its own."""
-    intervals = [e["results"]["trace_level"]["holistic_score"]["ci95"] for e in entries]
+    """Rank of each entry (None for upper bounds), from paired comparisons on the same samples and heads.
+
+    Entry j is surely better than entry i when the 95% paired bootstrap interval of their difference (per sample,
+    averaged over its heads: :func:`surely_better`) lies wholly above 0. Going down the entries by mean holistic
+    score, an entry's rank is 1 + the number of entries surely better than it, and never better than the rank of an
+    entry with a higher mean: a noisy entry can tie with a better one, never outrank it."""
     bounds = [board_kind(e) == UPPER_BOUND for e in entries]
-    ranked = [i for i, bound in enumerate(bounds) if not bound]
-    return [
-        None if bound else 1 + sum(intervals[j][0] > intervals[i][1] for j in ranked) for i, bound in enumerate(bounds)
-    ]
+    ranked = sorted((i for i, bound in enumerate(bounds) if not bound), key=lambda i: -_mean(entries[i]))
+    found: list[int | None] = [None] * len(entries)
+    floor = 1
+    for i in ranked:
+        floor = max(floor, 1 + sum(surely_better(entries[j], entries[i]) for j in ranked if j != i))
+        found[i] = floor
+    return found
+
+
+def surely_better(first: dict[str, Any], second: dict[str, Any], resamples: int = 1000) -> bool:
+    """Whether ``first``'s holistic score is above ``second``'s beyond doubt: the 95% paired bootstrap interval of
+    their per-sample difference (the same samples and heads, resampled together) lies wholly above 0. Each pair
+    draws from its own generator, ``bootstrap_generator(RANK_SEED, *sorted names, "rank")``, so the verdict on a
+    pair depends on the two entries alone (and is the same whichever is asked first)."""
+    names = sorted([first["name"], second["name"]])
+    mine, other = sample_scores(first), sample_scores(second)
+    if mine.shape != other.shape:
+        raise ValueError(
+            f"entries {first['name']!r} and {second['name']!r} were scored on {len(mine)} and {len(other)} "
+            "samples: a board compares entries of one benchmark"
+        )
+    difference = mine - other if names[0] == first["name"] else other - mine
+    low, high = mean_interval(difference, bootstrap_generator(RANK_SEED, *names, "rank"), resamples)["ci95"]
+    return low > 0 if names[0] == first["name"] else high < 0
+
+
+def _mean(entry: dict[str, Any]) -> float:
+    return entry["results"]["trace_level"]["holistic_score"]["mean"]
 
 
 def ordered(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Upper bounds first, then by rank, then by holistic score (a wide interval can rank an entry above one with a
-    higher mean: fewer entries are surely better than it)."""
-    rank_of = {id(e): r for e, r in zip(entries, ranks(entries), strict=True)}
-    return sorted(
-        entries,
-        key=lambda e: (
-            board_kind(e) != UPPER_BOUND,
-            rank_of[id(e)] or 0,
-            -e["results"]["trace_level"]["holistic_score"]["mean"],
-        ),
-    )
+    """Upper bounds first, then by mean holistic score (ranks follow that order: :func:`ranks`)."""
+    return sorted(entries, key=lambda e: (board_kind(e) != UPPER_BOUND, -_mean(e)))
 
 
 def columns(entries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -190,6 +214,12 @@ def entries_from_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], s
                     "end_to_end": None
                     if e2e is None or label not in e2e["policies"]
                     else end_to_end_results(e2e, label),
+                },
+                "records": {  # what ranks compare, pair by pair
+                    "trace_level": {
+                        "samples": trace["samples"],
+                        "holistic_score": pack(np.asarray(policy["per_sample_head"]), "uint16"),
+                    }
                 },
             }
         )
@@ -391,7 +421,9 @@ def _page(entries: Sequence[dict[str, Any]], title: str | None, plots: list[str]
 <p>{html.escape(heading)}</p>
 <p>Holistic score: how well a policy's ranking of the cached tokens keeps the attention the future really pays, at
 every budget at once (1 = the oracle ranking), mean over samples and KV heads with a 95% bootstrap interval over
-samples. Ranks tie where intervals overlap. Kinds: <span class="badge">K/V only</span> reads keys, values and
+samples. Rows are ordered by mean; two entries tie unless the 95% paired bootstrap interval of their difference
+(the same samples and heads) excludes 0: a rank is 1 + the number of entries surely better, never better than the
+rank of a row above it. Kinds: <span class="badge">K/V only</span> reads keys, values and
 positions; <span class="badge">uses queries</span> also reads the prompt's queries; <span class="badge">upper
 bound</span> sees the future (not ranked). Accuracy and perplexity are end to end with the evicting cache
 (mean over tasks){"; <span class=pending>pending</span> = not evaluated end to end yet" if pending else ""}. Click a

@@ -1,6 +1,6 @@
 """Submission entries: the standard evaluation of a policy on a benchmark, and the checks every entry must pass.
 
-An entry (schema leaderboard/schema/submission-v1.json) says what the policy is and how to load it (a scorer of
+An entry (schema leaderboard/schema/submission-v2.json) says what the policy is and how to load it (a scorer of
 the ``kvp_gym.scorers`` entry points with its parameters, optionally a checkpoint file pinned by SHA-256), which
 benchmark it ran (id and manifest hash), and its results: the trace-level holistic score with a 95% bootstrap
 interval over samples, per task and per prompt length, the retained fraction at the benchmark's budgets and the
@@ -26,9 +26,6 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from kvp_gym.evaluation.stats import bootstrap_generator, mean_interval
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.version import __version__
 from kvp_gym_leaderboard.benchmark import (
@@ -40,10 +37,22 @@ from kvp_gym_leaderboard.benchmark import (
     manifest_sha256,
     read_manifest,
 )
+from kvp_gym_leaderboard.records import (
+    RecordError,
+    benchmark_facts,
+    decode,
+    differences,
+    end_to_end_records,
+    published,
+    rerun_differences,
+    rescore,
+    trace_level_records,
+)
 
-SCHEMA_PATH = Path(__file__).parent / "schema" / "submission-v1.json"
+SCHEMA_PATH = Path(__file__).parent / "schema" / "submission-v2.json"
 ENTRIES = Path(__file__).parent / "entries"
-SCHEMA, SCHEMA_VERSION = "kvp-gym/leaderboard-submission", 1
+SCHEMA, SCHEMA_VERSION = "kvp-gym/leaderboard-submission", 2
+SHOWN = 10  # differences listed per entry; the rest are counted
 KINDS = {"attention-free": "attention-free", "queries": "uses-prefill-queries", "future": "privileged-upper-bound"}
 
 
@@ -116,7 +125,7 @@ def standard_evaluation(
     ``traces``: the prepared trace set; ``work``: where the end-to-end run keeps its resumable parts;
     ``checkpoint``: a checkpoint file handed to every policy as its ``checkpoint`` parameter.
     """
-    from kvp_gym.evaluation.end_to_end import run
+    from kvp_gym.evaluation.end_to_end import read_parts, run
 
     check_trace_set(benchmark, traces)
     specs = {
@@ -124,15 +133,13 @@ def standard_evaluation(
         for spec in policies
     }
     record = _trace_level_record(benchmark, specs, traces, work, checkpoint, progress)
-    e2e = None
+    parts = None
     if end_to_end:
-        e2e = run(benchmark.e2e_config(tuple(specs.values())), work / "e2e", device=device, progress=progress)
-    contexts = _context_of_samples(benchmark)
-    entries = {}
-    for spec, full_spec in specs.items():
-        results = None if e2e is None else end_to_end_results(e2e, full_spec)
-        entries[spec] = _entry(benchmark, record, spec, results, contexts, checkpoint, device)
-    return entries
+        run(benchmark.e2e_config(tuple(specs.values())), work / "e2e", device=device, progress=progress)
+        parts = read_parts(work / "e2e")
+    return {
+        spec: _entry(benchmark, record, spec, parts, full_spec, checkpoint, device) for spec, full_spec in specs.items()
+    }
 
 
 def _trace_level_record(
@@ -177,19 +184,24 @@ def _entry(
     benchmark: Benchmark,
     record: dict[str, Any],
     spec: str,
-    end_to_end: dict[str, Any] | None,
-    contexts: dict[str, int],
+    parts: dict[tuple[str, int], dict] | None,
+    full_spec: str,
     checkpoint: Path | None,
     device: str,
 ) -> dict[str, Any]:
-    """The entry of the policy ``spec`` (without name, description and authors) from the trace-level ``record`` and
-    its end-to-end results (:func:`end_to_end_results`; None when not run)."""
-    level = benchmark.trace_level
+    """The entry of the policy ``spec`` (without name, description and authors): its records from the trace-level
+    ``record`` and the end-to-end ``parts`` (where its label is ``full_spec``; None when not run), and its results
+    computed from those records."""
+    level, e2e = benchmark.trace_level, benchmark.end_to_end
     policy = record["policies"][spec]
     load = _load_record(policy["name"], policy["parameters"], checkpoint)
-    trace_level = _trace_level(
-        record, spec, bootstrap_label(load), contexts, level.bootstrap, level.bootstrap_seed, level.budgets
-    )
+    facts = benchmark_facts(benchmark)
+    records = {
+        "trace_level": trace_level_records(record, spec, facts, level.budgets),
+        "end_to_end": None if parts is None else end_to_end_records(parts, full_spec, e2e.budgets, e2e.continuation),
+    }
+    results = published(decode(records, benchmark, parts is not None), benchmark, bootstrap_label(load))
+    results["trace_level"]["seconds"] = round(policy["seconds"], 3)
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -200,14 +212,12 @@ def _entry(
         "hardware": _hardware(device),
         "seeds": {
             "trace_level": level.seed,
-            "end_to_end": benchmark.end_to_end.seed,
+            "end_to_end": e2e.seed,
             "bootstrap": level.bootstrap_seed,
         },
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "results": {
-            "trace_level": trace_level,
-            "end_to_end": end_to_end,
-        },
+        "results": results,
+        "records": records,
     }
 
 
@@ -228,42 +238,6 @@ def _load_record(name: str, parameters: dict[str, Any], checkpoint: Path | None)
     if checkpoint is not None:
         load["checkpoint"] = {"path": str(checkpoint), "sha256": file_sha256(checkpoint)}
     return load
-
-
-def _context_of_samples(benchmark: Benchmark) -> dict[str, int]:
-    manifest = read_manifest(benchmark)
-    return {
-        sample: context
-        for _, context, name in benchmark.trace_files()
-        for sample in manifest["files"].get(name, {}).get("samples", {})
-    }
-
-
-def _trace_level(
-    record: dict,
-    label: str,
-    drawn_as: str,
-    contexts: dict[str, int],
-    bootstrap: int,
-    seed: int,
-    budgets: Sequence[int],
-) -> dict[str, Any]:
-    """The trace-level results of the policy ``label`` of ``record``; the interval draws from the generator of
-    (``seed``, ``drawn_as``, "holistic_score"), so it does not depend on which other policies ran in the same
-    evaluation."""
-    policy = record["policies"][label]
-    per_sample = np.asarray(policy["per_sample_head"]).mean((1, 2))
-    of_context = np.array([contexts[name] for name in record["samples"]])
-    return {
-        "holistic_score": mean_interval(per_sample, bootstrap_generator(seed, drawn_as, "holistic_score"), bootstrap),
-        "per_task": policy["per_task"],
-        "per_context": {str(c): float(per_sample[of_context == c].mean()) for c in sorted(set(of_context.tolist()))},
-        "retained_fraction": {str(b): policy["retained_fraction"]["absolute"][str(b)] for b in budgets},
-        "per_layer_head": [[round(x, 6) for x in row] for row in policy["per_head"]],
-        "samples": len(per_sample),
-        "heads": len(record["layers"]) * record["num_kv_heads"],
-        "seconds": round(policy["seconds"], 3),
-    }
 
 
 def end_to_end_results(e2e: dict, label: str) -> dict[str, Any]:
@@ -360,39 +334,6 @@ def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[t
     for key, value in seeds.items():
         if entry["seeds"][key] != value:
             yield f"$.seeds.{key}", f"{entry['seeds'][key]} is not the benchmark's {value}"
-    trace = entry["results"]["trace_level"]
-    yield from _interval_problems("$.results.trace_level.holistic_score", trace["holistic_score"])
-    yield from _same_keys("$.results.trace_level.per_task", trace["per_task"], level.tasks)
-    yield from _same_keys("$.results.trace_level.per_context", trace["per_context"], [str(c) for c in level.contexts])
-    retained = trace["retained_fraction"]
-    yield from _same_keys("$.results.trace_level.retained_fraction", retained, [str(b) for b in level.budgets])
-    curve = [retained[str(b)] for b in sorted(level.budgets) if str(b) in retained]
-    if any(later < earlier - 1e-9 for earlier, later in zip(curve, curve[1:], strict=False)):
-        yield "$.results.trace_level.retained_fraction", f"must not decrease as the budget grows, got {curve}"
-    samples = len(level.tasks) * len(level.contexts) * level.samples
-    if trace["samples"] != samples:
-        yield "$.results.trace_level.samples", f"{trace['samples']}, but the benchmark has {samples} samples"
-    cells = sum(len(row) for row in trace["per_layer_head"])
-    if cells != trace["heads"]:
-        yield "$.results.trace_level.per_layer_head", f"{cells} values for {trace['heads']} heads"
-    mean_of_heads = float(np.mean([x for row in trace["per_layer_head"] for x in row]))
-    if abs(mean_of_heads - trace["holistic_score"]["mean"]) > 1e-4:
-        yield (
-            "$.results.trace_level.per_layer_head",
-            f"its mean {mean_of_heads:.4f} is not the holistic score {trace['holistic_score']['mean']:.4f}",
-        )
-    e2e = entry["results"]["end_to_end"]
-    if e2e is not None:
-        budgets = [str(b) for b in e2e_settings.budgets]
-        yield from _same_keys("$.results.end_to_end.accuracy", e2e["accuracy"], e2e_settings.tasks)
-        for task, by_budget in e2e["accuracy"].items():
-            yield from _same_keys(f"$.results.end_to_end.accuracy.{task}", by_budget, budgets)
-            for budget, interval in by_budget.items():
-                yield from _interval_problems(f"$.results.end_to_end.accuracy.{task}.{budget}", interval)
-        if e2e_settings.essays:
-            yield from _same_keys("$.results.end_to_end.perplexity", e2e["perplexity"], budgets)
-        for budget, interval in e2e["perplexity"].items():
-            yield from _interval_problems(f"$.results.end_to_end.perplexity.{budget}", interval)
     load = entry["load"]
     checkpoint = load.get("checkpoint")
     if checkpoint is not None:
@@ -404,7 +345,27 @@ def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[t
             yield "$.load.checkpoint.sha256", f"{file} has SHA-256 {found}, not the entry's"
             return
         load = {**load, "checkpoint": {**checkpoint, "path": str(file)}}
-    yield from _kind_problems(entry["kind"], load)
+    kind = list(_kind_problems(entry["kind"], load))
+    yield from kind
+    if any(where == "$.load" for where, _ in kind):
+        return  # no scorer: no label to recompute the intervals under
+    yield from _number_problems(entry, benchmark)
+
+
+def _number_problems(entry: dict, benchmark: Benchmark) -> Iterator[tuple[str, str]]:
+    """The entry's records against the benchmark, then every stated number against the one its records give (the
+    first :data:`SHOWN` differences, and how many more)."""
+    try:
+        decoded = decode(entry["records"], benchmark, entry["results"]["end_to_end"] is not None)
+    except RecordError as err:
+        where, _, message = str(err).partition(": ")
+        yield where, message
+        return
+    decoded, found = rescore(decoded, benchmark)
+    found += differences(entry["results"], published(decoded, benchmark, bootstrap_label(entry["load"])))
+    yield from found[:SHOWN]
+    if len(found) > SHOWN:
+        yield "$.results", f"and {len(found) - SHOWN} more numbers that differ from what the records give"
 
 
 def _kind_problems(stated: str, load: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -439,59 +400,31 @@ def read_entry(path: Path) -> dict[str, Any]:
     return entry
 
 
-def _interval_problems(where: str, interval: dict) -> Iterator[tuple[str, str]]:
-    low, high = interval["ci95"]
-    if not low - 1e-9 <= interval["mean"] <= high + 1e-9:
-        yield where, f"the interval {interval['ci95']} does not contain the mean {interval['mean']}"
-
-
-def _same_keys(where: str, found: dict, expected: Sequence[str]) -> Iterator[tuple[str, str]]:
-    missing, unknown = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing:
-        yield where, f"missing {', '.join(missing)} (the benchmark's are {', '.join(expected)})"
-    if unknown:
-        yield where, f"unknown {', '.join(unknown)} (the benchmark's are {', '.join(expected)})"
-
-
 # --- reproduction -------------------------------------------------------------------------------------------------
 
 
 def rerun(
     path: Path, benchmark: Benchmark, traces: Path, work: Path, device: str = "auto", progress: bool = True
 ) -> list[str]:
-    """Re-evaluate the (valid) entry in ``path`` on ``benchmark`` and return every number outside the entry's own
-    95% interval, one line each."""
+    """Re-evaluate the (valid) entry in ``path`` on ``benchmark`` and compare its raw records with the rerun's,
+    one line per difference (:func:`kvp_gym_leaderboard.records.rerun_differences`: exact to the records' rounding
+    on the platform the entry was made on, within stated tolerances elsewhere)."""
     path = Path(path)
     entry = json.loads(path.read_text())
     load = entry["load"]
     checkpoint = resolve_checkpoint(load["checkpoint"]["path"], path) if "checkpoint" in load else None
     spec = policy_spec(load["scorer"], load["parameters"])
+    end_to_end = entry["results"]["end_to_end"] is not None
     fresh = standard_evaluation(
         benchmark,
         [spec],
         traces,
         work,
         checkpoint=checkpoint,
-        end_to_end=entry["results"]["end_to_end"] is not None,
+        end_to_end=end_to_end,
         device=device,
         progress=progress,
-    )[spec]["results"]
-    return list(_outside(entry["results"], fresh, path))
-
-
-def _outside(claimed: dict, fresh: dict, path: Path) -> Iterator[str]:
-    """Every rerun mean outside the entry's own interval: the holistic score and each end-to-end accuracy."""
-    score, fresh_score = claimed["trace_level"]["holistic_score"], fresh["trace_level"]["holistic_score"]
-    pairs = [("$.results.trace_level.holistic_score", score, fresh_score)]
-    for task, by_budget in (claimed["end_to_end"] or {"accuracy": {}})["accuracy"].items():
-        again = fresh["end_to_end"]["accuracy"][task]
-        pairs += [
-            (f"$.results.end_to_end.accuracy.{task}.{b}", interval, again[b]) for b, interval in by_budget.items()
-        ]
-    for where, interval, rerun_of in pairs:
-        low, high = interval["ci95"]
-        if not low - 1e-9 <= rerun_of["mean"] <= high + 1e-9:
-            yield (
-                f"{path}: {where}: rerun gives {rerun_of['mean']:.4f}, outside the entry's interval "
-                f"[{low:.4f}, {high:.4f}]"
-            )
+    )[spec]
+    claimed, again = (decode(e["records"], benchmark, end_to_end) for e in (entry, fresh))
+    same_platform = all(entry["hardware"][key] == fresh["hardware"][key] for key in ("device", "platform", "torch"))
+    return [f"{path}: {where}: {problem}" for where, problem in rerun_differences(claimed, again, same_platform)]

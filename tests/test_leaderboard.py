@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from kvp_gym.cli import main
+from kvp_gym.evaluation.report import FULL_CACHE
+from kvp_gym.evaluation.stats import mean_interval
 from kvp_gym.storage import file_sha256
 from kvp_gym_leaderboard.benchmark import (
     TOLERANCE,
@@ -23,8 +25,16 @@ from kvp_gym_leaderboard.benchmark import (
     prepare,
     read_manifest,
 )
-from kvp_gym_leaderboard.site import build_site, markdown_table, ranks
-from kvp_gym_leaderboard.submission import ENTRIES, read_entry, rerun, standard_evaluation, validate
+from kvp_gym_leaderboard.records import decode, pack, published
+from kvp_gym_leaderboard.site import build_site, markdown_table, ordered, ranks, surely_better
+from kvp_gym_leaderboard.submission import (
+    ENTRIES,
+    bootstrap_label,
+    read_entry,
+    rerun,
+    standard_evaluation,
+    validate,
+)
 
 TINY = """\
 id = "tiny-v0"
@@ -174,15 +184,34 @@ def test_submitted_entries_are_valid_and_kinds_follow_the_scorers(bench, entries
     assert set(entry["results"]["end_to_end"]["accuracy"]["niah_single"]) == {"32", "64"}
 
 
-def test_rerun_reproduces_and_catches_a_claim_outside_the_interval(bench, entries, tmp_path):
+def test_rerun_reproduces_the_records_and_catches_forged_ones(bench, entries, tmp_path):
     benchmark, traces = bench
     assert rerun(entries / "streaming_llm.json", benchmark, traces, tmp_path / "a", progress=False) == []
+    # Forged records with results recomputed from them: validate cannot tell, the rerun can.
     entry = json.loads((entries / "streaming_llm.json").read_text())
-    entry["results"]["trace_level"]["holistic_score"] = {"mean": 0.5, "ci95": [0.45, 0.55]}
-    claimed = tmp_path / "claimed.json"
-    claimed.write_text(json.dumps(entry))
-    problems = rerun(claimed, benchmark, traces, tmp_path / "a", progress=False)
-    assert len(problems) == 1 and "holistic_score: rerun gives" in problems[0] and "[0.4500, 0.5500]" in problems[0]
+    decoded = decode(entry["records"], benchmark, end_to_end=True)
+    better = np.clip(decoded.scores + 0.2 * (np.arange(decoded.scores.shape[0]) == 0)[:, None, None], 0, 1)
+    entry["records"]["trace_level"]["holistic_score"] = pack(better, "uint16")
+    prompt = entry["records"]["end_to_end"]["prompts"][0]
+    prompt["outputs"]["32"] = prompt["outputs"][FULL_CACHE]  # the full cache's answer, claimed at budget 32
+    prompt["correct"]["32"] = prompt["correct"][FULL_CACHE]
+    entry["results"] = forged_results(entry, benchmark)
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(entry))
+    assert validate([forged], benchmark) == []
+    problems = rerun(forged, benchmark, traces, tmp_path / "a", progress=False)
+    assert problems[0].startswith(f"{forged}: $.records.trace_level.holistic_score: 4 of 32 values differ")
+    changed = [p for p in problems if "$.records.end_to_end.prompts" in p]
+    if decoded.prompts[0]["outputs"]["32"] != decoded.prompts[0]["outputs"][FULL_CACHE]:
+        assert changed and "1 outputs differ from the rerun (niah_single/0 at 32)" in changed[0]
+
+
+def forged_results(entry: dict, benchmark) -> dict:
+    """The results an entry's (edited) records give, as submit computes them: what a forger would write."""
+    decoded = decode(entry["records"], benchmark, entry["results"]["end_to_end"] is not None)
+    results = published(decoded, benchmark, bootstrap_label(entry["load"]))
+    results["trace_level"]["seconds"] = entry["results"]["trace_level"]["seconds"]
+    return results
 
 
 def _broken(entries: Path, tmp_path: Path, edit) -> Path:
@@ -204,20 +233,50 @@ def _broken(entries: Path, tmp_path: Path, edit) -> Path:
             "$.results.trace_level.per_task.essay",
             "1.5 is greater than the maximum of 1",
         ),
-        (
-            lambda e: e["results"]["trace_level"]["holistic_score"].update(ci95=[0.0, 0.01]),
-            "$.results.trace_level.holistic_score",
-            "does not contain the mean",
+        (  # a number changed (the knorm essay score 0.374 -> 0.99 of the review)
+            lambda e: e["results"]["trace_level"]["per_task"].update(essay=0.99),
+            "$.results.trace_level.per_task.essay",
+            "the entry says 0.99, its records give 0.",
+        ),
+        (  # an interval widened
+            lambda e: e["results"]["trace_level"]["holistic_score"]["ci95"].__setitem__(1, 1.0),
+            "$.results.trace_level.holistic_score.ci95[1]",
+            "the entry says 1.0, its records give 0.",
         ),
         (
-            lambda e: e["results"]["trace_level"]["retained_fraction"].update({"32": 0.9, "64": 0.1}),
-            "$.results.trace_level.retained_fraction",
-            "must not decrease",
+            lambda e: e["results"]["trace_level"]["retained_fraction"].update({"64": 0.01}),
+            "$.results.trace_level.retained_fraction.64",
+            "the entry says 0.01",
         ),
         (
             lambda e: e["results"]["trace_level"]["per_task"].pop("essay"),
             "$.results.trace_level.per_task",
-            "missing essay",
+            "missing 'essay', which the records give",
+        ),
+        (
+            lambda e: e["results"]["end_to_end"]["accuracy"]["niah_single"]["64"].update(mean=1.0),
+            "$.results.end_to_end.accuracy.niah_single.64.mean",
+            "the entry says 1.0",
+        ),
+        (
+            lambda e: e["records"]["trace_level"]["holistic_score"].update(shape=[7, 2, 2]),
+            "$.records.trace_level.holistic_score.shape",
+            "expected [8, 2, 2] (this benchmark's), got [7, 2, 2]",
+        ),
+        (
+            lambda e: e["records"]["trace_level"]["samples"].reverse(),
+            "$.records.trace_level.samples",
+            "not the benchmark's samples in its order",
+        ),
+        (
+            lambda e: e["records"]["end_to_end"]["prompts"][1]["correct"].update({"64": 7.0}),
+            "$.records.end_to_end.prompts[1].correct.64",
+            "says 7.0, but the task scores this output",
+        ),
+        (
+            lambda e: e["records"]["end_to_end"]["nll"].update(data="bm90IGd6aXA="),
+            "$.records.end_to_end.nll.data",
+            "not base64 of gzip data",
         ),
         (lambda e: e["seeds"].update(trace_level=1), "$.seeds.trace_level", "not the benchmark's 5"),
         (lambda e: e.update(kind="clever"), "$.kind", "'clever' is not one of"),
@@ -292,19 +351,47 @@ def test_the_board_shows_the_kind_the_scorer_declares(entries):
     assert ranks([oracle]) == [None]
 
 
-def test_ranks_tie_where_intervals_overlap():
-    def entry(mean, low, high, scorer="knorm"):
-        score = {"mean": mean, "ci95": [low, high]}
-        return {"load": {"scorer": scorer, "parameters": {}}, "results": {"trace_level": {"holistic_score": score}}}
+def board_entry(name: str, per_sample: np.ndarray, scorer: str = "knorm") -> dict:
+    """A board entry whose records hold ``per_sample`` scores (one head each) and whose interval is their own."""
+    scores = np.asarray(per_sample, float)[:, None, None]
+    interval = mean_interval(scores.ravel(), np.random.default_rng(0), 1000)
+    return {
+        "name": name,
+        "load": {"scorer": scorer, "parameters": {}},
+        "results": {"trace_level": {"holistic_score": interval}},
+        "records": {"trace_level": {"holistic_score": pack(scores, "uint16")}},
+    }
 
+
+def test_a_wide_low_mean_entry_never_outranks_a_narrow_higher_one():
+    rng = np.random.default_rng(1)
+    n = 20
     board = [
-        entry(1.0, 1.0, 1.0, "oracle"),
-        entry(0.80, 0.75, 0.85),
-        entry(0.74, 0.70, 0.78),  # overlaps the first: tied with it
-        entry(0.60, 0.58, 0.62),  # below both
-        entry(0.65, 0.40, 0.90),  # wide: nothing is surely above it
+        board_entry("oracle", np.ones(n), "oracle"),
+        board_entry("top", 0.74 + 0.01 * rng.standard_normal(n)),
+        board_entry("narrow", 0.70 + 0.01 * rng.standard_normal(n)),  # surely below "top"
+        board_entry("wide", 0.66 + 0.3 * np.tile([1, -1], n // 2)),  # noisy: nothing surely above it
     ]
-    assert ranks(board) == [None, 1, 1, 3, 1]
+    top, narrow, wide = (board[i]["results"]["trace_level"]["holistic_score"]["ci95"] for i in (1, 2, 3))
+    # The old rule (1 + the entries whose marginal interval lies wholly above) ranked "wide" 1st, "narrow" 2nd.
+    assert narrow[1] < top[0] < wide[1]
+    assert ranks(board) == [None, 1, 2, 2]
+    assert [e["name"] for e in ordered(board)] == ["oracle", "top", "narrow", "wide"]
+
+
+def test_pairing_separates_what_marginal_intervals_cannot():
+    rng = np.random.default_rng(2)
+    difficulty = rng.uniform(0.2, 0.9, 40)  # samples differ a lot; one method is always a little better
+    board = [board_entry("a", difficulty + 0.02), board_entry("b", difficulty)]
+    low_a, high_b = (
+        board[0]["results"]["trace_level"]["holistic_score"]["ci95"][0],
+        board[1]["results"]["trace_level"]["holistic_score"]["ci95"][1],
+    )
+    assert low_a < high_b  # the marginal intervals overlap
+    assert ranks(board) == [1, 2] and ranks(board[::-1]) == [2, 1]
+    assert surely_better(board[0], board[1]) and not surely_better(board[1], board[0])
+    same = [board_entry("c", difficulty + 0.02 * rng.standard_normal(40)), board_entry("d", difficulty)]
+    assert ranks(same) == [1, 1]  # no sure difference: a tie
 
 
 def test_board_markdown_and_site_from_entries(bench, entries, tmp_path):

@@ -233,7 +233,7 @@ def _full_cache_reference(prompt: _Prefilled, essay_continuation: list[int]) -> 
         return future, _answer(prompt.tokenizer, prompt.task, prompt.sample, future)
     future = essay_continuation
     _, logits, _ = continue_from(prompt.model, state.cache.copy(), state.logits, 0, forced=future)
-    return future, {"perplexity": _perplexity(logits[0], future)}
+    return future, _essay_result(logits[0], future)
 
 
 def _score_policies(
@@ -279,7 +279,7 @@ def _decode_budget(
             for row, label in enumerate(labels)
         }
     _, logits, _ = continue_from(prompt.model, batch, logits, 0, forced=future)
-    return {label: {"perplexity": _perplexity(logits[row], future)} for row, label in enumerate(labels)}
+    return {label: _essay_result(logits[row], future) for row, label in enumerate(labels)}
 
 
 def _answer(tokenizer, task, sample, tokens: list[int]) -> dict:
@@ -287,10 +287,12 @@ def _answer(tokenizer, task, sample, tokens: list[int]) -> dict:
     return {"output": output, "score": task.score(output, sample.answers)}
 
 
-def _perplexity(logits: torch.Tensor, future: Sequence[int]) -> float:
-    """exp(mean NLL) of ``future`` under ``logits`` [len(future), vocab] (row i predicts future[i])."""
+def _essay_result(logits: torch.Tensor, future: Sequence[int]) -> dict[str, Any]:
+    """{"perplexity": exp(mean NLL), "nll": [len(future)] in nats}: how well ``logits`` [len(future), vocab] (row i
+    predicts future[i]) predict ``future``; the token NLLs are a leaderboard entry's raw records."""
     target = torch.tensor(list(future), device=logits.device)
-    return math.exp(torch.nn.functional.cross_entropy(logits.float(), target).item())
+    nll = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
+    return {"perplexity": math.exp(nll.mean().item()), "nll": [round(v, 6) for v in nll.tolist()]}
 
 
 def _future_importance(model, ids: list[int], future: list[int], state: Prefill) -> dict[int, torch.Tensor]:
@@ -344,7 +346,7 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
     out = Path(out)
     settings = read_settings(out)
     config = _config_of(settings)
-    records = _read_parts(out, config)
+    records = read_parts(out)
     labels = [label for label in scorers if all(label in r["policies"] for r in records.values())]
     budgets = [str(b) for b in config.budgets]
     record: dict[str, Any] = {
@@ -386,8 +388,13 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
     return record
 
 
-def _read_parts(out: Path, config: E2EConfig) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every sample's part, by (task, index) in the run's order; ValueError naming the first one missing."""
+def read_parts(out: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every sample's part of the run folder ``out``, by (task, index) in the run's order; ValueError naming the
+    first one missing. A part: {"task", "index", "prompt_tokens", "answers", "full_cache", "policies": {label:
+    {"holistic_score", "needle_attention", "budgets": {budget: result}}}, "seconds", "skipped"}, a result being
+    {"output", "score"} for a task prompt and {"perplexity", "nll": [tokens]} for an essay."""
+    out = Path(out)
+    config = _config_of(read_settings(out))
     records = {}
     for task, index in config.work():
         path = part_path(out / "parts", task, index)

@@ -22,6 +22,8 @@ results.json, schema ``kvp-gym/trace-evaluation`` version 2::
                           "per_task": {task: mean},
                           "per_layer": [L], "per_head": [L][H],                # means over samples
                           "per_sample_head": [S][L][H],                        # every score, for paired statistics
+                          "retained_per_sample_head": {"budgets": [...], "values": [S][L][H][budgets]},  # every
+                                               # retained fraction, at the absolute budgets the protocol allows
                           "retained_fraction": {"absolute": {"16": ...}, "fractions": {"0.05": ...}},  # null: budget
                                                                                #   below the protected tokens
                           "needle_retention": {"absolute", "fractions", "per_task": {task: {"absolute", "fractions"}}}
@@ -346,8 +348,21 @@ def _policy_results(
         "per_head": scores.mean(0).tolist(),
         "per_sample_head": np.round(scores, 6).tolist(),
         "retained_fraction": _by_budget(tally.kept[label].mean((0, 1, 2))),
+        "retained_per_sample_head": _retained_cells(tally.kept[label]),
         "needle_retention": _needle_retention(tally.needles_kept[label], tally.needle_total, with_needles, tasks),
         "seconds": tally.seconds[label],
+    }
+
+
+def _retained_cells(kept: np.ndarray) -> dict[str, Any]:
+    """Every (sample, layer, KV head) retained fraction at the absolute budgets the protocol allows (a budget below
+    the protected tokens is NaN everywhere and left out): kept [S, L, H, budgets] -> {"budgets", "values"}, the values
+    [S][L][H][budgets] rounded to 6 decimals (what a leaderboard entry's raw records are made from)."""
+    absolute = kept[..., : len(ABSOLUTE_BUDGETS)]
+    allowed = [i for i in range(len(ABSOLUTE_BUDGETS)) if np.isfinite(absolute[..., i]).all()]
+    return {
+        "budgets": [ABSOLUTE_BUDGETS[i] for i in allowed],
+        "values": np.round(absolute[..., allowed], 6).tolist(),
     }
 
 
