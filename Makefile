@@ -17,7 +17,7 @@ space := $(subst ,, )
 KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
-.PHONY: install test demo lint fuzz clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
+.PHONY: install test demo lint fuzz fuzz-entries clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
 	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval kvp2-e2e \
 	leaderboard leaderboard-entries
 
@@ -53,6 +53,12 @@ fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz_traces.py --source runs/fuzz/source.h5 --mutants $(FUZZ_MUTANTS) --out runs/fuzz/v2.json
 	$(BIN)/python tests/fuzz_traces.py --source runs/fuzz/source.h5 --mutants 160 --reseal --seed 1 \
 		--out runs/fuzz/v2-resealed.json
+
+# Hundreds of tampered leaderboard entries (numbers changed, intervals widened, fields removed or retyped, kinds,
+# scorers and checkpoints swapped, records truncated, reordered or taken from another entry) through `leaderboard
+# validate`; fails on any accepted or traceback. Outcomes in runs/fuzz/entries.json (docs/leaderboard.md).
+fuzz-entries: $(STAMP)
+	$(BIN)/python tests/fuzz_entries.py --entries leaderboard/entries --mutants $(FUZZ_MUTANTS) --out runs/fuzz/entries.json
 
 demo: $(DEMO_STAMP)
 	$(BIN)/kvp-gym traces default --link $(DEMO)  # the no-config env's set, in the user cache; traces/demo links to it

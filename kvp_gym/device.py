@@ -1,4 +1,4 @@
-"""Which torch device a command runs on: the one rule every ``--device`` option follows.
+"""Which torch device a command runs on: the one rule every ``--device`` option follows; and its name for records.
 
 Imports nothing from kvp_gym.
 """
@@ -6,6 +6,8 @@ Imports nothing from kvp_gym.
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -25,3 +27,24 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda:"):
         return torch.device(name)
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_name(device: torch.device) -> str:
+    """What ``device`` is, for provenance records: the GPU's name, or ``cpu (MODEL, N cores)``.
+
+    ``platform.processor()`` is empty on most Linux systems, so the CPU model comes from /proc/cpuinfo there, and
+    from the architecture (``x86_64``) where neither says more.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({_cpu_model()}, {os.cpu_count()} cores)"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -8,12 +8,14 @@ per-layer x head scores (paper protocol); and end to end, the exact-match accura
 essays' perplexity with the evicting cache, next to the full cache's.
 
 An entry's ``kind`` is what its loaded scorer declares (:func:`declarations`); :func:`validate` refuses another.
-The trace-level interval draws from ``bootstrap_generator(bootstrap seed, bootstrap_label(load), "holistic_score")``.
+Every published number is computed from the entry's raw ``records`` (:mod:`kvp_gym_leaderboard.records`); each
+interval draws from ``bootstrap_generator(bootstrap seed, bootstrap_label(load), statistic...)``.
 
 :func:`standard_evaluation` produces entries (``kvp-gym submit``); :func:`validate` checks files (``kvp-gym
-leaderboard validate``); :func:`rerun` re-evaluates an entry and reports numbers that fall outside its own interval.
+leaderboard validate``): the schema, the benchmark, the checkpoint, the kind, the records, and every number against
+what the records give; :func:`rerun` re-evaluates an entry and compares its records with the rerun's.
 
-Imports kvp_gym (storage, version, scorers, device, evaluation) and kvp_gym_leaderboard.benchmark.
+Imports kvp_gym (storage, version, scorers, device, evaluation) and kvp_gym_leaderboard.benchmark and .records.
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ def declarations(load: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def bootstrap_label(load: dict[str, Any]) -> str:
-    """The label an entry's intervals are drawn under: its policy spec without the checkpoint (a path, which differs
-    between machines), e.g. ``tova`` or ``kvp``."""
-    return policy_spec(load["scorer"], load["parameters"])
+    """The label an entry's intervals are drawn under: its policy spec without the checkpoint's path (which differs
+    between machines) but with the checkpoint's SHA-256, e.g. ``tova`` or ``kvp@sha256:9f2c...``. So the intervals
+    belong to the checkpoint's content: records moved under another checkpoint no longer give the stated ones."""
+    checkpoint = load.get("checkpoint")
+    return policy_spec(load["scorer"], load["parameters"]) + (f"@sha256:{checkpoint['sha256']}" if checkpoint else "")
 
 
 def policy_spec(scorer_name: str, parameters: dict[str, Any], checkpoint: str | None = None) -> str:
@@ -258,11 +262,9 @@ def end_to_end_results(e2e: dict, label: str) -> dict[str, Any]:
 def _hardware(device: str) -> dict[str, str]:
     import torch
 
-    from kvp_gym.device import resolve_device
+    from kvp_gym.device import device_name, resolve_device
 
-    resolved = resolve_device(device)
-    name = torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"cpu ({platform.processor() or '?'})"
-    return {"device": name, "platform": platform.platform(), "torch": torch.__version__}
+    return {"device": device_name(resolve_device(device)), "platform": platform.platform(), "torch": torch.__version__}
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -345,6 +347,9 @@ def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[t
             yield "$.load.checkpoint.sha256", f"{file} has SHA-256 {found}, not the entry's"
             return
         load = {**load, "checkpoint": {**checkpoint, "path": str(file)}}
+    registered = entry_points(group="kvp_gym.scorers")
+    if load["scorer"] in registered.names and load["entry_point"] != registered[load["scorer"]].value:
+        yield "$.load.entry_point", f"the scorer {load['scorer']!r} is {registered[load['scorer']].value}"
     kind = list(_kind_problems(entry["kind"], load))
     yield from kind
     if any(where == "$.load" for where, _ in kind):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from kvp_gym.device import resolve_device
+from kvp_gym.device import device_name, resolve_device
 
 
 @pytest.fixture
@@ -43,3 +45,9 @@ def test_with_cuda_auto_and_cuda_are_the_first_gpu_or_torchruns_own(cuda, monkey
 def test_unknown_names_say_what_is_accepted(cuda, name):
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:i'"):
         resolve_device(name)
+
+
+def test_the_cpu_is_named_in_provenance_records():
+    name = device_name(torch.device("cpu"))
+    assert name.startswith("cpu (") and name.endswith(f", {os.cpu_count()} cores)")
+    assert "?" not in name and "unknown" not in name  # /proc/cpuinfo or the architecture says what it is

@@ -1,4 +1,5 @@
-"""The trace reader under fuzzing: mutated trace files through every command that reads them (tests/fuzz_traces.py).
+"""Fuzzing: mutated trace files through every command that reads them (tests/fuzz_traces.py), and tampered
+leaderboard entries through validate (tests/fuzz_entries.py).
 
 Zero tracebacks, zero hangs, and every file whose content differs from the original refused: by the seal and the
 checksums for version-2 files, by the strict validation for edits that break the format (also when the edited file
@@ -60,3 +61,15 @@ def test_version_1_files(tmp_path, monkeypatch):
     assert all(r["outcome"] == "error" for r in rows if r["command"] == "traces check"), table(rows)
     rows = classify(damage, V1_FILE, timeout=60)
     assert _failures(rows, ("error", "unaffected", "accepted")) == [], table(rows)
+
+
+def test_tampered_leaderboard_entries_are_refused(tmp_path):
+    """A sample of `make fuzz-entries`: every kind of tampering of the committed entries, through validate."""
+    from fuzz_entries import MUTATIONS, classify, make_mutants, table
+
+    from kvp_gym_leaderboard.submission import ENTRIES
+
+    rows = classify(make_mutants(sorted(ENTRIES.glob("*.json")), tmp_path, 2 * len(MUTATIONS), seed=7))
+    assert {r["kind"] for r in rows} == set(MUTATIONS)
+    assert [r for r in rows if r["outcome"] in ("accepted", "traceback")] == [], table(rows)
+    assert sum(r["outcome"] == "error" for r in rows) >= len(rows) - 2, table(rows)
