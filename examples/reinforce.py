@@ -33,6 +33,8 @@ from kvp_gym.envs.wrappers import ranking_to_scores
 from kvp_gym.evaluation import evaluate, trace_level_table
 
 BASELINES = ["streaming_llm", "knorm", "keydiff", "h2o", "tova", "snapkv", "random"]
+# The training bar counts seconds of the time budget (tqdm puts ", " before the postfix itself).
+TRAINING_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
 
 
 class TokenPolicy(nn.Module):
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traces", nargs="+", help="trace files (default: the default SmolLM2 trace set)")
     parser.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
-    parser.add_argument("--steps", type=int, default=10_000, help="at most this many updates")
+    parser.add_argument("--steps", type=int, default=10_000, help="at most this many updates (a cap; default 10000)")
     parser.add_argument("--episodes", type=int, default=8, help="episodes per update (default 8)")
     parser.add_argument("--rankings", type=int, default=4, help="sampled rankings per episode, K >= 2 (default 4)")
     parser.add_argument("--lr", type=float, default=1e-2)
@@ -92,9 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     env.reset(seed=args.seed)
 
-    deadline = time.monotonic() + 60 * args.minutes
-    progress = tqdm(range(args.steps), desc="REINFORCE", unit="update")
-    for _ in progress:
+    # The bar runs against the time budget (--steps is only a cap): its estimate is the training time left.
+    budget, start = 60 * args.minutes, time.monotonic()
+    progress = tqdm(total=budget, desc="REINFORCE", unit="s", bar_format=TRAINING_BAR)
+    updates = 0
+    while updates < args.steps and time.monotonic() - start < budget:
         drawn = [env.reset() for _ in range(args.episodes)]  # (observation, {"episode": key})
         batch = {name: np.stack([obs[name] for obs, _ in drawn]) for name in drawn[0][0]}
         logits = policy(batch).repeat_interleave(args.rankings, 0)  # [episodes * K, T]
@@ -113,20 +117,32 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        progress.set_postfix(holistic_score=f"{np.mean(scores):.3f}")
-        if time.monotonic() > deadline:
-            break
+        updates += 1
+        progress.set_postfix_str(f"{updates} updates, training holistic score {np.mean(scores):.3f}", refresh=False)
+        progress.update(min(time.monotonic() - start, budget) - progress.n)
+    progress.close()
+    seconds = time.monotonic() - start
+    print(f"trained: {updates} updates in {seconds / 60:.1f} min ({60 * updates / seconds:.0f} per minute)")
 
     eval_env = gym.make("KVEvict-v0", config={**config, "split": args.eval_split})
     mine = EnvPolicyScorer(policy, eval_env, name="reinforce (examples/reinforce.py)")
+    traces = eval_env.unwrapped.episodes.traces
+    print(
+        f"evaluating the policy and {len(BASELINES)} baselines on the {args.eval_split} split of "
+        f"{', '.join(str(trace.path) for trace in traces)} (every sample, layer and KV head; the bar estimates the "
+        "time left)",
+        flush=True,
+    )
+    start = time.monotonic()
     record = evaluate(
-        [trace.path for trace in eval_env.unwrapped.episodes.traces],
+        [trace.path for trace in traces],
         [mine, *BASELINES],
         split=args.eval_split,
         protocol="paper",
         versus=mine.name,
-        progress=False,
+        progress=True,
     )
+    print(f"evaluated in {time.monotonic() - start:.0f} s")
     print(trace_level_table(record))
     return record
 

@@ -16,10 +16,12 @@ Imports kvp_gym.storage and kvp_gym.traces (the model geometry a trace header re
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from kvp_gym.storage import atomic_path, cache_dir
 from kvp_gym.traces import ModelGeometry
@@ -125,9 +128,10 @@ def _from_pretrained(
     is_folder = Path(folder).is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=offline
-        )
+        with _quiet_loading(offline):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=offline
+            )
     except (OSError, ValueError) as err:
         if is_folder:
             raise ModelNotFoundError(f"{folder}: not a loadable transformers model folder ({err})") from None
@@ -141,6 +145,21 @@ def _from_pretrained(
             f"in the local Hugging Face cache{hint}"
         ) from None
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """Without transformers' own progress bars (its "Loading weights" bar, shown for a load of a second or less
+    in every command) while ``quiet``; a download keeps them (it can take minutes). Our own bars are plain tqdm:
+    unaffected."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _tiny_random() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -23,14 +23,27 @@ Policy specs, the way commands and result records name a configured scorer: ``na
 ``name:param=value;param=value`` (:func:`from_spec`); :func:`resolve_policies` turns ``"all"``, a list of specs
 and scorer objects, or a mapping from label to either into labelled scorers, and :func:`label_of` names an object.
 
+A policy file needs no package: ``file:PATH:FACTORY`` (or ``file:PATH:FACTORY:param=value;...``) imports the
+Python file PATH as a module and calls ``FACTORY(**params)``, which returns any scorer (an ``EnvPolicyScorer``
+around a trained torch policy, say). The scorer comes back as a :class:`FileScorer`, which lists the file (and a
+``checkpoint`` parameter) in ``files``, so that runs record their SHA-256 and notice a changed file. Loading a
+policy file runs its code, as installing a scorer package does.
+
 Imports only kvp_gym.attention and kvp_gym.storage.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import inspect
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -128,7 +141,9 @@ def model_mismatches(scorers: dict[str, Scorer], model: str, geometry: Any) -> d
 
 
 def parameters(scorer: Scorer) -> dict[str, Any]:
-    """A scorer's parameters (its dataclass fields), for result records."""
+    """A scorer's parameters (its dataclass fields; for a policy file's scorer, its factory's), for result records."""
+    if isinstance(scorer, FileScorer):
+        return dict(scorer.source.parameters)
     return {f.name: getattr(scorer, f.name) for f in fields(scorer)} if is_dataclass(scorer) else {}
 
 
@@ -166,15 +181,33 @@ PolicySpec = str | Scorer
 
 def from_spec(spec: str) -> Scorer:
     """The scorer a spec names: ``name`` or ``name:param=value;param=value`` (values read as true/false, an int, a
-    float, else text). An unknown name is a ValueError listing the available ones."""
+    float, else text), or a policy file, ``file:PATH:FACTORY[:param=value;...]`` (:func:`load_policy_file`). An
+    unknown name is a ValueError listing the available ones."""
+    if spec.startswith(FILE_PREFIX):
+        source = parse_file_spec(spec)
+        return load_policy_file(source.path, source.factory, **source.parameters)
     name, _, arguments = spec.partition(":")
     if name not in available_scorers():
         raise ValueError(f"unknown policies [{name!r}]; available: {', '.join(available_scorers())}")
+    return get_scorer(name, **_spec_parameters(spec, arguments))
+
+
+def _spec_parameters(spec: str, arguments: str) -> dict[str, bool | int | float | str]:
+    """``param=value;param=value`` (the part of ``spec`` after its name) as a dict of values (:func:`_number`)."""
     try:
         params = dict(pair.split("=", 1) for pair in arguments.split(";") if pair)
     except ValueError:
         raise ValueError(f"policy {spec!r}: parameters must be written name:param=value;param=value") from None
-    return get_scorer(name, **{k: _number(v) for k, v in params.items()})
+    return {k: _number(v) for k, v in params.items()}
+
+
+def with_parameters(spec: str, **params: Any) -> str:
+    """``spec`` with ``params`` added to its parameters: ``knorm`` -> ``knorm:checkpoint=x``, ``kvp:a=1`` ->
+    ``kvp:a=1;checkpoint=x``, ``file:p.py:make`` -> ``file:p.py:make:checkpoint=x``."""
+    added = ";".join(f"{key}={value}" for key, value in params.items())
+    source = parse_file_spec(spec) if spec.startswith(FILE_PREFIX) else None
+    has_arguments = bool(source.parameters) if source is not None else ":" in spec
+    return f"{spec}{';' if has_arguments else ':'}{added}" if added else spec
 
 
 def _number(text: str) -> bool | int | float | str:
@@ -257,3 +290,119 @@ def label_of(scorer: Scorer) -> str:
 def _plain(value: Any) -> bool:
     """A parameter value that reads well in a label (not a tensor, module or long container)."""
     return isinstance(value, bool | int | float | str) or value is None
+
+
+# --- policy files ---------------------------------------------------------------------------------------------------
+
+FILE_PREFIX = "file:"
+_FILE_SPEC = re.compile(rf"{FILE_PREFIX}(?P<path>.+?\.py):(?P<factory>[A-Za-z_]\w*)(?::(?P<arguments>.*))?")
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    """A policy file spec taken apart: the Python file, the name of its factory function and the factory's
+    parameters (``file:PATH:FACTORY:param=value;...``)."""
+
+    path: Path
+    factory: str
+    parameters: dict[str, Any]
+
+
+def parse_file_spec(spec: str) -> PolicyFile:
+    """``file:PATH:FACTORY`` or ``file:PATH:FACTORY:param=value;...`` taken apart; ValueError showing the form."""
+    found = _FILE_SPEC.fullmatch(spec)
+    if found is None:
+        raise ValueError(
+            f"policy {spec!r}: a policy file is written file:PATH.py:FACTORY or file:PATH.py:FACTORY:param=value;..."
+            " (e.g. file:my_policy.py:make_scorer)"
+        )
+    arguments = found["arguments"] or ""
+    return PolicyFile(Path(found["path"]), found["factory"], _spec_parameters(spec, arguments))
+
+
+def file_spec(path: str | Path, factory: str, parameters: Mapping[str, Any] | None = None) -> str:
+    """The spec of a policy file's scorer: ``file:PATH:FACTORY``, with ``:param=value;...`` when given."""
+    spec = f"{FILE_PREFIX}{path}:{factory}"
+    return with_parameters(spec, **parameters) if parameters else spec
+
+
+class FileScorer:
+    """The scorer a policy file's factory made, with where it came from.
+
+    It is that scorer to every caller (``name``, ``needs_queries``, ``needs_future``, ``score`` and any optional
+    attribute, ``scope``, ``query_window``, ``check_geometry``, are the scorer's), and its ``files`` add the policy
+    file and a ``checkpoint`` parameter to the scorer's own, so that :func:`scorer_files` pins them.
+
+    Attributes: scorer (what the factory returned), source (:class:`PolicyFile`), module (the file, imported).
+    """
+
+    def __init__(self, scorer: Scorer, source: PolicyFile, module: ModuleType):
+        self.scorer, self.source, self.module = scorer, source, module
+        self.name, self.needs_queries, self.needs_future = scorer.name, scorer.needs_queries, scorer.needs_future
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The policy file, the scorer's own files, and the ``checkpoint`` parameter's file if given."""
+        checkpoint = self.source.parameters.get("checkpoint")
+        paths = [self.source.path, *getattr(self.scorer, "files", ()), *([checkpoint] if checkpoint else [])]
+        return tuple(dict.fromkeys(str(path) for path in paths))
+
+    def score(self, view: HeadView) -> torch.Tensor:
+        """The scorer's [B..., n] scores of ``view``."""
+        return self.scorer.score(view)
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not set above: the scorer's optional ones
+        if name in ("scorer", "source", "module"):  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.scorer, name)
+
+
+def load_policy_file(path: str | Path, factory: str, **params: Any) -> FileScorer:
+    """Import the Python file ``path`` as a module (its code runs, as a scorer package's does when installed) and
+    return the scorer ``factory(**params)`` makes, as a :class:`FileScorer`.
+
+    ScorerError naming the file for: no such file, an import that fails, no function ``factory`` (listing the
+    functions it defines), parameters the factory does not take, a factory that fails, and a returned object that
+    is not a scorer (name, needs_queries, needs_future, score(view))."""
+    path = Path(path)
+    where = f"policy file {path}"
+    if not path.is_file():
+        raise ScorerError(f"{where}: no such file")
+    module = _import_file(path, where)
+    make = getattr(module, factory, None)
+    if not callable(make):
+        defined = [n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__]
+        listed = f"; it defines {', '.join(defined)}" if defined else "; it defines no function"
+        raise ScorerError(f"{where} has no function {factory!r}{listed}")
+    try:
+        inspect.signature(make).bind(**params)
+    except TypeError as err:
+        given = ", ".join(sorted(params)) or "no parameters"
+        raise ScorerError(f"{where}: {factory}() cannot be called with {given}: {err}") from None
+    try:
+        scorer = make(**params)
+    except Exception as err:  # the file's own code: say where it failed, keep its traceback as the cause
+        raise ScorerError(f"{where}: {factory}() raised {type(err).__name__}: {err}") from err
+    if not isinstance(scorer, Scorer):
+        raise ScorerError(
+            f"{where}: {factory}() returned {type(scorer).__name__}, not a scorer: expected an object with name, "
+            "needs_queries, needs_future and score(view) (kvp_gym.scorers.Scorer), e.g. an EnvPolicyScorer"
+        )
+    return FileScorer(scorer, PolicyFile(path, factory, dict(params)), module)
+
+
+def _import_file(path: Path, where: str) -> ModuleType:
+    """The Python file ``path``, imported afresh under a name of its own (registered in sys.modules, where
+    dataclasses and pickle look a class's module up); ScorerError when its code fails."""
+    name = "kvp_gym_policy_file_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ScorerError(f"{where}: not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise ScorerError(f"{where}: importing it raised {type(err).__name__}: {err}") from err
+    return module

@@ -8,6 +8,9 @@ For one KV head, a trace of S tokens split at n: tokens 0..n-1 are the cache, to
   b is the evicted importance, and the holistic cost is its sum over all budgets: sum_k k * imp[sigma_k] (1-based).
 - ``oracle_ranking`` sorts by importance and minimises that cost. ``holistic_reward`` = -cost / oracle cost
   (the training signal, <= -1, exactly -1 at the optimum); ``holistic_score`` = oracle cost / cost, in (0, 1].
+- ``protected_tokens``: the first sinks and last recent cached tokens, which a protocol (:data:`PROTOCOLS`: the
+  evaluation's ``paper`` and ``raw``) keeps at every budget and leaves out of the ranking's score;
+  ``protocol_name`` names the protocol of a (sinks, recent) setting, as ``KVEvict-v0`` reports it.
 
 Every function is batched over leading dimensions and accumulates in float32. Functions that take an ``order``
 accept either a ranking (an integer tensor: token indices, most important first) or scores (a floating tensor:
@@ -20,6 +23,7 @@ Imports kvp_gym.attention and kvp_gym.kernels.attention_stats: pure functions of
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -181,6 +185,33 @@ def needle_attention_kept(
     on_needles = importance.float() * needles
     paid = on_needles.sum(-1)
     return retained_fraction(on_needles, order, budgets, protected=protected) * paid[..., None], paid
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which prompt tokens every method keeps at every budget (and so are left out of its ranking's score)."""
+
+    name: str
+    sinks: int
+    recent: int
+    description: str
+
+
+PROTOCOLS = {
+    "paper": Protocol(
+        "paper", 4, 16, "4 sink + 16 recent prompt tokens kept for every method; the score measures the rest"
+    ),
+    "raw": Protocol("raw", 0, 0, "nothing protected; the score measures the whole ranking (the training signal)"),
+}
+
+
+def protocol_name(sinks: int, recent: int) -> str:
+    """The name of the protocol that protects the first ``sinks`` and the last ``recent`` cached tokens: a key of
+    :data:`PROTOCOLS` (``paper``: 4 and 16, ``raw``: 0 and 0), else ``custom:sinks=S;recent=R``."""
+    for name, protocol in PROTOCOLS.items():
+        if (protocol.sinks, protocol.recent) == (sinks, recent):
+            return name
+    return f"custom:sinks={sinks};recent={recent}"
 
 
 def protected_tokens(split: int | torch.Tensor, num_tokens: int, sinks: int, recent: int) -> torch.Tensor:

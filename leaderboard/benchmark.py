@@ -2,8 +2,9 @@
 
 A benchmark (``leaderboard/benchmarks/<id>.toml``) fixes the model, the tasks, prompt lengths, sample counts,
 seeds, text pool, protocol and budgets of the trace-level evaluation, and the settings of the end-to-end one.
-:func:`prepare` collects its trace set (one file per task and prompt length, every sample in the test split) and
-checks it against the committed manifest ``<id>.manifest.json``:
+:func:`prepare` collects its trace set (one file per task and prompt length, every sample in the test split),
+after printing its plan (:func:`plan_prepare`: the files, which exist, the expected time), and checks it against
+the committed manifest ``<id>.manifest.json``:
 
 - exactly: the collection settings of every file, and per sample its name, prompt length and the SHA-256 of its
   prompt token ids and of its recorded continuation; the SHA-256 of the end-to-end prompts' token ids;
@@ -36,6 +37,11 @@ from kvp_gym.storage import atomic_path, cache_dir
 BENCHMARKS = Path(__file__).parent / "benchmarks"
 TOLERANCE = 5e-3  # of the tensor's RMS, for each fingerprint number (see fingerprint)
 KINDS = ("queries", "keys", "values")
+# Seconds per sample on 2 quiet CPU cores, per model: (fixed, per prompt token), fitted to the slowest bench-v0 files
+# (docs/leaderboard.md: 71.5 s for 6 samples of 1,024 tokens, 123.4 s for 6 of 2,048), and the check's seconds per
+# sample of that model (69 s for the 60). A loaded machine takes longer: the estimate is the quiet-machine time.
+COLLECT_SECONDS = {"smollm2-135m": (3.27, 8.45e-3)}
+CHECK_SECONDS_PER_SAMPLE = 1.15
 
 
 class BenchmarkError(ValueError):
@@ -209,6 +215,84 @@ def shard_files(benchmark: Benchmark, shard: tuple[int, int]) -> list[tuple[str,
     return ordered[index::count]
 
 
+@dataclass(frozen=True)
+class PlannedFile:
+    """One trace file of a :class:`PreparePlan`: ``done`` of its ``samples`` are already there (all of them when
+    the file exists; those of an interrupted collection's ``.parts`` folder otherwise)."""
+
+    task: str
+    context: int
+    name: str
+    samples: int
+    done: int
+    exists: bool
+
+
+@dataclass(frozen=True)
+class PreparePlan:
+    """What :func:`prepare` will do: which files, where, which are already there, and the time it should take."""
+
+    benchmark: Benchmark
+    folder: Path
+    files: tuple[PlannedFile, ...]
+
+    def collect_seconds(self, planned: PlannedFile) -> float | None:
+        """Expected seconds to collect what ``planned`` lacks on 2 quiet cores; None for a model not measured."""
+        if self.benchmark.model not in COLLECT_SECONDS:
+            return None
+        fixed, per_token = COLLECT_SECONDS[self.benchmark.model]
+        return (planned.samples - planned.done) * (fixed + per_token * planned.context)
+
+    def __str__(self) -> str:
+        count, total = len(self.files), len(self.benchmark.trace_files())
+        existing = sum(f.exists for f in self.files)
+        which = f"{count} trace files" if count == total else f"{count} of its {total} trace files (this shard)"
+        lines = [
+            f"{self.benchmark.id}: {which} into {self.folder}: {count - existing} to collect, {existing} already "
+            f"there (only checked)"
+        ]
+        for number, planned in enumerate(self.files, 1):
+            if planned.exists:
+                what = "already there: check only"
+            else:
+                seconds = self.collect_seconds(planned)
+                resumed = f", {planned.done} already in {planned.name}.parts" if planned.done else ""
+                what = f"collect {planned.samples - planned.done} of {planned.samples} samples{resumed}"
+                what += f" (~{_duration(seconds)})" if seconds is not None else ""
+            lines.append(f"  {f'file {number}/{count}:':12s} {planned.name:24s} {what}")
+        checked = sum(f.samples for f in self.files) * CHECK_SECONDS_PER_SAMPLE
+        collecting = [self.collect_seconds(f) for f in self.files if not f.exists]
+        if self.benchmark.model not in COLLECT_SECONDS:
+            lines.append(f"expected time: not measured for {self.benchmark.model}")
+        else:
+            collect = f"about {_duration(sum(collecting))} to collect and" if collecting else "nothing to collect,"
+            lines.append(
+                f"expected time on 2 quiet CPU cores: {collect} about {_duration(checked)} to check (a machine "
+                "shared with other work takes longer)"
+            )
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '2.1 min' or '16 min': what a plan line needs."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 600 else f"{seconds / 60:.0f} min"
+
+
+def plan_prepare(benchmark: Benchmark, folder: Path | None = None, shard: tuple[int, int] = (0, 1)) -> PreparePlan:
+    """The plan of :func:`prepare` (reads only which files and parts exist in ``folder``)."""
+    folder = Path(folder or benchmark.default_folder())
+    files = []
+    for task, context, name in shard_files(benchmark, shard):
+        samples = benchmark.trace_level.samples
+        exists = (folder / name).exists()
+        parts = folder / f"{name}.parts"  # kvp_gym.collect keeps each finished sample of a stopped run there
+        done = samples if exists else min(samples, len(list(parts.glob("*.h5"))) if parts.is_dir() else 0)
+        files.append(PlannedFile(task, context, name, samples, done, exists))
+    return PreparePlan(benchmark, folder, tuple(files))
+
+
 def prepare(
     benchmark: Benchmark,
     folder: Path | None = None,
@@ -220,18 +304,26 @@ def prepare(
 
     With ``shard=(i, N)`` only shard i's files are collected and checked (copy the shards' files into one
     folder afterwards). ``write_manifest`` (maintainers, when a benchmark is created) writes the manifest from
-    this set instead of checking it. Returns the problems found, one line each (empty: the set matches).
+    this set instead of checking it. With ``progress``, prints the plan (:func:`plan_prepare`) first, then
+    ``file i/N: NAME`` before each file. Returns the problems found, one line each (empty: the set matches).
     """
     from kvp_gym.collect import collect
 
-    folder = Path(folder or benchmark.default_folder())
-    files = shard_files(benchmark, shard)
-    for task, context, name in files:
-        config = benchmark.collect_config(task, context)
-        summary = collect(config, folder / name, resume=True, progress=progress)
+    plan = plan_prepare(benchmark, folder, shard)
+    if progress:
+        print(plan, flush=True)
+    for number, planned in enumerate(plan.files, 1):
         if progress:
-            print(summary)
-    found = fingerprint_set(benchmark, folder, [name for _, _, name in files])
+            what = "already there, checking it" if planned.exists else "collecting"
+            print(f"file {number}/{len(plan.files)}: {planned.name} ({what})", flush=True)
+        config = benchmark.collect_config(planned.task, planned.context)
+        summary = collect(config, plan.folder / planned.name, resume=True, progress=progress)
+        if progress:
+            print(summary, flush=True)
+    names = [planned.name for planned in plan.files]
+    if progress:
+        print(f"checking {len(names)} files against the manifest", flush=True)
+    found = fingerprint_set(benchmark, plan.folder, names)
     if write_manifest:
         if shard != (0, 1):
             raise BenchmarkError("--write-manifest needs the whole set (no --shard)")
@@ -239,7 +331,7 @@ def prepare(
             tmp.write_text(_dumps(found))
         return []
     expected = read_manifest(benchmark)
-    return list(compare(expected, found, only=[name for _, _, name in files]))
+    return list(compare(expected, found, only=names))
 
 
 def read_manifest(benchmark: Benchmark) -> dict[str, Any]:

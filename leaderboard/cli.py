@@ -17,13 +17,17 @@ from kvp_gym.cli.options import add_device, add_out, add_shard
 _PREPARE = """\
 Collect a benchmark's trace set (or resume it) and check it against the committed manifest: token ids and
 settings exactly, tensors within a tolerance that survives another CPU. Prints one line per difference and exits
-with status 1 if there is any. bench-v0 takes about 17 minutes on 2 cores; --shard i/N splits the files between
-machines (copy the shards' files into one folder afterwards)."""
+with status 1 if there is any. It prints its plan first (the files, where they go, which are already there and
+only checked, the expected time: about 17 minutes for bench-v0 on 2 quiet cores, longer on a loaded machine), then
+"file i/N: NAME" as it goes. --shard i/N splits the files between machines (copy the shards' files into one folder
+afterwards)."""
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Register ``leaderboard`` and ``submit``."""
-    leaderboard = commands.add_parser("leaderboard", help="prepare the standard benchmark, validate entries, build")
+    leaderboard = commands.add_parser(
+        "leaderboard", help="prepare a benchmark's trace set, validate entries, build the board"
+    )
     actions = leaderboard.add_subparsers(dest="leaderboard_command", required=True, metavar="COMMAND")
     _add_prepare(actions)
     _add_validate(actions)
@@ -87,8 +91,13 @@ def _add_submit(commands: argparse._SubParsersAction) -> None:
         "evicting cache) and write a valid entry. Several --policy write one entry each into --out (a folder).",
     )
     submit.add_argument("--benchmark", default="bench-v0", help="benchmark id or .toml path (default bench-v0)")
+    submit.add_argument("--policy", action="append", help="scorer spec NAME or NAME:param=value;... (repeatable)")
     submit.add_argument(
-        "--policy", action="append", required=True, help="scorer spec NAME or NAME:param=value;... (repeatable)"
+        "--policy-file",
+        action="append",
+        metavar="FILE.py:FACTORY",
+        help="a policy without a package: FACTORY(**params) in FILE.py returns the scorer (FILE.py:FACTORY[:param="
+        "value;...], repeatable; pinned by its SHA-256; validate runs the file's code)",
     )
     submit.add_argument("--checkpoint", type=Path, help="a checkpoint file for the policy (pinned by its SHA-256)")
     add_out(submit, required=True, help="the entry file (a folder with several --policy)")
@@ -157,8 +166,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from kvp_gym_leaderboard.site import build_site, entries_from_results
-    from kvp_gym_leaderboard.submission import validate
+    from kvp_gym_leaderboard.page import build_site
+    from kvp_gym_leaderboard.site import entries_from_results
+    from kvp_gym_leaderboard.submission import read_entry, validate
 
     if args.from_results:
         entries, title = entries_from_results(args.from_results)
@@ -170,27 +180,37 @@ def _build(args: argparse.Namespace) -> int:
         if problems:
             print(f"{len(problems)} problem(s): nothing written to {args.out}", file=sys.stderr)
             return 1
-        entries, title = [json.loads(f.read_text()) for f in files], None
+        entries, title = [read_entry(f) for f in files], None  # checkpoints and policy files resolved
     written = build_site(entries, args.out, title=title)
     print(f"wrote {written} ({len(entries)} entries) and {args.out / 'leaderboard.md'}")
     return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from kvp_gym.scorers import get_scorer
+    from kvp_gym.scorers import file_spec, parse_file_spec
     from kvp_gym.storage import atomic_path
     from kvp_gym_leaderboard.benchmark import load_benchmark
-    from kvp_gym_leaderboard.submission import standard_evaluation, validate
+    from kvp_gym_leaderboard.submission import PINNED, default_description, default_name, standard_evaluation, validate
 
-    if len(args.policy) > 1 and args.name:
-        raise ValueError("--name names one entry: give one --policy with it")
+    policies = list(args.policy or [])
+    for given in args.policy_file or []:
+        source = parse_file_spec(f"file:{given}")  # ValueError showing the form
+        if not source.path.is_file():
+            raise FileNotFoundError(f"--policy-file {given}: no such file {source.path}")
+        policies.append(file_spec(source.path.resolve(), source.factory, source.parameters))
+    if not policies:
+        raise ValueError(
+            "give the policy to evaluate: --policy NAME[:param=value;...] or --policy-file FILE.py:FACTORY"
+        )
+    if len(policies) > 1 and args.name:
+        raise ValueError("--name names one entry: give one --policy or --policy-file with it")
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     benchmark = load_benchmark(args.benchmark)
     traces = args.traces or benchmark.default_folder()
     entries = standard_evaluation(
         benchmark,
-        args.policy,
+        policies,
         traces,
         args.work,
         checkpoint=args.checkpoint.resolve() if args.checkpoint else None,
@@ -199,21 +219,18 @@ def _submit(args: argparse.Namespace) -> int:
     )
     several = len(entries) > 1
     for spec, entry in entries.items():
-        # The default description: the first paragraph of the scorer module's docstring (the method and its paper).
-        module = sys.modules[type(get_scorer(entry["load"]["scorer"])).__module__]
-        scorer_doc = " ".join((module.__doc__ or spec).strip().split("\n\n")[0].split())[:500]
+        name = args.name or default_name(spec)
         entry = {
-            "name": args.name or spec,
-            "description": args.description or scorer_doc,
+            "name": name,
+            "description": args.description or default_description(entry["load"]),
             "authors": [a.strip() for a in args.authors.split(",") if a.strip()],
             **({"url": args.url} if args.url else {}),
             **entry,
         }
-        out = args.out / f"{spec.replace(':', '_').replace(';', '_').replace('=', '-')}.json" if several else args.out
-        if "checkpoint" in entry["load"]:  # stored relative to the entry, so that the pair can move together
-            entry["load"]["checkpoint"]["path"] = os.path.relpath(
-                entry["load"]["checkpoint"]["path"], out.parent.resolve()
-            )
+        out = args.out / f"{name.replace(':', '_').replace(';', '_').replace('=', '-')}.json" if several else args.out
+        for pinned in PINNED:  # stored relative to the entry, so that the files can move together
+            if pinned in entry["load"]:
+                entry["load"][pinned]["path"] = os.path.relpath(entry["load"][pinned]["path"], out.parent.resolve())
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(entry, indent=1) + "\n")
             problems = validate([tmp], benchmark)

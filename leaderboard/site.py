@@ -1,23 +1,20 @@
-"""The board: one static HTML page (no network needed), its SVG plots, and a Markdown table for the README.
+"""The board's numbers: kinds, ranks and order of the entries, the table's columns and cells, the full-cache
+reference row, and the board as a Markdown table for the README (:mod:`kvp_gym_leaderboard.page` renders the page
+and its plots from these, and writes the site).
 
 Rows follow the mean holistic score; ranks come from paired comparisons, since every entry is scored on the same
 samples and heads: two entries tie unless the 95% paired bootstrap interval of their difference excludes 0, and an
 entry's rank is 1 + the number of entries surely better than it, never better than the rank of a row above it
-(:func:`ranks`). Privileged upper bounds (oracles) are
-shown, marked, and not ranked. Every kind on the board is :func:`board_kind`, what the entry's scorer declares,
-never the entry's own ``kind`` field. The page sorts by any column when its header is clicked (a few lines of inline
-JavaScript), shows the retained fraction and end-to-end accuracy against the budget, the per-layer x head scores of
-the top entry, and how to submit.
+(:func:`ranks`). Privileged upper bounds (oracles) are shown, marked, and not ranked; so is the full cache (the
+model with its whole cache), the reference of the end-to-end columns. Every kind on the board is
+:func:`board_kind`, what the entry's scorer declares, never the entry's own ``kind`` field.
 
-Imports kvp_gym.storage and kvp_gym_leaderboard.submission; kvp_gym_leaderboard.benchmark when a page names its
-benchmark.
+Imports kvp_gym.evaluation.stats, kvp_gym_leaderboard.records and kvp_gym_leaderboard.submission.
 """
 
 from __future__ import annotations
 
 import functools
-import html
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from kvp_gym.evaluation.stats import bootstrap_generator, mean_interval
-from kvp_gym.storage import atomic_path
 from kvp_gym_leaderboard.records import pack, sample_scores
 from kvp_gym_leaderboard.submission import KINDS, declarations, end_to_end_results, kind_of
 
 UPPER_BOUND = KINDS["future"]
 RANK_SEED = 0  # the bootstrap seed of the paired comparisons behind ranks
+FULL_CACHE_NAME, REFERENCE_BADGE = "full cache", "reference"  # the reference row: the model with its whole cache
 KIND_BADGES = {KINDS["attention-free"]: "K/V only", KINDS["queries"]: "uses queries", UPPER_BOUND: "upper bound"}
 
 
@@ -133,13 +130,36 @@ def cell(entry: dict[str, Any], key: str) -> float | None:
     return None if interval is None else interval["mean"]
 
 
+def full_cache(entries: Sequence[dict[str, Any]]) -> dict[str, float | None] | None:
+    """The full-cache reference row: the end-to-end columns' values (column key -> value) of the model with its whole
+    cache, from the first entry with end-to-end results (every entry of a benchmark decodes the same prompts with the
+    same full cache); None when no entry has end-to-end results. Accuracy is the mean over tasks, each weighted
+    equally, as in :func:`cell`; the full cache evicts nothing, so its value is the same at every budget."""
+    measured = next((e["results"]["end_to_end"] for e in entries if e["results"]["end_to_end"]), None)
+    if measured is None:
+        return None
+    reference = measured["full_cache"]
+    accuracy = float(np.mean([task["mean"] for task in reference["accuracy"].values()]))
+    perplexity = None if reference["perplexity"] is None else reference["perplexity"]["mean"]
+    return {
+        key: accuracy if key.startswith("accuracy:") else perplexity
+        for key, _ in columns(entries)
+        if key.startswith(("accuracy:", "ppl:"))
+    }
+
+
 def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
-    """The board as a Markdown table (the README embeds it)."""
+    """The board as a Markdown table (the README embeds it): upper bounds first, then the full-cache reference row
+    (end-to-end columns only; "-" where it has no trace-level score), then the ranked entries."""
     entries = ordered(entries)
     cols = columns(entries)
     head = ["rank", "method", "kind", "holistic score (95% CI)"] + [h for _, h in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reference = full_cache(entries)
     for rank, entry in zip(ranks(entries), entries, strict=True):
+        if reference is not None and rank is not None:  # the first ranked entry: the references end here
+            lines.append(_markdown_reference_row(reference, cols))
+            reference = None
         score = entry["results"]["trace_level"]["holistic_score"]
         low, high = score["ci95"]
         row = [
@@ -147,37 +167,25 @@ def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
             entry["name"],
             KIND_BADGES[board_kind(entry)],
             f"{score['mean']:.3f} ({low:.3f}-{high:.3f})",
-        ] + [_format(key, cell(entry, key)) for key, _ in cols]
+        ] + [format_value(key, cell(entry, key)) for key, _ in cols]
         lines.append("| " + " | ".join(row) + " |")
+    if reference is not None:  # a board of upper bounds alone
+        lines.append(_markdown_reference_row(reference, cols))
     return "\n".join(lines) + "\n"
 
 
-def _format(key: str, value: float | None) -> str:
+def _markdown_reference_row(reference: dict[str, float | None], cols: list[tuple[str, str]]) -> str:
+    row = ["-", FULL_CACHE_NAME, REFERENCE_BADGE, "-"]  # no rank, no trace-level score: nothing is evicted
+    row += [format_value(key, reference[key]) if key in reference else "-" for key, _ in cols]
+    return "| " + " | ".join(row) + " |"
+
+
+def format_value(key: str, value: float | None) -> str:
+    """A cell's text: perplexity with 2 decimals, scores and accuracy with 3; "pending" for an end-to-end value not
+    measured yet, "" for a trace-level one."""
     if value is None:
         return "pending" if key.startswith(("accuracy", "ppl")) else ""
     return f"{value:.2f}" if key.startswith("ppl") else f"{value:.3f}"
-
-
-def build_site(entries: Sequence[dict[str, Any]], out: str | Path, title: str | None = None) -> Path:
-    """Write ``out/index.html``, its SVG plots and ``out/leaderboard.md`` (the folder is replaced atomically).
-    Returns the page's path."""
-    if not entries:
-        raise ValueError("no entries to build a board from")
-    entries = ordered(entries)
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        plots = {
-            "retained.svg": _retained_plot(entries),
-            "accuracy.svg": _accuracy_plot(entries),
-            "heatmap.svg": _heatmap(entries),
-        }
-        for name, svg in plots.items():
-            if svg is not None:
-                (tmp / name).write_text(svg)
-        (tmp / "index.html").write_text(_page(entries, title, [n for n, svg in plots.items() if svg is not None]))
-        (tmp / "leaderboard.md").write_text(markdown_table(entries))
-    return out / "index.html"
 
 
 def entries_from_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
@@ -226,234 +234,3 @@ def entries_from_results(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], s
     samples = len(trace["samples"])
     title = f"{trace['model']}: {samples} samples of {', '.join(sorted(set(trace['tasks'])))} (your own runs)"
     return entries, title
-
-
-# --- plots (matplotlib, written as SVG text) -----------------------------------------------------------------------
-
-
-def _svg(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _figure(width: float = 6.4, height: float = 4.0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height))
-
-
-def _style(entry: dict[str, Any], index: int) -> dict[str, Any]:
-    """Line style by kind (dashed: upper bound, dotted: uses queries), colour by position (20 distinct)."""
-    import matplotlib
-
-    kind = board_kind(entry)
-    dash = "--" if kind == UPPER_BOUND else ":" if kind == KINDS["queries"] else "-"
-    return {"linestyle": dash, "color": matplotlib.colormaps["tab20"](index % 20)}
-
-
-def _retained_plot(entries: Sequence[dict[str, Any]]) -> str | None:
-    fig, ax = _figure()
-    for index, entry in enumerate(entries):
-        curve = entry["results"]["trace_level"]["retained_fraction"]
-        budgets = sorted(curve, key=int)
-        ax.plot(
-            [int(b) for b in budgets],
-            [curve[b] for b in budgets],
-            marker="o",
-            label=entry["name"],
-            **_style(entry, index),
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("budget (tokens kept per KV head)")
-    ax.set_ylabel("retained fraction of the future's attention")
-    ax.set_title("Retained fraction vs budget (trace level)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return _svg(fig)
-
-
-def _accuracy_plot(entries: Sequence[dict[str, Any]]) -> str | None:
-    measured = [e for e in entries if e["results"]["end_to_end"]]
-    if not measured:
-        return None
-    fig, ax = _figure()
-    budgets = sorted({int(b) for e in measured for t in e["results"]["end_to_end"]["accuracy"].values() for b in t})
-    for entry in measured:
-        index = entries.index(entry)  # the same colour as in the retained-fraction plot
-        ax.plot(
-            budgets,
-            [cell(entry, f"accuracy:{b}") for b in budgets],
-            marker="o",
-            label=entry["name"],
-            **_style(entry, index),
-        )
-    full = measured[0]["results"]["end_to_end"]["full_cache"]["accuracy"]
-    ax.axhline(float(np.mean([v["mean"] for v in full.values()])), color="black", linewidth=1, label="full cache")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("budget (tokens kept per KV head)")
-    ax.set_ylabel("exact-match accuracy (mean over tasks)")
-    ax.set_title("End-to-end accuracy vs budget")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return _svg(fig)
-
-
-def _heatmap(entries: Sequence[dict[str, Any]]) -> str | None:
-    ranked = [e for e in entries if board_kind(e) != UPPER_BOUND]
-    if not ranked:
-        return None
-    top = ranked[0]
-    grid = np.asarray(top["results"]["trace_level"]["per_layer_head"], float)
-    fig, ax = _figure(3.2 + 0.4 * grid.shape[1], 4.5)
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label="holistic score")
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(grid.shape[1]))
-    ax.set_title(f"{top['name']}: per layer and KV head")
-    return _svg(fig)
-
-
-# --- the page ------------------------------------------------------------------------------------------------------
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }
-table { border-collapse: collapse; font-size: 0.9rem; width: 100%; }
-th, td { padding: 0.35rem 0.5rem; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
-th { background: #f4f4f4; cursor: pointer; user-select: none; position: sticky; top: 0; }
-th[aria-sort="descending"]::after { content: " \\25BC"; } th[aria-sort="ascending"]::after { content: " \\25B2"; }
-td.name, th.name, td.kind { text-align: left; } tr.upper-bound { color: #777; font-style: italic; }
-.badge { font-size: 0.75rem; padding: 0.1rem 0.4rem; border-radius: 0.6rem; background: #e8eef8; }
-.ci { color: #777; font-size: 0.8rem; } .pending { color: #aaa; }
-figure { display: inline-block; margin: 1rem; vertical-align: top; } figure img { max-width: 560px; }
-pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; }
-"""
-
-_SCRIPT = """
-document.querySelectorAll("#board th").forEach((th, column) => th.addEventListener("click", () => {
-  const body = document.querySelector("#board tbody");
-  const descending = th.getAttribute("aria-sort") !== "descending";
-  document.querySelectorAll("#board th").forEach(h => h.removeAttribute("aria-sort"));
-  th.setAttribute("aria-sort", descending ? "descending" : "ascending");
-  const key = row => row.children[column].dataset.value;
-  const rows = Array.from(body.rows).sort((a, b) => {
-    const x = key(a), y = key(b);
-    const numeric = x !== "" && y !== "" && !isNaN(x) && !isNaN(y);
-    const order = numeric ? Number(x) - Number(y) : (x === "" ? 1 : y === "" ? -1 : x.localeCompare(y));
-    return descending ? -order : order;
-  });
-  rows.forEach(row => body.appendChild(row));
-}));
-"""
-
-_HOW_TO_SUBMIT = """
-<h2 id="submit">How to submit</h2>
-<ol>
-<li>Register your scorer under the <code>kvp_gym.scorers</code> entry points of your package (docs/evaluation.md
-shows the contract), or train KVP agents into a checkpoint file.</li>
-<li>Prepare the benchmark's trace set once (it is checked against the committed manifest):
-<pre>kvp-gym leaderboard prepare bench-v0</pre></li>
-<li>Run the standard evaluation; it writes a valid entry:
-<pre>kvp-gym submit --benchmark bench-v0 --policy NAME[:param=value;...] [--checkpoint FILE] \\
-    --name NAME --authors "A, B" --description "..." --out my-entry.json</pre></li>
-<li>Check it, add it (and its checkpoint) to <code>leaderboard/entries/</code> in a pull request; the maintainers
-reproduce it with <code>kvp-gym leaderboard validate --rerun my-entry.json</code>.</li>
-</ol>
-"""
-
-
-def _page(entries: Sequence[dict[str, Any]], title: str | None, plots: list[str]) -> str:
-    cols = columns(entries)
-    header = "".join(
-        f"<th{cls}>{html.escape(text)}</th>"
-        for cls, text in [(' class="name"', "method"), ("", "rank"), (' class="name"', "kind"), ("", "holistic score")]
-        + [("", h) for _, h in cols]
-    )
-    rows = []
-    for rank, entry in zip(ranks(entries), entries, strict=True):
-        score = entry["results"]["trace_level"]["holistic_score"]
-        low, high = score["ci95"]
-        cells = [
-            f'<td class="name" data-value="{html.escape(entry["name"])}" title="{html.escape(entry["description"])}">'
-            f"{html.escape(entry['name'])}</td>",
-            f'<td data-value="{"" if rank is None else rank}">{"-" if rank is None else rank}</td>',
-            f'<td class="kind" data-value="{board_kind(entry)}">'
-            f'<span class="badge">{KIND_BADGES[board_kind(entry)]}</span></td>',
-            f'<td data-value="{score["mean"]:.6f}">{score["mean"]:.3f} '
-            f'<span class="ci">[{low:.3f}, {high:.3f}]</span></td>',
-        ]
-        for key, _ in cols:
-            value = cell(entry, key)
-            text = _format(key, value)
-            cells.append(
-                f'<td data-value="{"" if value is None else f"{value:.6f}"}"'
-                f"{' class=pending' if value is None else ''}>{text}</td>"
-            )
-        kind = ' class="upper-bound"' if board_kind(entry) == UPPER_BOUND else ""
-        rows.append(f"<tr{kind}>" + "".join(cells) + "</tr>")
-    figures = {
-        "retained.svg": "Share of the future's attention kept, against the budget (trace level).",
-        "accuracy.svg": "Exact-match accuracy with the evicting cache, against the budget.",
-        "heatmap.svg": "The top entry's holistic score per layer and KV head.",
-    }
-    figure_html = "".join(
-        f'<figure><img src="{name}" alt="{html.escape(figures[name])}">'
-        f"<figcaption>{figures[name]}</figcaption></figure>"
-        for name in plots
-    )
-    pending = any(e["results"]["end_to_end"] is None for e in entries)
-    heading = title or _benchmark_title(entries)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>kvp-gym leaderboard</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
-<style>{_STYLE}</style></head>
-<body>
-<h1>kvp-gym leaderboard</h1>
-<p>{html.escape(heading)}</p>
-<p>Holistic score: how well a policy's ranking of the cached tokens keeps the attention the future really pays, at
-every budget at once (1 = the oracle ranking), mean over samples and KV heads with a 95% bootstrap interval over
-samples. Rows are ordered by mean; two entries tie unless the 95% paired bootstrap interval of their difference
-(the same samples and heads) excludes 0: a rank is 1 + the number of entries surely better, never better than the
-rank of a row above it. Kinds: <span class="badge">K/V only</span> reads keys, values and
-positions; <span class="badge">uses queries</span> also reads the prompt's queries; <span class="badge">upper
-bound</span> sees the future (not ranked). Accuracy and perplexity are end to end with the evicting cache
-(mean over tasks){"; <span class=pending>pending</span> = not evaluated end to end yet" if pending else ""}. Click a
-column header to sort.</p>
-<table id="board"><thead><tr>{header}</tr></thead><tbody>
-{chr(10).join(rows)}
-</tbody></table>
-<h2>Plots</h2>
-{figure_html}
-{_HOW_TO_SUBMIT}
-<script>{_SCRIPT}</script>
-</body></html>
-"""
-
-
-def _benchmark_title(entries: Sequence[dict[str, Any]]) -> str:
-    ids = sorted({e["benchmark"]["id"] for e in entries if "benchmark" in e})
-    if len(ids) != 1:
-        return "Entries of several benchmarks"
-    from kvp_gym_leaderboard.benchmark import BenchmarkError, load_benchmark
-
-    try:
-        benchmark = load_benchmark(ids[0])
-    except BenchmarkError:  # a benchmark of the user's own, not shipped with this package
-        return f"{ids[0]} entries"
-    level = benchmark.trace_level
-    return (
-        f"{benchmark.id}: {benchmark.title}. Trace level: {len(level.tasks) * len(level.contexts) * level.samples} "
-        f"test samples ({', '.join(level.tasks)}; {', '.join(map(str, level.contexts))} prompt tokens; "
-        f"{level.protocol} protocol). End to end: {benchmark.end_to_end.samples} prompts per task "
-        f"({', '.join(benchmark.end_to_end.tasks)}) and {benchmark.end_to_end.essays} essays, "
-        f"{benchmark.end_to_end.context} tokens."
-    )

@@ -1,7 +1,8 @@
 """Submission entries: the standard evaluation of a policy on a benchmark, and the checks every entry must pass.
 
 An entry (schema leaderboard/schema/submission-v2.json) says what the policy is and how to load it (a scorer of
-the ``kvp_gym.scorers`` entry points with its parameters, optionally a checkpoint file pinned by SHA-256), which
+the ``kvp_gym.scorers`` entry points with its parameters, or a policy file and its factory function, pinned by
+SHA-256, see :func:`kvp_gym.scorers.load_policy_file`; optionally a checkpoint file pinned by SHA-256), which
 benchmark it ran (id and manifest hash), and its results: the trace-level holistic score with a 95% bootstrap
 interval over samples, per task and per prompt length, the retained fraction at the benchmark's budgets and the
 per-layer x head scores (paper protocol); and end to end, the exact-match accuracy per task and budget and the
@@ -12,7 +13,7 @@ Every published number is computed from the entry's raw ``records`` (:mod:`kvp_g
 interval draws from ``bootstrap_generator(bootstrap seed, bootstrap_label(load), statistic...)``.
 
 :func:`standard_evaluation` produces entries (``kvp-gym submit``); :func:`validate` checks files (``kvp-gym
-leaderboard validate``): the schema, the benchmark, the checkpoint, the kind, the records, and every number against
+leaderboard validate``): the schema, the benchmark, the pinned files, the kind, the records, and every number against
 what the records give; :func:`rerun` re-evaluates an entry and compares its records with the rerun's.
 
 Imports kvp_gym (storage, version, scorers, device, evaluation) and kvp_gym_leaderboard.benchmark and .records.
@@ -20,9 +21,12 @@ Imports kvp_gym (storage, version, scorers, device, evaluation) and kvp_gym_lead
 
 from __future__ import annotations
 
+import ast
 import datetime
 import json
 import platform
+import re
+import sys
 from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -56,6 +60,7 @@ ENTRIES = Path(__file__).parent / "entries"
 SCHEMA, SCHEMA_VERSION = "kvp-gym/leaderboard-submission", 2
 SHOWN = 10  # differences listed per entry; the rest are counted
 KINDS = {"attention-free": "attention-free", "queries": "uses-prefill-queries", "future": "privileged-upper-bound"}
+PINNED = ("checkpoint", "policy_file")  # the load record's files, each {path: relative to the entry, sha256}
 
 
 def kind_of(needs_queries: bool, privileged: bool) -> str:
@@ -64,24 +69,35 @@ def kind_of(needs_queries: bool, privileged: bool) -> str:
 
 
 def declarations(load: dict[str, Any]) -> tuple[bool, bool]:
-    """(needs_queries, needs_future) of the scorer an entry's ``load`` record builds: its ``scorer`` with its
-    ``parameters`` and its ``checkpoint`` path as given (absolute, or relative to the working directory; see
-    :func:`read_entry`). A scorer is only ever given what it declares, so this, not the entry, says what it reads;
-    its kind is ``kind_of(*declarations(load))``. ScorerError when it cannot be built."""
-    from kvp_gym.scorers import get_scorer
+    """(needs_queries, needs_future) of the scorer an entry's ``load`` record builds: its ``scorer`` (or its
+    ``policy_file``'s factory: the file's code runs) with its ``parameters`` and its ``checkpoint``, paths as given
+    (absolute, or relative to the working directory; see :func:`read_entry`). A scorer is only ever given what it
+    declares, so this, not the entry, says what it reads; its kind is ``kind_of(*declarations(load))``.
+    ScorerError when it cannot be built."""
+    from kvp_gym.scorers import get_scorer, load_policy_file
 
     checkpoint = load.get("checkpoint")
     extra = {"checkpoint": checkpoint["path"]} if checkpoint else {}
-    scorer = get_scorer(load["scorer"], **load["parameters"], **extra)
+    source = load.get("policy_file")
+    if source is not None:
+        scorer = load_policy_file(source["path"], source["factory"], **load["parameters"], **extra)
+    else:
+        scorer = get_scorer(load["scorer"], **load["parameters"], **extra)
     return bool(scorer.needs_queries), bool(scorer.needs_future)
 
 
 def bootstrap_label(load: dict[str, Any]) -> str:
     """The label an entry's intervals are drawn under: its policy spec without the checkpoint's path (which differs
-    between machines) but with the checkpoint's SHA-256, e.g. ``tova`` or ``kvp@sha256:9f2c...``. So the intervals
-    belong to the checkpoint's content: records moved under another checkpoint no longer give the stated ones."""
-    checkpoint = load.get("checkpoint")
-    return policy_spec(load["scorer"], load["parameters"]) + (f"@sha256:{checkpoint['sha256']}" if checkpoint else "")
+    between machines) but with the checkpoint's SHA-256, e.g. ``tova`` or ``kvp@sha256:9f2c...``; a policy file's
+    is ``file:FACTORY[:params]@sha256:<the file's>`` (then the checkpoint's). So the intervals belong to the files'
+    content: records moved under another checkpoint or policy file no longer give the stated ones."""
+    checkpoint, source = load.get("checkpoint"), load.get("policy_file")
+    if source is not None:
+        arguments = ";".join(f"{key}={value}" for key, value in load["parameters"].items())
+        spec = f"file:{source['factory']}" + (f":{arguments}" if arguments else "") + f"@sha256:{source['sha256']}"
+    else:
+        spec = policy_spec(load["scorer"], load["parameters"])
+    return spec + (f"@sha256:{checkpoint['sha256']}" if checkpoint else "")
 
 
 def policy_spec(scorer_name: str, parameters: dict[str, Any], checkpoint: str | None = None) -> str:
@@ -130,12 +146,10 @@ def standard_evaluation(
     ``checkpoint``: a checkpoint file handed to every policy as its ``checkpoint`` parameter.
     """
     from kvp_gym.evaluation.end_to_end import read_parts, run
+    from kvp_gym.scorers import with_parameters
 
     check_trace_set(benchmark, traces)
-    specs = {
-        spec: spec if checkpoint is None else f"{spec}{';' if ':' in spec else ':'}checkpoint={checkpoint}"
-        for spec in policies
-    }
+    specs = {spec: spec if checkpoint is None else with_parameters(spec, checkpoint=checkpoint) for spec in policies}
     record = _trace_level_record(benchmark, specs, traces, work, checkpoint, progress)
     parts = None
     if end_to_end:
@@ -198,7 +212,7 @@ def _entry(
     computed from those records."""
     level, e2e = benchmark.trace_level, benchmark.end_to_end
     policy = record["policies"][spec]
-    load = _load_record(policy["name"], policy["parameters"], checkpoint)
+    load = _load_record(spec, policy["name"], policy["parameters"], checkpoint)
     facts = benchmark_facts(benchmark)
     records = {
         "trace_level": trace_level_records(record, spec, facts, level.budgets),
@@ -232,16 +246,44 @@ def _saved_key(path: Path) -> dict | None:
         return None  # absent or damaged: evaluate again
 
 
-def _load_record(name: str, parameters: dict[str, Any], checkpoint: Path | None) -> dict[str, Any]:
-    group = entry_points(group="kvp_gym.scorers")
-    load = {
-        "scorer": name,
-        "parameters": {k: v for k, v in parameters.items() if k != "checkpoint"},
-        "entry_point": group[name].value,
-    }
+def _load_record(spec: str, name: str, parameters: dict[str, Any], checkpoint: Path | None) -> dict[str, Any]:
+    """How to load the policy ``spec`` (its scorer's ``name`` and ``parameters``): its entry point, or its policy
+    file (absolute path, SHA-256, factory); and its checkpoint."""
+    from kvp_gym.scorers import FILE_PREFIX, parse_file_spec
+
+    load: dict[str, Any] = {"scorer": name, "parameters": {k: v for k, v in parameters.items() if k != "checkpoint"}}
+    if spec.startswith(FILE_PREFIX):
+        source = parse_file_spec(spec)
+        path = source.path.resolve()
+        load["policy_file"] = {"path": str(path), "sha256": file_sha256(path), "factory": source.factory}
+    else:
+        load["entry_point"] = entry_points(group="kvp_gym.scorers")[name].value
     if checkpoint is not None:
         load["checkpoint"] = {"path": str(checkpoint), "sha256": file_sha256(checkpoint)}
     return load
+
+
+def default_name(spec: str) -> str:
+    """An entry's name when none is given: the policy spec, or for a policy file its file name without ``.py``
+    (characters a name cannot hold become ``-``; it starts with a letter or digit)."""
+    from kvp_gym.scorers import FILE_PREFIX, parse_file_spec
+
+    if not spec.startswith(FILE_PREFIX):
+        return spec
+    return re.sub(r"[^A-Za-z0-9_.:=,+-]", "-", parse_file_spec(spec).path.stem).lstrip("_.:=,+-")[:80] or "policy"
+
+
+def default_description(load: dict[str, Any]) -> str:
+    """An entry's description when none is given: the first paragraph (500 characters at most) of the docstring of
+    the scorer's module (the method and its paper) or of the policy file (read, not run)."""
+    from kvp_gym.scorers import get_scorer
+
+    source = load.get("policy_file")
+    if source is not None:
+        doc = ast.get_docstring(ast.parse(Path(source["path"]).read_text()))
+    else:
+        doc = sys.modules[type(get_scorer(load["scorer"])).__module__].__doc__
+    return " ".join((doc or load["scorer"]).strip().split("\n\n")[0].split())[:500]
 
 
 def end_to_end_results(e2e: dict, label: str) -> dict[str, Any]:
@@ -312,6 +354,8 @@ def _json_path(parts) -> str:
 def _schema_message(error) -> str:
     if error.validator == "additionalProperties":
         return error.message.replace("Additional properties are not allowed", "unknown field(s)")
+    if error.validator == "oneOf" and all("required" in option for option in error.validator_value):
+        return "expected exactly one of " + " or ".join(option["required"][0] for option in error.validator_value)
     if error.validator == "oneOf" and error.instance is not None:
         return "expected null or " + "; ".join(sorted({e.message for e in error.context if e.validator != "type"}))
     return error.message
@@ -337,19 +381,21 @@ def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[t
         if entry["seeds"][key] != value:
             yield f"$.seeds.{key}", f"{entry['seeds'][key]} is not the benchmark's {value}"
     load = entry["load"]
-    checkpoint = load.get("checkpoint")
-    if checkpoint is not None:
-        file = resolve_checkpoint(checkpoint["path"], path)
+    for field in PINNED:  # checked before the policy file runs: a changed file's code is never executed
+        pinned = load.get(field)
+        if pinned is None:
+            continue
+        file = resolve_checkpoint(pinned["path"], path)
         if not file.exists():
-            yield "$.load.checkpoint.path", f"no such file {file}"
+            yield f"$.load.{field}.path", f"no such file {file}"
             return
-        if (found := file_sha256(file)) != checkpoint["sha256"]:
-            yield "$.load.checkpoint.sha256", f"{file} has SHA-256 {found}, not the entry's"
+        if (found := file_sha256(file)) != pinned["sha256"]:
+            yield f"$.load.{field}.sha256", f"{file} has SHA-256 {found}, not the entry's"
             return
-        load = {**load, "checkpoint": {**checkpoint, "path": str(file)}}
-    registered = entry_points(group="kvp_gym.scorers")
-    if load["scorer"] in registered.names and load["entry_point"] != registered[load["scorer"]].value:
-        yield "$.load.entry_point", f"the scorer {load['scorer']!r} is {registered[load['scorer']].value}"
+        load = {**load, field: {**pinned, "path": str(file)}}
+    registered, name = entry_points(group="kvp_gym.scorers"), load["scorer"]
+    if "entry_point" in load and name in registered.names and load["entry_point"] != registered[name].value:
+        yield "$.load.entry_point", f"the scorer {name!r} is {registered[name].value}"
     kind = list(_kind_problems(entry["kind"], load))
     yield from kind
     if any(where == "$.load" for where, _ in kind):
@@ -378,7 +424,8 @@ def _kind_problems(stated: str, load: dict[str, Any]) -> Iterator[tuple[str, str
     try:
         needs_queries, needs_future = declarations(load)
     except ValueError as err:  # ScorerError: an unknown scorer, bad parameters, an unreadable checkpoint
-        yield "$.load", f"cannot load the scorer {load['scorer']!r} to read what it declares: {err}"
+        what = ("the policy file's scorer" if "policy_file" in load else "the scorer") + f" {load['scorer']!r}"
+        yield "$.load", f"cannot load {what} to read what it declares: {err}"
         return
     declared = kind_of(needs_queries, needs_future)
     if declared != stated:
@@ -390,18 +437,20 @@ def _kind_problems(stated: str, load: dict[str, Any]) -> Iterator[tuple[str, str
 
 
 def resolve_checkpoint(path: str, entry_file: Path) -> Path:
-    """A checkpoint path of an entry: absolute, or relative to the entry file's folder."""
+    """A pinned file's path in an entry (its checkpoint or policy file): absolute, or relative to the entry file's
+    folder."""
     candidate = Path(path)
     return candidate if candidate.is_absolute() else Path(entry_file).parent / candidate
 
 
 def read_entry(path: Path) -> dict[str, Any]:
-    """The entry in the file ``path``, its checkpoint path (relative to the entry's folder) made absolute, so that
-    :func:`declarations` can load its scorer from anywhere."""
+    """The entry in the file ``path``, its checkpoint and policy file paths (relative to the entry's folder) made
+    absolute, so that :func:`declarations` can load its scorer from anywhere."""
     entry = json.loads(Path(path).read_text())
-    checkpoint = entry["load"].get("checkpoint")
-    if checkpoint is not None:
-        checkpoint["path"] = str(resolve_checkpoint(checkpoint["path"], path).resolve())
+    for field in PINNED:
+        pinned = entry["load"].get(field)
+        if pinned is not None:
+            pinned["path"] = str(resolve_checkpoint(pinned["path"], path).resolve())
     return entry
 
 
@@ -418,7 +467,13 @@ def rerun(
     entry = json.loads(path.read_text())
     load = entry["load"]
     checkpoint = resolve_checkpoint(load["checkpoint"]["path"], path) if "checkpoint" in load else None
-    spec = policy_spec(load["scorer"], load["parameters"])
+    if "policy_file" in load:
+        from kvp_gym.scorers import file_spec
+
+        source = resolve_checkpoint(load["policy_file"]["path"], path).resolve()
+        spec = file_spec(source, load["policy_file"]["factory"], load["parameters"])
+    else:
+        spec = policy_spec(load["scorer"], load["parameters"])
     end_to_end = entry["results"]["end_to_end"] is not None
     fresh = standard_evaluation(
         benchmark,

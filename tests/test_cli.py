@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torch
 
 from kvp_gym.cli import main
 
@@ -228,3 +230,122 @@ def test_generate_refuses_a_budget_below_the_protected_tokens_before_loading_a_m
     assert "--budget 10 is below the 20 protected tokens (4 sinks + 16 recent" in capsys.readouterr().err
     assert main(["generate", "--budget", "64", "--prompt", "hi", "--device", "gpu"]) == 2
     assert "device must be" in capsys.readouterr().err
+
+
+# One task, two prompt lengths, one sample each: `leaderboard prepare` in a few seconds on tiny-random.
+PLAN_BENCHMARK = """\
+id = "plan-v0"
+title = "tiny-random, for the prepare plan"
+model = "tiny-random"
+text = "heldout"
+[trace_level]
+tasks = ["niah_single"]
+contexts = [600, 700]
+samples = 2
+future = 8
+seed = 5
+protocol = "paper"
+budgets = [32, 64]
+bootstrap = 10
+bootstrap_seed = 0
+[end_to_end]
+tasks = ["niah_single"]
+context = 600
+budgets = [32]
+samples = 1
+essays = 0
+continuation = 8
+seed = 6
+"""
+
+
+def test_leaderboard_prepare_prints_its_plan_and_which_file_of_how_many(tmp_path, capsys):
+    from kvp_gym_leaderboard.benchmark import load_benchmark, plan_prepare
+
+    (tmp_path / "plan-v0.toml").write_text(PLAN_BENCHMARK)
+    folder = tmp_path / "set"
+    argv = ["leaderboard", "prepare", str(tmp_path / "plan-v0.toml"), "--dir", str(folder)]
+    assert main([*argv, "--write-manifest"]) == 0
+    out = capsys.readouterr().out
+    plan, _, rest = out.partition("\nfile 1/2")
+    assert plan.splitlines()[0] == f"plan-v0: 2 trace files into {folder}: 2 to collect, 0 already there (only checked)"
+    assert re.search(r"file 1/2: +niah_single-700\.h5 +collect 2 of 2 samples\n", plan)  # longest prompts first
+    assert "expected time: not measured for tiny-random" in plan
+    progress = re.findall(r"^file (\d)/(\d): (\S+) \((.*)\)$", "file 1/2" + rest, re.MULTILINE)
+    assert progress == [("1", "2", "niah_single-700.h5", "collecting"), ("2", "2", "niah_single-600.h5", "collecting")]
+
+    (folder / "niah_single-600.h5").unlink()  # a stopped collection that kept one of its two samples
+    (folder / "niah_single-600.h5.parts").mkdir()
+    (folder / "niah_single-600.h5.parts" / "one-sample.h5").touch()
+    lines = str(plan_prepare(load_benchmark(tmp_path / "plan-v0.toml"), folder)).splitlines()
+    assert lines[0].endswith(": 1 to collect, 1 already there (only checked)")
+    assert re.search(r"file 1/2: +niah_single-700\.h5 +already there: check only$", lines[1])
+    assert re.search(r"file 2/2: +niah_single-600\.h5 +collect 1 of 2 samples, 1 already in .*\.parts$", lines[2])
+    assert lines[3] == "expected time: not measured for tiny-random"  # no smollm2-135m times for another model
+
+
+def test_the_prepare_plan_of_bench_v0_expects_its_documented_times(tmp_path):
+    from kvp_gym_leaderboard.benchmark import load_benchmark, plan_prepare
+
+    plan = plan_prepare(load_benchmark("bench-v0"), tmp_path)
+    assert len(plan.files) == 10 and not any(f.exists for f in plan.files)
+    seconds = {f.name: plan.collect_seconds(f) for f in plan.files}
+    # docs/leaderboard.md: 71.5 s for 6 samples of 1,024 tokens, 123.4 s for 6 of 2,048 (the slowest files)
+    assert seconds["essay-1024.h5"] == pytest.approx(71.5, abs=1) and seconds["essay-2048.h5"] == pytest.approx(
+        123.4, abs=1
+    )
+    assert "about 16 min to collect and about 69 s to check" in str(plan)
+    shard = str(plan_prepare(load_benchmark("bench-v0"), tmp_path, shard=(1, 3))).splitlines()
+    assert "3 of its 10 trace files (this shard)" in shard[0] and len(shard) == 1 + 3 + 1
+
+
+def test_loading_a_model_shows_no_weight_loading_bar(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from kvp_gym import models
+
+    model, tokenizer = models.load("tiny-random")
+    model.save_pretrained(tmp_path)  # a transformers model folder: loaded through from_pretrained, as SmolLM2 is
+    tokenizer.save_pretrained(tmp_path)
+    capfd.readouterr()
+    loaded, _ = models.load(str(tmp_path))
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()  # switched off only while loading: a download still shows its bar
+    weights, reloaded = model.state_dict(), loaded.state_dict()
+    assert weights.keys() == reloaded.keys() and all(torch.equal(weights[k], reloaded[k]) for k in weights)
+
+
+def test_evaluate_help_lists_the_registered_policies_within_80_columns(monkeypatch, capsys):
+    from importlib.metadata import entry_points
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    registered = sorted({point.name for point in entry_points(group="kvp_gym.scorers")})
+    assert {"tova", "h2o", "streaming_llm"} <= set(registered)
+    listed = out.split("registered policies")[1].split("\n\n")[0].split("\n", 1)[1]
+    assert [name.strip() for name in listed.replace("\n", " ").split(",")] == registered
+    assert "--policies kvp:checkpoint=runs/kvp/agents.safetensors\n" in out  # an example spec, whole on its line
+    assert max(len(line) for line in out.splitlines()) <= 80  # so the terminal wraps nothing either
+
+
+@pytest.mark.parametrize("columns", ["80", "120"])
+def test_top_level_help_wraps_each_command_line_between_words(columns, monkeypatch):
+    from kvp_gym.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", columns)
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    wanted = {choice.dest: " ".join(choice.help.split()) for choice in commands._choices_actions}
+    shown: dict[str, list[str]] = {}
+    block = parser.format_help().split("positional arguments:\n")[1].split("\n\n")[0]
+    for line in block.splitlines()[1:]:  # after "  COMMAND"
+        if match := re.match(r"^    (\S+)(?: +(.*))?$", line):
+            name = match.group(1)
+            shown[name] = [match.group(2)] if match.group(2) else []
+        else:
+            shown[name].append(line.strip())
+    assert {name: " ".join(words) for name, words in shown.items()} == wanted  # a word split in two would differ
+    assert "leaderboard" in wanted and max(len(line) for line in parser.format_help().splitlines()) <= int(columns)

@@ -190,3 +190,22 @@ def test_spearman_by_hand():
     assert spearman([1, 2, 3], [5, 5, 5]) is None
     # Ties take their average rank: x ranks (0, 1.5, 1.5, 3), y ranks (0, 1, 2, 3) -> r = 0.9487.
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
+
+
+def test_the_progress_estimate_weighs_each_sample_by_its_decoding(finished, tmp_path, capsys):
+    bench = E2EConfig(tasks=("niah_single", "niah_multiquery"), context=1024, budgets=(64, 128, 256))
+    needle, long_answer, essay = (bench.cost(task) for task in ("niah_single", "niah_multiquery", "essay"))
+    # An essay teacher-forces its 64 tokens through the full cache and 3 budgets; a needle answer stops after a few
+    # of its 16 tokens. Measured here (9 policies, a loaded machine): 590 s for an essay, 140-180 s for a needle.
+    assert 3 * needle < essay < 5 * needle
+    assert needle < long_answer  # niah_multiquery answers four needles
+    assert E2EConfig(**{**bench.__dict__, "budgets": (64,)}).cost("essay") < essay
+    assert E2EConfig(**{**bench.__dict__, "context": 2048}).cost("niah_single") > needle
+    # A resumed run's bar counts what is left in those units: here one task prompt and the essay.
+    out, _ = finished
+    shutil.copytree(out, tmp_path / "run")
+    (tmp_path / "run" / "parts" / "niah_single-00001.json").unlink()
+    (tmp_path / "run" / "parts" / "essay-00000.json").unlink()
+    run(CONFIG, tmp_path / "run", progress=True)
+    total = CONFIG.cost("niah_single") + CONFIG.cost("essay")
+    assert re.search(rf"evaluate-e2e: 100%\|.*\| {total}/{total} \[.*, 2/2 samples\]", capsys.readouterr().err)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -16,6 +18,8 @@ import kvp_gym  # noqa: F401  (registers the environments)
 from kvp_gym.envs.episodes import EpisodeKey
 from kvp_gym.traces import open_traces
 from kvp_gym.utility import future_importance, holistic_reward, holistic_score, retained_fraction
+
+ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture
@@ -248,7 +252,8 @@ def test_one_info_layout_for_the_native_and_the_sync_vector_env(config):
     _, native_reset = native.reset(seed=0)
     _, sync_reset = sync.reset(seed=0)
     _, single_reset = single.reset(seed=0)
-    assert set(native_reset) == set(sync_reset) == {"episode", "_episode"} and set(single_reset) == {"episode"}
+    assert set(native_reset) == set(sync_reset) == {"episode", "protocol", "_episode", "_protocol"}
+    assert set(single_reset) == {"episode", "protocol"}
     assert isinstance(native_reset["episode"][0], EpisodeKey)
     _, _, _, _, native_info = native.step(native.action_space.sample())
     _, _, _, _, sync_info = sync.step(sync.action_space.sample())
@@ -279,3 +284,48 @@ def test_settings_as_keyword_arguments_say_where_they_go(make, env_id):
         TypeError, match=r"takes its settings in one dict: gym.make\(\.\.\., config=\{'traces': \.\.\.\}"
     ):
         make(env_id, traces=["x.h5"])
+
+
+@pytest.mark.parametrize(
+    ("protection", "protocol"),
+    [({}, "raw"), ({"sinks": 4, "recent": 16}, "paper"), ({"sinks": 4}, "custom:sinks=4;recent=0")],
+)
+def test_reset_info_names_the_protocol_its_scores_belong_to(config, protection, protocol):
+    """The env's protected tokens decide which evaluation protocol its holistic score is: reset says which, in the
+    single env and in both vector forms (the names kvp-gym evaluate records)."""
+    from kvp_gym.evaluation import PROTOCOLS, evaluate
+
+    config = {**config, **protection}
+    _, info = gym.make("KVEvict-v0", config=config).reset(seed=0)
+    assert info["protocol"] == protocol
+    for mode in ("vector_entry_point", "sync"):
+        _, infos = gym.make_vec("KVEvict-v0", num_envs=2, config=config, vectorization_mode=mode).reset(seed=0)
+        assert list(infos["protocol"]) == [protocol, protocol] and infos["_protocol"].all()
+    if protocol in PROTOCOLS:  # the same name as the evaluation record of the same protection
+        record = evaluate(config["traces"], ["knorm"], split="val", protocol=protocol, bootstrap=5, progress=False)
+        assert record["protocol"]["name"] == protocol
+        assert (record["protocol"]["sinks"], record["protocol"]["recent"]) == (
+            protection.get("sinks", 0),
+            protection.get("recent", 0),
+        )
+
+
+def test_the_readme_snippet_runs_and_the_env_reports_the_tables_number(tiny_trace, capsys):
+    """README's "Bring your own algorithm" block, as written but on the tiny trace file: every name it uses is
+    defined, its env names the table's protocol, and the env's mean holistic score over the table's episodes is
+    the table's."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Bring your own algorithm") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert re.search(r"^paths = \[.*\]$", code, re.M), "the snippet's paths line moved"
+    code = re.sub(r"^paths = \[.*\]$", f"paths = [{str(tiny_trace)!r}]", code, flags=re.M)
+    namespace: dict = {}
+    exec(compile(code, "README.md (Bring your own algorithm)", "exec"), namespace)
+    record, env = namespace["record"], namespace["env"]
+    assert record["protocol"]["name"] == "paper"
+    assert env.reset(seed=0)[1]["protocol"] == "paper"
+    mine = record["policies"]["mine"]["holistic_score"]["mean"]
+    assert np.mean(namespace["scores"]) == pytest.approx(mine, abs=1e-6)
+    assert len(namespace["scores"]) == np.asarray(record["policies"]["mine"]["per_sample_head"]).size
+    out = capsys.readouterr().out
+    assert "streaming_llm" in out and f"in the env: {mine:.3f}, in the table: {mine:.3f}" in out

@@ -422,3 +422,44 @@ def test_an_env_policy_scores_the_same_in_the_env_and_in_the_table(tiny_trace):
         table = np.asarray(record["policies"]["mine"]["per_sample_head"]).reshape(-1)
         np.testing.assert_allclose(in_env, table, atol=1e-5)
         assert record["policies"]["mine"]["holistic_score"]["mean"] == pytest.approx(np.mean(in_env), abs=1e-6)
+
+
+def test_table_headers_are_never_cut_and_columns_line_up(tiny_trace):
+    long_name = "my-recency-heuristic (examples/mine.py)"
+    record = evaluate(
+        tiny_trace,
+        {long_name: get_scorer("streaming_llm"), "tova": "tova"},
+        split="all",
+        bootstrap=5,
+        progress=False,
+        layers=[1],
+        versus=long_name,
+    )
+    long_task = "niah_multikey_with_a_long_name"  # two tasks (as two trace files would give): one column each
+    record["tasks"] = ["niah_single", long_task]
+    for policy in record["policies"].values():
+        policy["per_task"][long_task] = policy["per_task"]["niah_single"]
+    lines = trace_level_table(record).splitlines()
+    header, rows = lines[1], lines[2:4]
+    for label in (long_task, f"{long_name} - policy", f"{long_name} wins"):
+        assert f" {label} " in header  # whole, between spaces
+    # Every row's cells end where the header's labels end, so "sees" starts in the same column everywhere.
+    sees_column = header.index("  sees")
+    assert all(row.index("  K/V" if row.startswith(long_name) else "  queries") == sees_column for row in rows)
+    tova_row = next(row for row in rows if row.startswith("tova"))
+    assert tova_row[: header.index(f"{long_name} wins") + len(f"{long_name} wins")].endswith("%")
+
+
+def test_plot_styles_draw_the_leader_strongest_and_references_neutral():
+    from kvp_gym.evaluation.report import OKABE_ITO, REFERENCE_GREY, line_styles
+
+    ranked = ["oracle", "kvp", *(f"method{i}" for i in range(10))]  # best first, as the plots order them
+    styles = line_styles(ranked, privileged={"oracle"})
+    assert styles["oracle"]["color"] == REFERENCE_GREY and styles["oracle"]["linestyle"] == "--"
+    leader = styles["kvp"]
+    others = [styles[label] for label in ranked[2:]]
+    assert all(leader["linewidth"] > s["linewidth"] and leader["zorder"] > s["zorder"] for s in others)
+    assert leader["color"] == OKABE_ITO[0] and {s["color"] for s in others} <= set(OKABE_ITO[1:])
+    assert len({s["color"] for s in others[:6]}) == 6  # the first six others: six different colours
+    drawn = [(s["color"], str(s["linestyle"]), s["marker"]) for s in styles.values()]
+    assert len(set(drawn)) == len(drawn)  # no two lines look alike

@@ -25,8 +25,9 @@ from kvp_gym_leaderboard.benchmark import (
     prepare,
     read_manifest,
 )
+from kvp_gym_leaderboard.page import build_site
 from kvp_gym_leaderboard.records import decode, pack, published
-from kvp_gym_leaderboard.site import build_site, markdown_table, ordered, ranks, surely_better
+from kvp_gym_leaderboard.site import markdown_table, ordered, ranks, surely_better
 from kvp_gym_leaderboard.submission import (
     ENTRIES,
     bootstrap_label,
@@ -397,7 +398,7 @@ def test_pairing_separates_what_marginal_intervals_cannot():
 def test_board_markdown_and_site_from_entries(bench, entries, tmp_path):
     loaded = [read_entry(f) for f in sorted(entries.glob("*.json"))]
     page = build_site(loaded, tmp_path / "site")
-    assert page.read_text().count("<tr") == 1 + len(loaded)
+    assert page.read_text().count("<tr") == 2 + 1 + len(loaded)  # two header rows, the full cache, the entries
     assert {p.name for p in (tmp_path / "site").iterdir()} == {
         "index.html",
         "leaderboard.md",
@@ -411,7 +412,24 @@ def test_board_markdown_and_site_from_entries(bench, entries, tmp_path):
         "| accuracy @32 | accuracy @64 | ppl @32 | ppl @64 |"
     )
     assert table[2].startswith("| - | oracle | upper bound |")
-    assert len(table) == 2 + len(loaded)
+    assert len(table) == 2 + 1 + len(loaded)  # the full-cache reference row
+
+
+def test_markdown_table_has_a_full_cache_reference_row(entries):
+    loaded = [read_entry(f) for f in sorted(entries.glob("*.json"))]
+    table = markdown_table(loaded).splitlines()
+    references = [i for i, row in enumerate(table) if "| full cache |" in row]
+    assert references == [3]  # after the upper bound, before the ranked entries
+    cells = table[3].strip("| ").split(" | ")
+    full = loaded[0]["results"]["end_to_end"]["full_cache"]
+    accuracy = np.mean([task["mean"] for task in full["accuracy"].values()])
+    assert cells[:4] == ["-", "full cache", "reference", "-"]  # not ranked, no trace-level score
+    assert cells[4:8] == ["-"] * 4  # two tasks, two prompt lengths
+    assert cells[8:] == [f"{accuracy:.3f}"] * 2 + [f"{full['perplexity']['mean']:.2f}"] * 2  # budgets 32, 64
+    assert all(row.split(" | ")[0].strip("| ").isdigit() for row in table[4:])  # every other row is ranked
+    for entry in loaded:  # a board without end-to-end results has no reference to show
+        entry["results"]["end_to_end"] = None
+    assert not any("full cache" in row for row in markdown_table(loaded).splitlines())
 
 
 def test_committed_entries_are_valid():

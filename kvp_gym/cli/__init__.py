@@ -22,13 +22,18 @@ from kvp_gym.version import __version__
 
 __all__ = ["build_parser", "describe", "main", "parse_shard"]
 
+# Printed as written: lines under 80 characters, so that a terminal of 80 columns wraps none of them mid-word.
 _EXAMPLES = """examples:
-  kvp-gym collect --model smollm2-135m --task niah_single --samples 32 --context 1024 --future 64 --out traces/niah.h5
+  kvp-gym collect --model smollm2-135m --task niah_single --samples 32 \\
+      --context 1024 --future 64 --out traces/niah.h5
   kvp-gym traces info traces/niah.h5
-  kvp-gym evaluate --traces traces/demo/niah_single.h5 --policies all --split test --out runs/eval
+  kvp-gym evaluate --traces traces/demo/niah_single.h5 --policies all \\
+      --split test --out runs/eval
   kvp-gym tasks eval --tasks niah_single,essay --context 1024 --samples 8
-  kvp-gym generate --model smollm2-135m --policy kvp --budget 128 --prompt-file prompt.txt --chat
-  kvp-gym evaluate-e2e --tasks niah_single,niah_multikey --budgets 64,128,256 --samples 40 --out runs/e2e
+  kvp-gym generate --model smollm2-135m --policy kvp --budget 128 \\
+      --prompt-file prompt.txt --chat
+  kvp-gym evaluate-e2e --tasks niah_single,niah_multikey --budgets 64,128,256 \\
+      --samples 40 --out runs/e2e
 """
 
 # In the order `kvp-gym --help` lists them.

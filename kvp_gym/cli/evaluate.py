@@ -1,12 +1,15 @@
 """``kvp-gym evaluate`` (score eviction policies on a trace split) and ``kvp-gym evaluate-table`` (one Markdown row
 per evaluation run).
 
-Imports kvp_gym.cli.options at module level; kvp_gym.evaluation and kvp_gym.storage only when a command runs."""
+Imports kvp_gym.cli.options at module level (and reads the kvp_gym.scorers entry points' names for the help);
+kvp_gym.evaluation and kvp_gym.storage only when a command runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import textwrap
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from kvp_gym.cli.options import (
@@ -21,21 +24,37 @@ from kvp_gym.cli.options import (
     positive_int,
 )
 
+# The rest of `kvp-gym evaluate --help`'s description, printed as written: lines under 80 characters, so that
+# neither argparse nor the terminal wraps a spec mid-word.
+_EVALUATE_EXAMPLES = """\
+examples:
+  kvp-gym evaluate --traces traces/demo/*.h5 --policies all --split all \\
+      --out runs/eval
+  kvp-gym evaluate --traces traces/demo/*.h5 --out runs/eval2 --versus tova \\
+      --policies "tova,snapkv:window=32,h2o:recent=16"
+  kvp-gym evaluate --traces traces/demo/*.h5 --out runs/eval3 \\
+      --add-to runs/eval --versus kvp \\
+      --policies kvp:checkpoint=runs/kvp/agents.safetensors"""
+
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Register ``evaluate``."""
     evaluate = commands.add_parser(
         "evaluate",
         help="score eviction policies on a trace split (holistic score, retained attention, plots)",
-        description="Run every policy on every (sample, layer, KV head) of a split at the prompt boundary; "
-        "write DIR/results.json and PNG plots; print a table.",
+        description="Run every policy on every (sample, layer, KV head) of a split at the prompt\n"
+        "boundary; write DIR/results.json and PNG plots; print a table.\n\n"
+        "registered policies (kvp_gym.scorers entry points; packages can add more):\n"
+        + textwrap.fill(", ".join(_registered_scorers()), 76, initial_indent="  ", subsequent_indent="  ")
+        + "\n\n"
+        + _EVALUATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_trace_files(evaluate, help="trace files of one model")
     add_policies(
         evaluate,
         help="'all' (every registered scorer with its defaults, plus the variants it declares) or comma-separated "
-        "scorer specs: name or name:param=value;param=value "
-        "(e.g. snapkv:window=32,kvp:checkpoint=runs/kvp/agents.safetensors)",
+        "scorer specs, each NAME or NAME:param=value;param=value (the names and examples are listed above)",
     )
     evaluate.add_argument("--split", default="test", help="train, val, test or all (default test)")
     add_out(evaluate, required=True, help="folder for results.json and the plots")
@@ -68,6 +87,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--policies and write them together with its policies (baselines once, new agents against them later)",
     )
     evaluate.set_defaults(handler=_evaluate)
+
+
+def _registered_scorers() -> list[str]:
+    """The names of the ``kvp_gym.scorers`` entry points, from the installed packages' metadata (imports none of
+    them: building the parser stays fast). The group's name is kvp_gym.scorers.ENTRY_POINT_GROUP, not imported
+    here because that module imports torch."""
+    return sorted({point.name for point in entry_points(group="kvp_gym.scorers")})
 
 
 def add_table_command(commands: argparse._SubParsersAction) -> None:

@@ -19,7 +19,7 @@ from gymnasium import spaces
 
 from kvp_gym.envs.episodes import Episode, EpisodeKey, TraceEpisodes
 from kvp_gym.storage import cache_dir
-from kvp_gym.utility import holistic_costs, protected_tokens, retained_fraction
+from kvp_gym.utility import holistic_costs, protected_tokens, protocol_name, retained_fraction
 
 log = logging.getLogger(__name__)
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # traces store float16: no observed value can exceed it
@@ -258,11 +258,16 @@ class KVEvictEnv(gym.Env):
     ## Episode end
     Terminates after one step (``terminated=True``); never truncates.
 
-    ## Info (after the step)
-    ``holistic_score`` (oracle_cost / cost, in (0, 1]), ``retained_fraction`` (float32 [len(budgets)], the share of
-    importance kept at each configured budget, protected tokens counted in it; NaN for a budget below the
-    protected count), ``budgets``, ``cost``, ``oracle_cost``, ``trace``, ``sample``,
-    ``layer``, ``head``, ``split_point``, ``num_tokens``.
+    ## Info
+    From ``reset``: ``episode`` (the :class:`EpisodeKey`, to replay it) and ``protocol``, the evaluation protocol
+    whose score ``holistic_score`` is: ``"raw"`` by default (nothing protected, the training signal), ``"paper"``
+    with ``sinks=4, recent=16`` (the protocol of ``kvp-gym evaluate``'s tables and the leaderboard), else
+    ``"custom:sinks=S;recent=R"`` (:func:`kvp_gym.utility.protocol_name`).
+
+    After the step: ``holistic_score`` (oracle_cost / cost, in (0, 1]), ``retained_fraction`` (float32
+    [len(budgets)], the share of importance kept at each configured budget, protected tokens counted in it; NaN for
+    a budget below the protected count), ``budgets``, ``cost``, ``oracle_cost``, ``trace``, ``sample``, ``layer``,
+    ``head``, ``split_point``, ``num_tokens``.
 
     ## Arguments
     ``gym.make("KVEvict-v0", config={...})`` with keys of :data:`DEFAULT_CONFIG` (highway-env style): the trace
@@ -279,6 +284,7 @@ class KVEvictEnv(gym.Env):
         self.observation_space = self.observations.space
         self.action_space = spaces.Box(-1.0, 1.0, (self.episodes.max_tokens,), np.float32)
         self.budgets = tuple(self.config["budgets"])
+        self.protocol = protocol_name(self.config["sinks"], self.config["recent"])
         self._episode: Episode | None = None
         self._observation: dict[str, Any] = {}
 
@@ -294,7 +300,7 @@ class KVEvictEnv(gym.Env):
         self.observations.write(observation, self._episode)
         # Discrete fields (layer, head) are 0-d arrays here; observations carry them as numpy integers.
         self._observation = {name: value if value.ndim else value[()] for name, value in observation.items()}
-        return self._observation, {"episode": key}
+        return self._observation, {"episode": key, "protocol": self.protocol}
 
     def step(self, action):
         if self._episode is None:

@@ -4,8 +4,8 @@
 step, so it resets in the same step (``AutoresetMode.SAME_STEP``): ``step`` returns the next episodes'
 observations (no step is spent on resets), and an info with the same keys as the single environment's step info,
 batched as Gymnasium's SyncVectorEnv batches it (a ``_key`` mask beside each key): ``info["holistic_score"][i]``
-in every form. The reset info is ``{"episode": keys, "_episode": mask}``, as SyncVectorEnv batches the single
-environment's reset info.
+in every form. The reset info is ``{"episode": keys, "protocol": names, "_episode": mask, "_protocol": mask}``, as
+SyncVectorEnv batches the single environment's reset info.
 
 Imports kvp_gym.envs.evict and kvp_gym.utility.
 """
@@ -23,7 +23,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from kvp_gym.envs.evict import Observations, checked_scores, episode_source, resolve_config
-from kvp_gym.utility import holistic_costs, protected_tokens, retained_fraction
+from kvp_gym.utility import holistic_costs, protected_tokens, protocol_name, retained_fraction
 
 
 class KVEvictVectorEnv(VectorEnv):
@@ -50,6 +50,7 @@ class KVEvictVectorEnv(VectorEnv):
         self.single_action_space = spaces.Box(-1.0, 1.0, (t,), np.float32)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.budgets = tuple(self.config["budgets"])
+        self.protocol = protocol_name(self.config["sinks"], self.config["recent"])
         self._observation: dict[str, np.ndarray] = {}
         self._importance = torch.zeros(num_envs, t)
         self._keys: list = []
@@ -94,7 +95,9 @@ class KVEvictVectorEnv(VectorEnv):
         """The reset info of the episodes just drawn, batched as Gymnasium's SyncVectorEnv batches it."""
         keys = np.empty(self.num_envs, dtype=object)
         keys[:] = self._keys
-        return {"episode": keys, "_episode": np.ones(self.num_envs, bool)}
+        protocols = np.full(self.num_envs, self.protocol, dtype=object)
+        every = np.ones(self.num_envs, bool)
+        return {"episode": keys, "protocol": protocols, "_episode": every, "_protocol": every.copy()}
 
     def _draw(self) -> None:
         """The next N episodes, into fresh observation arrays (those handed out before are never overwritten)."""

@@ -113,6 +113,13 @@ class E2EConfig:
         """Every (task, index) of the run, essays last."""
         return [(t, i) for t in self.tasks for i in range(self.samples)] + [("essay", i) for i in range(self.essays)]
 
+    def cost(self, task: str) -> int:
+        """A work item's expected time in decoding steps, for the progress estimate (fitted to smollm2-135m runs):
+        prefill and scoring ~ context / 25; the full cache and each budget decode an essay's whole continuation, a
+        task prompt until its answer ends (about half its answer_tokens). An essay of 1k tokens weighs ~4 prompts."""
+        steps = self.continuation if task == "essay" else get_task(task).answer_tokens // 2
+        return self.context // 25 + steps * (1 + len(self.budgets))
+
 
 def run(
     config: E2EConfig,
@@ -138,14 +145,16 @@ def run(
         for label, reason in model_mismatches(scorers, config.model, models.geometry(model)).items():
             skipped[label] = reason  # agents trained for another model: skipped, with the reason
             del scorers[label]
-        for task, sample_index in tqdm(todo, desc="evaluate-e2e", unit="sample", disable=not progress):
-            record = _evaluate_sample(model, tokenizer, config, scorers, task, sample_index)
-            record["skipped"] = skipped
-            with atomic_path(part_path(parts, task, sample_index)) as tmp:
-                tmp.write_text(json.dumps(record))
-    if count > 1:
-        return None
-    return summarize(out, scorers, variants)
+        costs = [config.cost(task) for task, _ in todo]  # an essay weighs several prompts: the estimate knows
+        with tqdm(total=sum(costs), desc="evaluate-e2e", unit="step", disable=not progress) as bar:
+            for done, ((task, sample_index), cost) in enumerate(zip(todo, costs, strict=True), 1):
+                record = _evaluate_sample(model, tokenizer, config, scorers, task, sample_index)
+                record["skipped"] = skipped
+                with atomic_path(part_path(parts, task, sample_index)) as tmp:
+                    tmp.write_text(json.dumps(record))
+                bar.set_postfix_str(f"{done}/{len(todo)} samples", refresh=False)
+                bar.update(cost)
+    return None if count > 1 else summarize(out, scorers, variants)
 
 
 def merge(out: str | Path, inputs: Sequence[str | Path]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Imports only kvp_gym.evaluation.stats and kvp_gym.storage.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ from kvp_gym.evaluation.stats import paired_differences
 from kvp_gym.storage import atomic_path
 
 FULL_CACHE = "full_cache"  # the reference row of end-to-end records: the model with its whole cache
+# Okabe & Ito's palette (distinct under the common colour-vision deficiencies): the leader takes the first, the other
+# methods the rest in turn; the reference lines (upper bounds, the full cache) are neutral grey and black.
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
+REFERENCE_GREY = "#6E6E6E"
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 # --- trace level ----------------------------------------------------------------------------------------------------
@@ -28,18 +34,20 @@ def trace_level_table(record: dict[str, Any]) -> str:
     """A plain-text table: policy, mean holistic score, 95% interval, retained fraction at 64 and 256 tokens, the
     needle retention at 64 tokens when samples have needles, the mean per task when there are several, and, when
     the record has paired comparisons, the mean paired difference of the ``versus`` policy with each other one (its
-    95% interval; ``~`` = the interval includes 0) and the share of heads the ``versus`` policy wins."""
+    95% interval; ``~`` = the interval includes 0) and the share of heads the ``versus`` policy wins. Every column
+    is as wide as its header: no label is cut."""
     tasks = sorted(set(record.get("tasks", []))) if len(set(record.get("tasks", []))) > 1 else []
     paired = record.get("paired")
     versus = paired["versus"] if paired else None
     width = max(16, *(len(label) for label in record["policies"]))
     needles = any(p.get("needle_retention") for p in record["policies"].values())
-    lines = [_trace_level_title(record), _trace_level_header(width, needles, tasks, versus) + "  sees"]
+    columns = _Columns(width, needles, {t: max(12, len(t)) for t in tasks}, versus)
+    lines = [_trace_level_title(record), columns.header() + "  sees"]
     ranked = sorted(record["policies"].items(), key=lambda kv: -kv[1]["holistic_score"]["mean"])
     for label, policy in ranked:
-        line = _trace_level_row(label, policy, width, needles, tasks)
+        line = _trace_level_row(label, policy, columns)
         if versus:
-            line += _paired_cells(paired["policies"].get(label))
+            line += columns.paired_cells(paired["policies"].get(label))
         sees = "future (upper bound)" if policy["privileged"] else ("queries" if policy["needs_queries"] else "K/V")
         sees += ", variant of ours" if policy.get("variant") else ""
         lines.append(line + f"  {sees}")
@@ -62,34 +70,49 @@ def _trace_level_title(record: dict[str, Any]) -> str:
     )
 
 
-def _trace_level_header(width: int, needles: bool, tasks: list[str], versus: str | None) -> str:
-    header = f"{'policy':{width}s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} {'kept@256':>9s}"
-    header += f" {'needles@64':>10s}" if needles else ""
-    header += "".join(f" {t[:12]:>12s}" for t in tasks)
-    if versus:
-        header += f" {versus[:14] + ' - policy':>33s} {versus[:9] + ' wins':>14s}"
-    return header
+@dataclass(frozen=True)
+class _Columns:
+    """The trace-level table's columns: ``width`` of the policy column, ``tasks`` (name -> width) and, with a
+    ``versus`` policy, the paired columns, each at least as wide as its header."""
+
+    width: int
+    needles: bool
+    tasks: dict[str, int]
+    versus: str | None
+
+    @property
+    def paired_widths(self) -> tuple[int, int]:
+        return max(33, len(f"{self.versus} - policy")), max(14, len(f"{self.versus} wins"))
+
+    def header(self) -> str:
+        header = f"{'policy':{self.width}s} {'holistic score':>14s} {'95% interval':>16s} {'kept@64':>8s} "
+        header += f"{'kept@256':>9s}" + (f" {'needles@64':>10s}" if self.needles else "")
+        header += "".join(f" {t:>{w}s}" for t, w in self.tasks.items())
+        if self.versus:
+            difference, wins = self.paired_widths
+            header += f" {self.versus + ' - policy':>{difference}s} {self.versus + ' wins':>{wins}s}"
+        return header
+
+    def paired_cells(self, comparison: dict[str, Any] | None) -> str:
+        """The paired difference and the share of heads won (blank for the ``versus`` policy itself)."""
+        difference, wins = self.paired_widths
+        if comparison is None:
+            return f" {'':{difference}s} {'':{wins}s}"
+        d, (a, b) = comparison["mean_difference"], comparison["ci95"]
+        mark = "~" if comparison["interval_includes_zero"] else " "
+        return f" {f'{d:+.3f} [{a:+.3f}, {b:+.3f}]{mark}':>{difference}s} {comparison['share_of_heads_won']:{wins}.0%}"
 
 
-def _trace_level_row(label: str, policy: dict[str, Any], width: int, needles: bool, tasks: list[str]) -> str:
+def _trace_level_row(label: str, policy: dict[str, Any], columns: _Columns) -> str:
     low, high = policy["holistic_score"]["ci95"]
     kept = policy["retained_fraction"]["absolute"]
     line = (
-        f"{label:{width}s} {policy['holistic_score']['mean']:14.3f} {f'[{low:.3f}, {high:.3f}]':>16s} "
+        f"{label:{columns.width}s} {policy['holistic_score']['mean']:14.3f} {f'[{low:.3f}, {high:.3f}]':>16s} "
         f"{_cell(kept['64']):>8s} {_cell(kept['256']):>9s}"
     )
-    if needles:
+    if columns.needles:
         line += f" {_cell((policy.get('needle_retention') or {}).get('absolute', {}).get('64')):>10s}"
-    return line + "".join(f" {policy['per_task'][t]:12.3f}" for t in tasks)
-
-
-def _paired_cells(comparison: dict[str, Any] | None) -> str:
-    """The paired difference and the share of heads won (blank for the ``versus`` policy itself)."""
-    if comparison is None:
-        return f" {'':33s} {'':14s}"
-    d, (a, b) = comparison["mean_difference"], comparison["ci95"]
-    mark = "~" if comparison["interval_includes_zero"] else " "
-    return f" {f'{d:+.3f} [{a:+.3f}, {b:+.3f}]{mark}':>33s} {comparison['share_of_heads_won']:14.0%}"
+    return line + "".join(f" {policy['per_task'][t]:{w}.3f}" for t, w in columns.tasks.items())
 
 
 def versus_table(
@@ -171,38 +194,78 @@ def plot_trace_level(record: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _holistic_bars(plt, record: dict[str, Any], policies: list, names: list[str]):
-    """Each policy's mean holistic score with its interval (orange: sees queries, grey: privileged)."""
+    """Each policy's mean holistic score with its interval (orange: sees queries, blue: keys and values only, grey:
+    privileged); the leader's bar outlined."""
     means = np.array([p["holistic_score"]["mean"] for _, p in policies])
     intervals = np.array([p["holistic_score"]["ci95"] for _, p in policies])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(policies) + 1.5))
-    colors = ["0.6" if p["privileged"] else ("tab:orange" if p["needs_queries"] else "tab:blue") for _, p in policies]
-    ax.barh(names, means, xerr=np.abs(intervals.T - means), color=colors, capsize=3)
+    colors = [
+        REFERENCE_GREY if p["privileged"] else (OKABE_ITO[1] if p["needs_queries"] else OKABE_ITO[0])
+        for _, p in policies
+    ]
+    leader = next((label for label, p in policies[::-1] if not p["privileged"]), None)
+    bars = ax.barh(names, means, xerr=np.abs(intervals.T - means), color=colors, capsize=3)
+    for (label, _), bar in zip(policies, bars, strict=True):
+        bar.set(edgecolor="black", linewidth=1.8 if label == leader else 0)
     ax.set_xlabel("holistic score (oracle cost / cost), 95% bootstrap interval over samples")
     ax.set_xlim(0, 1.05)
     protocol = record["protocol"]["name"]
-    ax.set_title(f"{record['model']}, split {record['split']}, protocol {protocol} (orange: sees queries)", fontsize=10)
+    ax.set_title(
+        f"{record['model']}, split {record['split']}, protocol {protocol}\n"
+        "(orange: sees queries, blue: keys and values, grey: upper bound; outlined: the leader)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
 
 def _retained_curves(plt, record: dict[str, Any], policies: list, names: list[str]):
-    """The share of future attention each policy keeps, against the absolute budget."""
+    """The share of future attention each policy keeps, against the absolute budget (legend: best first)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.set_prop_cycle(
-        color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]
-    )  # distinct colours for a dozen policies
+    styles = line_styles([label for label, _ in policies[::-1]], {label for label, p in policies if p["privileged"]})
     budgets = record["budgets"]["absolute"]
-    for (_, p), label in zip(policies[::-1], names[::-1], strict=True):
+    for (label, p), name in zip(policies[::-1], names[::-1], strict=True):
         values = [_nan(p["retained_fraction"]["absolute"][str(b)]) for b in budgets]
-        ax.plot(budgets, values, marker="o", label=label, linestyle="--" if p["privileged"] else "-")
+        ax.plot(budgets, values, label=name, **styles[label])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("budget (tokens kept per head)")
     ax.set_ylabel("share of future attention retained")
-    ax.set_title(f"protocol {record['protocol']['name']}: {record['protocol']['description']}", fontsize=8)
+    ax.set_title(f"protocol {record['protocol']['name']}: {record['protocol']['description']}", fontsize=8, wrap=True)
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    _legend_outside(ax)
     return fig
+
+
+def line_styles(ranked: list[str], privileged: set[str]) -> dict[str, dict[str, Any]]:
+    """matplotlib line keywords per label, for ``ranked`` labels (best first): the leader (the first label not in
+    ``privileged``) thick, in the palette's first colour and on top; the other methods thinner, in the palette's
+    other colours in turn, each with its own marker (and dashed on a second round of colours); ``privileged``
+    labels (upper bounds) as a neutral grey dashed reference."""
+    leader = next((label for label in ranked if label not in privileged), None)
+    styles, others = {}, 0
+    for label in ranked:
+        if label in privileged:
+            styles[label] = dict(color=REFERENCE_GREY, linestyle="--", linewidth=1.4, marker="x", zorder=2)
+        elif label == leader:
+            styles[label] = dict(color=OKABE_ITO[0], linestyle="-", linewidth=3.2, marker="o", markersize=7, zorder=4)
+        else:
+            turn, colour = divmod(others, len(OKABE_ITO) - 1)
+            styles[label] = dict(
+                color=OKABE_ITO[1 + colour],
+                linestyle="-" if turn == 0 else (0, (4, 2)),
+                linewidth=1.3,
+                marker=MARKERS[(colour + turn) % len(MARKERS)],
+                markersize=4.5,
+                alpha=0.9,
+                zorder=3,
+            )
+            others += 1
+    return styles
+
+
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes, off the lines it labels (:func:`_save` keeps it in the image)."""
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
 
 
 def _layer_head_maps(plt, record: dict[str, Any], policies: list):
@@ -232,14 +295,16 @@ def _layer_head_maps(plt, record: dict[str, Any], policies: list):
 
 
 def _paired_intervals(plt, record: dict[str, Any]):
-    """The ``versus`` policy's paired difference with each other policy (green: better, red: worse, grey: unsure)."""
+    """The ``versus`` policy's paired difference with each other policy (green: better, vermillion: worse, grey:
+    unsure)."""
     versus, compared = record["paired"]["versus"], record["paired"]["policies"]
     order = sorted(compared, key=lambda label: compared[label]["mean_difference"])
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(order) + 1.6))
     for row, label in enumerate(order):
         c = compared[label]
         low, high = c["ci95"]
-        color = "0.6" if c["interval_includes_zero"] else "tab:green" if c["mean_difference"] > 0 else "tab:red"
+        better = c["mean_difference"] > 0
+        color = REFERENCE_GREY if c["interval_includes_zero"] else OKABE_ITO[2] if better else OKABE_ITO[5]
         ax.plot([low, high], [row, row], color=color, linewidth=2)
         ax.plot(c["mean_difference"], row, "o", color=color)
     ax.axvline(0, color="black", linewidth=0.8)
@@ -324,42 +389,59 @@ def plot_end_to_end(record: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def _end_to_end_styles(record: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The policies best first (by holistic score; without task prompts, which give it, by perplexity at the
+    smallest budget; else as listed) and their :func:`line_styles`."""
+    holistic = record.get("holistic_score") or {}
+    if any(value is not None for value in holistic.values()):
+        ranked = sorted(record["policies"], key=lambda label: -(holistic.get(label) or 0))
+    elif record["perplexity"]:
+        smallest = str(min(record["settings"]["budgets"]))
+        ranked = sorted(record["policies"], key=lambda label: record["perplexity"]["policies"][label][smallest]["mean"])
+    else:
+        ranked = list(record["policies"])
+    privileged = {label for label, p in record["policies"].items() if p["privileged"]}
+    return ranked, line_styles(ranked, privileged)
+
+
+def _full_cache_line(ax, value: float) -> None:
+    ax.axhline(value, color="black", linestyle=":", linewidth=1.4, label="full cache (reference)", zorder=1)
+
+
 def _accuracy_panels(plt, record: dict[str, Any]):
     budgets = record["settings"]["budgets"]
     tasks = list(record["settings"]["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4), squeeze=False)
+    ranked, styles = _end_to_end_styles(record)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 1.8, 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
-        for label, p in record["accuracy"][task]["policies"].items():
-            values = [p[str(b)]["mean"] for b in budgets]
-            dashed = record["policies"][label]["privileged"]
-            ax.plot(budgets, values, marker="o", label=label, linestyle="--" if dashed else "-")
-        ax.axhline(record["accuracy"][task][FULL_CACHE]["mean"], color="black", linewidth=1, label="full cache")
+        _full_cache_line(ax, record["accuracy"][task][FULL_CACHE]["mean"])
+        for label in ranked:
+            values = [record["accuracy"][task]["policies"][label][str(b)]["mean"] for b in budgets]
+            ax.plot(budgets, values, label=label, **styles[label])
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("budget (tokens kept per KV head)")
         ax.set_title(task)
     axes[0][0].set_ylabel("accuracy (exact match)")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
+    _legend_outside(axes[0][-1])
     return fig
 
 
 def _perplexity_curves(plt, record: dict[str, Any]):
     budgets = record["settings"]["budgets"]
+    ranked, styles = _end_to_end_styles(record)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
-    for label, p in record["perplexity"]["policies"].items():
-        ax.plot(budgets, [p[str(b)]["mean"] for b in budgets], marker="o", label=label)
-    ax.axhline(record["perplexity"][FULL_CACHE]["mean"], color="black", linewidth=1, label="full cache")
+    _full_cache_line(ax, record["perplexity"][FULL_CACHE]["mean"])
+    for label in ranked:
+        values = [record["perplexity"]["policies"][label][str(b)]["mean"] for b in budgets]
+        ax.plot(budgets, values, label=label, **styles[label])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("budget (tokens kept per KV head)")
     ax.set_ylabel("perplexity of the real continuation")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _legend_outside(ax)
     return fig
 
 
@@ -380,6 +462,6 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")  # keeps a legend outside the axes
     plt.close(fig)
     return path

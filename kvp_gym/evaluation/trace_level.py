@@ -87,30 +87,22 @@ from kvp_gym.scorers import (
 )
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.traces import SPLITS, open_compatible
-from kvp_gym.utility import holistic_score, needle_attention_kept, protected_tokens, retained_fraction
+
+# PROTOCOLS and Protocol live beside protected_tokens, where KVEvict-v0 names its protocol too; imported from here
+# (and kvp_gym.evaluation) as before.
+from kvp_gym.utility import (
+    PROTOCOLS,
+    Protocol,
+    holistic_score,
+    needle_attention_kept,
+    protected_tokens,
+    retained_fraction,
+)
 from kvp_gym.version import __version__
 
 SCHEMA, SCHEMA_VERSION = "kvp-gym/trace-evaluation", 2
 ABSOLUTE_BUDGETS = (16, 32, 64, 128, 256, 512)
 FRACTION_BUDGETS = (0.05, 0.10, 0.25, 0.50)
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """Which prompt tokens every method keeps at every budget (and so are left out of its ranking's score)."""
-
-    name: str
-    sinks: int
-    recent: int
-    description: str
-
-
-PROTOCOLS = {
-    "paper": Protocol(
-        "paper", 4, 16, "4 sink + 16 recent prompt tokens kept for every method; the score measures the rest"
-    ),
-    "raw": Protocol("raw", 0, 0, "nothing protected; the score measures the whole ranking (the training signal)"),
-}
 
 
 def evaluate(
