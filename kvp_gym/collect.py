@@ -7,10 +7,12 @@ continuation recording the post-RoPE queries, keys and values of the chosen laye
 Safety: each finished sample is written atomically to its own file in ``OUT.parts/``; the final file is
 assembled from them atomically at the end. A killed collection leaves only whole samples behind, and
 ``resume=True`` continues from them. ``shard=(i, N)`` collects samples i, i+N, i+2N... so that N machines can
-share a collection; :func:`kvp_gym.traces.merge_traces` joins the shards into the same content as one run.
+share a collection; :func:`kvp_gym.traces.merge_traces` joins the shards into the same content as one run. Under
+torchrun the processes split the samples (of the shard) between them, all writing into the same ``OUT.parts/``, and
+process 0 assembles ``OUT`` once all are done (:mod:`kvp_gym.distributed_run`): the same content as one process.
 
-Imports kvp_gym.capture, kvp_gym.generation, kvp_gym.models, kvp_gym.tasks, kvp_gym.traces and kvp_gym.version: the
-whole recording side, nothing of evaluation.
+Imports kvp_gym.capture, kvp_gym.distributed_run, kvp_gym.generation, kvp_gym.models, kvp_gym.tasks, kvp_gym.traces
+and kvp_gym.version: the whole recording side, nothing of evaluation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from kvp_gym import models
 from kvp_gym.capture import capture_qkv, probe_attention
+from kvp_gym.distributed_run import ONE_PROCESS, Processes
 from kvp_gym.generation import greedy, sample_seed
 from kvp_gym.tasks import encode, get_task, make_sample
 from kvp_gym.tasks.text import TEXT_POOLS
@@ -124,21 +127,26 @@ def collect(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     allow_download: bool = False,
-) -> CollectSummary:
-    """Collect a trace file; see the module docstring. Returns what was written. ``allow_download`` lets the hub
-    client fetch a model that is not cached (see :func:`kvp_gym.models.load`)."""
+    processes: Processes = ONE_PROCESS,
+) -> CollectSummary | None:
+    """Collect a trace file; see the module docstring. Returns what was written, or None on a process other than 0
+    of a torchrun job (``processes``: this process's place in it, :func:`kvp_gym.distributed_run.join`; default a
+    single process, so that a caller inside another torchrun job, such as the trainer, collects alone).
+    ``allow_download`` lets the hub client fetch a model that is not cached (see :func:`kvp_gym.models.load`)."""
     start = time.perf_counter()
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     index_of_shard, num_shards = shard
     if not 0 <= index_of_shard < num_shards:
         raise ValueError(f"shard must be i/N with 0 <= i < N, got {index_of_shard}/{num_shards}")
-    if overwrite:
-        shutil.rmtree(parts, ignore_errors=True)
-        out.unlink(missing_ok=True)
-    elif not resume and (out.exists() or parts.exists()):
+    if not resume and not overwrite and (out.exists() or parts.exists()):
         what = out if out.exists() else f"{parts} (an interrupted collection)"
         raise FileExistsError(f"{what} exists: pass --resume to keep and complete it, or --overwrite to start over")
+    processes.wait_for_all()  # every process has looked at the folder before any changes it
+    if overwrite and processes.writes_result:
+        shutil.rmtree(parts, ignore_errors=True)
+        out.unlink(missing_ok=True)
+    processes.wait_for_all()
 
     model, tokenizer = models.load(config.model, allow_download=allow_download)
     geometry = models.geometry(model)
@@ -158,41 +166,60 @@ def collect(
     )
 
     digest = collection_digest(config.sample_identity())
-    wanted = {sample_name(config.task, digest, i): i for i in range(index_of_shard, config.samples, num_shards)}
-    sources = [out] if out.exists() else []
-    done = _names_in(out, header) if sources else set()
+    own_index, own_count = processes.share(shard)
+    wanted = {sample_name(config.task, digest, i): i for i in range(own_index, config.samples, own_count)}
+    done = _names_in(out, header) if out.exists() else set()
     parts.mkdir(parents=True, exist_ok=True)
     for part in sorted(parts.glob("*.h5")):
         done |= _names_in(part, header)
-        sources.append(part)
 
     split_by_index = config.split_by_index()
     todo = [name for name in wanted if name not in done]
+    where = f" (process {processes.rank} of {processes.world})" if processes.world > 1 else ""
     try:
-        for name in tqdm(todo, desc=f"collect {config.task}", unit="sample", disable=not progress):
+        for name in tqdm(todo, desc=f"collect {config.task}{where}", unit="sample", disable=not progress):
             index = wanted[name]
             info, tensors = _record(model, tokenizer, config, layers, name, index, split_by_index[index])
-            part = parts / f"{name}.h5"
-            write_traces(part, header, [(info, tensors)])
-            sources.append(part)
+            write_traces(parts / f"{name}.h5", header, [(info, tensors)])
     finally:
-        if not any(parts.iterdir()):  # nothing to resume: do not leave a folder that blocks the next run
+        # Nothing to resume: do not leave a folder that blocks the next run (one process: others may still write).
+        if processes.world == 1 and not any(parts.iterdir()):
             parts.rmdir()
 
-    if sources != [out]:  # else the file is already complete: nothing to assemble
-        merge_traces(out, sources)
-    shutil.rmtree(parts, ignore_errors=True)
+    collected = sum(processes.gather(len(todo)))  # waits for every process's share
+    if not processes.writes_result:
+        return None
+    shard_names = {sample_name(config.task, digest, i) for i in range(index_of_shard, config.samples, num_shards)}
+    _assemble(out, parts, header, shard_names)
     with open_traces(out) as trace:
         tokens = sum(s.num_tokens for s in trace.samples.values())
         total = len(trace.samples)
     return CollectSummary(
         path=out,
         samples=total,
-        collected=len(todo),
+        collected=collected,
         tokens=tokens,
         bytes=out.stat().st_size,
         seconds=time.perf_counter() - start,
     )
+
+
+def _assemble(out: Path, parts: Path, header: TraceHeader, names: set[str]) -> None:
+    """Join ``out`` (if there) and the sample files in ``parts`` into ``out``, which must then hold ``names``; remove
+    ``parts``. FileNotFoundError naming the samples missing (under torchrun: a process wrote elsewhere)."""
+    sources = [out] if out.exists() else []
+    found = _names_in(out, header) if sources else set()
+    for part in sorted(parts.glob("*.h5")) if parts.is_dir() else []:
+        found |= _names_in(part, header)
+        sources.append(part)
+    if missing := sorted(names - found):
+        raise FileNotFoundError(
+            f"{parts}: {len(missing)} samples missing, e.g. {missing[0]} (under torchrun every process must write to "
+            "a folder they all share)"
+        )
+    if sources != [out]:  # else the file is already complete: nothing to assemble
+        merge_traces(out, sources)
+    shutil.rmtree(parts, ignore_errors=True)
 
 
 def _record(model, tokenizer, config: CollectConfig, layers: tuple[int, ...], name: str, index: int, split: str):

@@ -15,8 +15,8 @@ the committed manifest ``<id>.manifest.json``:
 
 The manifest's SHA-256 (:func:`manifest_sha256`) identifies the benchmark in every submission.
 
-Imports kvp_gym.storage; kvp_gym.collect, .evaluation, .generation, .models, .tasks and .traces when a benchmark is
-prepared or compared (reading a manifest needs none of them).
+Imports kvp_gym.storage; kvp_gym.collect, .distributed_run, .evaluation, .generation, .models, .tasks and .traces
+when a benchmark is prepared or compared (reading a manifest needs none of them).
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvp_gym.storage import atomic_path, cache_dir
+
+if TYPE_CHECKING:
+    from kvp_gym.distributed_run import Processes
 
 BENCHMARKS = Path(__file__).parent / "benchmarks"
 TOLERANCE = 5e-3  # of the tensor's RMS, for each fingerprint number (see fingerprint)
@@ -299,6 +302,7 @@ def prepare(
     shard: tuple[int, int] = (0, 1),
     write_manifest: bool = False,
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> list[str]:
     """Collect (or resume) the benchmark's trace set into ``folder`` and check it against the manifest.
 
@@ -306,10 +310,16 @@ def prepare(
     folder afterwards). ``write_manifest`` (maintainers, when a benchmark is created) writes the manifest from
     this set instead of checking it. With ``progress``, prints the plan (:func:`plan_prepare`) first, then
     ``file i/N: NAME`` before each file. Returns the problems found, one line each (empty: the set matches).
+
+    Under torchrun (``processes``: default :func:`kvp_gym.distributed_run.join`, the job this process is part of)
+    the processes deal the shard's files out between them, each collecting and fingerprinting its own; every
+    process returns the problems of the whole shard, and process 0 writes the manifest.
     """
     from kvp_gym.collect import collect
+    from kvp_gym.distributed_run import join
 
-    plan = plan_prepare(benchmark, folder, shard)
+    processes = processes or join()
+    plan = plan_prepare(benchmark, folder, processes.share(shard))
     if progress:
         print(plan, flush=True)
     for number, planned in enumerate(plan.files, 1):
@@ -320,15 +330,18 @@ def prepare(
         summary = collect(config, plan.folder / planned.name, resume=True, progress=progress)
         if progress:
             print(summary, flush=True)
-    names = [planned.name for planned in plan.files]
     if progress:
-        print(f"checking {len(names)} files against the manifest", flush=True)
-    found = fingerprint_set(benchmark, plan.folder, names)
+        print(f"checking {len(plan.files)} files against the manifest", flush=True)
+    found = fingerprint_set(benchmark, plan.folder, [planned.name for planned in plan.files])
+    found["files"] = {name: file for record in processes.gather(found) for name, file in record["files"].items()}
+    names = [name for _, _, name in shard_files(benchmark, shard)]
     if write_manifest:
         if shard != (0, 1):
             raise BenchmarkError("--write-manifest needs the whole set (no --shard)")
-        with atomic_path(benchmark.manifest_path) as tmp:
-            tmp.write_text(_dumps(found))
+        if processes.writes_result:
+            with atomic_path(benchmark.manifest_path) as tmp:
+                tmp.write_text(_dumps(found))
+        processes.wait_for_all()  # written before any process reports it
         return []
     expected = read_manifest(benchmark)
     return list(compare(expected, found, only=names))

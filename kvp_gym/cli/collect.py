@@ -1,6 +1,10 @@
 """``kvp-gym collect``: record a model's post-RoPE q/k/v on a task into a trace file.
 
-Imports kvp_gym.cli.options at module level; kvp_gym.collect only when the command runs."""
+Under torchrun (``torchrun --nproc_per_node N -m kvp_gym.cli collect ...``) the processes split the samples and
+process 0 writes the file (kvp_gym.distributed_run).
+
+Imports kvp_gym.cli.options at module level; kvp_gym.collect and kvp_gym.distributed_run only when the command
+runs."""
 
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="essays and words to draw from: all (default), or train / heldout, which are disjoint (training vs "
         "held-out sets); val and test halve heldout (validation vs final test sets)",
     )
-    add_shard(collect, help="collect every N-th sample from i: i/N")
+    add_shard(collect, help="collect every N-th sample from i: i/N (under torchrun, split between the processes)")
     collect.add_argument(
         "--allow-download",
         action="store_true",
@@ -55,6 +59,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 def _collect(args: argparse.Namespace) -> int:
     from kvp_gym.collect import CollectConfig, collect
+    from kvp_gym.distributed_run import join
+
+    processes = join()  # under torchrun: this process's share; process 0 assembles the file
 
     config = CollectConfig(
         model=args.model,
@@ -74,6 +81,7 @@ def _collect(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         shard=args.shard,
         allow_download=args.allow_download,
+        processes=processes,
     )
-    print(summary)
+    print(summary if summary is not None else processes.leaves_result_to_process_0())
     return 0

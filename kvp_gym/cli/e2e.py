@@ -1,7 +1,8 @@
 """``kvp-gym evaluate-e2e`` (task accuracy and perplexity with an evicting cache, per policy and budget) and
 ``kvp-gym evaluate-e2e-merge`` (join sharded runs).
 
-Imports kvp_gym.cli.options at module level; kvp_gym.evaluation.end_to_end only when a command runs."""
+Imports kvp_gym.cli.options at module level; kvp_gym.evaluation.end_to_end and kvp_gym.distributed_run only when a
+command runs."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="task accuracy and perplexity with an evicting cache, per policy and budget",
         description="Prefill each sample once, decode with the full cache, then with every policy at every budget; "
         "write DIR/results.json, plots and a table. Resumable (finished samples are kept in DIR/parts); --shard i/N "
-        "splits the samples between machines, joined by `kvp-gym evaluate-e2e-merge`.",
+        "splits the samples between machines, joined by `kvp-gym evaluate-e2e-merge`; under torchrun the processes "
+        "split them (one GPU each with --device auto) and process 0 writes the summary.",
     )
     add_model(e2e)
     e2e.add_argument("--tasks", default="niah_single,niah_multikey", help="comma-separated task names")
@@ -57,8 +59,11 @@ def add_merge_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _evaluate_e2e(args: argparse.Namespace) -> int:
+    from kvp_gym.distributed_run import join
     from kvp_gym.evaluation.end_to_end import E2EConfig, run
     from kvp_gym.evaluation.report import end_to_end_table
+
+    processes = join()  # under torchrun: this process's share; process 0 writes the summary
 
     config = E2EConfig(
         model=args.model,
@@ -72,7 +77,10 @@ def _evaluate_e2e(args: argparse.Namespace) -> int:
         seed=args.seed,
         text=args.text,
     )
-    record = run(config, args.out, shard=args.shard, device=args.device)
+    record = run(config, args.out, shard=args.shard, device=args.device, processes=processes)
+    if record is None and not processes.writes_result:
+        print(processes.leaves_result_to_process_0())
+        return 0
     if record is None:
         print(
             f"shard {args.shard[0]}/{args.shard[1]} done in {args.out}; join the shards with kvp-gym evaluate-e2e-merge"

@@ -10,12 +10,12 @@ sample (paper protocol) is kept too, and, for prompts with needles, the needle r
 continuation paid to needle tokens that each budget keeps, pooled over layers and KV heads), to measure how well
 each proxy predicts accuracy.
 
-Each finished sample is written atomically to ``OUT/parts/``: a stopped run resumes where it was, and ``--shard
-i/N`` runs split the samples between machines (:func:`merge` joins their parts; the folder:
-:mod:`kvp_gym.evaluation.run_folder`). ``OUT/settings.json`` holds the
-run's settings and the SHA-256 of every file a policy reads (a checkpoint): resuming or merging with other
-settings, or with a changed file behind a label, is an error. ``OUT/results.json`` (schema
-``kvp-gym/e2e-evaluation`` version 1)::
+Each finished sample is written atomically to ``OUT/parts/``: a stopped run resumes where it was, ``--shard i/N``
+runs split the samples between machines (:func:`merge` joins their parts; the folder:
+:mod:`kvp_gym.evaluation.run_folder`), and under torchrun the processes split them in one folder, process 0
+writing the summary (:mod:`kvp_gym.distributed_run`). ``OUT/settings.json`` holds the run's settings and the
+SHA-256 of every file a policy reads (a checkpoint): resuming or merging with other settings, or with a changed
+file behind a label, is an error. ``OUT/results.json`` (schema ``kvp-gym/e2e-evaluation`` version 1)::
 
     {"schema", "schema_version", "kvp_gym_version", "settings": {...E2EConfig, "policy_files"},
      "samples": {task: count},
@@ -34,8 +34,8 @@ policies were evaluated with it. The proxy correlations leave out privileged pol
 its holistic score is 1 by construction); ``policies`` lists the ones correlated.
 :func:`kvp_gym.evaluation.report.end_to_end_table` renders the summary.
 
-Imports kvp_gym.models, .cache, .capture, .device, .generation, .scorers, .storage, .tasks, .utility, .version and
-kvp_gym.evaluation.run_folder, .stats and .report.
+Imports kvp_gym.models, .cache, .capture, .device, .distributed_run, .generation, .scorers, .storage, .tasks,
+.utility, .version and kvp_gym.evaluation.run_folder, .stats and .report.
 """
 
 from __future__ import annotations
@@ -57,15 +57,9 @@ from kvp_gym.cache.evicting import EvictingCache
 from kvp_gym.cache.generate import Prefill, continue_from, prefill, query_window, until_eos
 from kvp_gym.capture import capture_qkv
 from kvp_gym.device import resolve_device
+from kvp_gym.distributed_run import ONE_PROCESS, Processes
 from kvp_gym.evaluation.report import FULL_CACHE, plot_end_to_end
-from kvp_gym.evaluation.run_folder import (
-    check_settings,
-    part_path,
-    read_settings,
-    run_settings,
-    settings_differences,
-    write_settings,
-)
+from kvp_gym.evaluation.run_folder import check_settings, gather_parts, part_path, read_settings, run_settings
 from kvp_gym.evaluation.stats import bootstrap_generator, geometric_mean_interval, mean_interval, spearman
 from kvp_gym.generation import sample_seed
 from kvp_gym.scorers import Scorer, model_mismatches, parameters, resolve_policies
@@ -127,9 +121,12 @@ def run(
     shard: tuple[int, int] = (0, 1),
     device: str = "auto",
     progress: bool = True,
+    processes: Processes = ONE_PROCESS,
 ) -> dict[str, Any] | None:
     """Evaluate the samples of ``shard`` (i, N: work items i, i + N, ...) into ``out/parts``, skipping finished ones;
-    with N = 1 also write and return the summary (``out/results.json``, plots)."""
+    with N = 1 also write and return the summary (``out/results.json``, plots). The processes of a torchrun job
+    (``processes``: this one's place, :func:`kvp_gym.distributed_run.join`; default a single process) split the
+    shard, and process 0 writes the summary once all are done; the others return None."""
     out = Path(out)
     index, count = shard
     if not 0 <= index < count:
@@ -138,7 +135,8 @@ def run(
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     check_settings(out, run_settings(config, scorers))
-    todo = [item for k, item in enumerate(config.work()) if k % count == index and not part_path(parts, *item).exists()]
+    own_index, own_count = processes.share(shard)
+    todo = [item for item in config.work()[own_index::own_count] if not part_path(parts, *item).exists()]
     if todo:
         model, tokenizer = models.load(config.model)
         model.to(resolve_device(device))
@@ -154,25 +152,14 @@ def run(
                     tmp.write_text(json.dumps(record))
                 bar.set_postfix_str(f"{done}/{len(todo)} samples", refresh=False)
                 bar.update(cost)
-    return None if count > 1 else summarize(out, scorers, variants)
+    processes.wait_for_all()
+    return None if count > 1 or not processes.writes_result else summarize(out, scorers, variants)
 
 
 def merge(out: str | Path, inputs: Sequence[str | Path]) -> dict[str, Any]:
     """Join the parts of shard runs (their ``OUT`` folders) into ``out`` and write the summary."""
     out = Path(out)
-    settings = None
-    for folder in map(Path, inputs):
-        found = read_settings(folder)
-        if settings is not None and (changed := settings_differences(settings, found)):
-            raise ValueError(f"{folder}: its run has other settings than {inputs[0]} ({'; '.join(changed)})")
-        settings = found
-        (out / "parts").mkdir(parents=True, exist_ok=True)
-        for part in sorted((folder / "parts").glob("*.json")):
-            with atomic_path(out / "parts" / part.name) as tmp:
-                tmp.write_text(part.read_text())
-    if settings is None:
-        raise ValueError("merge needs at least one input folder")
-    write_settings(out, settings)
+    settings = gather_parts(out, inputs)
     scorers, _, variants = _policies(_config_of(settings))
     return summarize(out, scorers, variants)
 

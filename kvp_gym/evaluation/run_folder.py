@@ -2,7 +2,9 @@
 
 ``OUT/settings.json`` holds the run's settings and the SHA-256 of every file a policy reads (a checkpoint);
 ``OUT/parts/`` holds one JSON file per finished sample, written atomically. A folder holds one run: resuming or
-merging with other settings, or with a changed file behind a label, is an error naming what differs.
+merging with other settings, or with a changed file behind a label, is an error naming what differs. The processes
+of a torchrun job share one folder (each writes its own samples' parts); :func:`gather_parts` joins the folders of
+separate shard runs.
 
 Imports only kvp_gym.scorers and kvp_gym.storage.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,25 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     changed = settings_differences(read_settings(out), settings)
     if changed:
         raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}); use another folder")
+
+
+def gather_parts(out: Path, inputs: Sequence[str | Path]) -> dict[str, Any]:
+    """Copy the parts of the run folders ``inputs`` (the shards of one run) into ``out/parts`` and write their
+    settings to ``out``; return them. ValueError when the inputs' settings differ or there is none."""
+    settings = None
+    for folder in map(Path, inputs):
+        found = read_settings(folder)
+        if settings is not None and (changed := settings_differences(settings, found)):
+            raise ValueError(f"{folder}: its run has other settings than {inputs[0]} ({'; '.join(changed)})")
+        settings = found
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        for part in sorted((folder / "parts").glob("*.json")):
+            with atomic_path(out / "parts" / part.name) as tmp:
+                tmp.write_text(part.read_text())
+    if settings is None:
+        raise ValueError("merge needs at least one input folder")
+    write_settings(out, settings)
+    return settings
 
 
 def settings_differences(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
