@@ -17,7 +17,7 @@ space := $(subst ,, )
 KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
-.PHONY: install test demo lint fuzz fuzz-entries clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
+.PHONY: install test demo tour lint fuzz fuzz-entries clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
 	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval kvp2-e2e \
 	leaderboard leaderboard-entries
 
@@ -41,6 +41,12 @@ $(DEMO_STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The "first hour" tour: the README's bash blocks marked <!-- tour -->, in order, in one fresh shell, on tiny
+# settings (tests/first_hour.py: the rewrite table and the stand-ins); stops at the first failing README command.
+# It needs only the core install, as `make demo`'s.
+tour: $(DEMO_STAMP)
+	$(BIN)/python tests/first_hour.py
 
 lint: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -6,7 +6,7 @@ kvp_gym.cli.options. Other packages add their commands (agents' ``train``, the l
 ``kvp_gym.commands`` entry points, so that kvp_gym imports none of them.
 
 Imports kvp_gym.version and the kvp_gym.cli modules at module level (nothing heavy: ``kvp-gym --help`` stays fast);
-the error types of kvp_gym.cache, .capture, .models and .traces when a command runs."""
+the error types of kvp_gym.cache, .capture, .models and .traces only where a command imported them."""
 
 from __future__ import annotations
 
@@ -71,27 +71,32 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command (``argv``: the arguments after ``kvp-gym``, default sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
-    from kvp_gym.cache import CacheError
-    from kvp_gym.capture import CaptureError
-    from kvp_gym.models import ModelNotFoundError
-    from kvp_gym.traces import TraceFormatError
-
     try:
         return args.handler(args)
-    except (
-        TraceFormatError,
-        ModelNotFoundError,
-        CaptureError,
-        CacheError,
-        FileExistsError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"kvp-gym: error: {err}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown task names and the like: the message lists what exists
         print(f"kvp-gym: error: {err.args[0]}", file=sys.stderr)
         return 2
+
+
+# The errors a command reports in one line (bad input, a missing model, ...), by module: each is looked up only if
+# its module was imported (an error of a module can only come from it), so no command pays for importing
+# transformers just to name the errors it cannot raise.
+_USER_ERRORS = {
+    "kvp_gym.traces": "TraceFormatError",
+    "kvp_gym.models": "ModelNotFoundError",
+    "kvp_gym.capture": "CaptureError",
+    "kvp_gym.cache": "CacheError",
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS.items() if module in sys.modules]
+    return (FileExistsError, FileNotFoundError, ValueError, *loaded)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
