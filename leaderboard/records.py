@@ -14,7 +14,7 @@ a submitted number on trust (the entry field ``records``)::
 
 ``ARRAY`` is ``{"dtype", "shape", "data"}``: ``data`` the base64 of the gzip of the array's little-endian bytes.
 ``uint16`` arrays hold fractions in [0, 1] in steps of 1/65535 (:data:`STEP`): a score or retained fraction rounded
-to that step, which is what the entry's numbers are computed from. A bench-v0 entry's records take about 70 kB.
+to that step, which is what the entry's numbers are computed from. A bench-v0 entry's records take about 100 kB.
 
 :func:`published` computes an entry's ``results`` from its records: means per task and prompt length, the retained
 curve, the per-layer x head means, the bootstrap intervals (each from its own generator: the benchmark's bootstrap
