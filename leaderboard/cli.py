@@ -118,11 +118,16 @@ def _evaluation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from kvp_gym.distributed_run import join
     from kvp_gym_leaderboard.benchmark import load_benchmark, prepare
 
     benchmark = load_benchmark(args.benchmark)
     folder = args.dir or benchmark.default_folder()
-    problems = prepare(benchmark, folder, shard=args.shard, write_manifest=args.write_manifest)
+    processes = join()  # under torchrun every process returns the same verdict: process 0 alone prints it
+    problems = prepare(benchmark, folder, shard=args.shard, write_manifest=args.write_manifest, processes=processes)
+    if not processes.writes_result:
+        print(processes.leaves_result_to_process_0())
+        return 1 if problems else 0
     for problem in problems:
         print(f"{benchmark.id}: {problem}", file=sys.stderr)
     if problems:

@@ -128,8 +128,10 @@ def test_leaderboard_prepare_under_torchrun_writes_the_manifest_one_process_writ
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "tiny-v0.toml").write_text(BENCHMARK)
     prepare(load_benchmark(tmp_path / "one" / "tiny-v0.toml"), tmp_path / "one" / "set", write_manifest=True)
-    torchrun("leaderboard", "prepare", str(tmp_path / "two" / "tiny-v0.toml"), "--dir", str(tmp_path / "two" / "set"),
-             "--write-manifest")  # fmt: skip
+    output = torchrun("leaderboard", "prepare", str(tmp_path / "two" / "tiny-v0.toml"),
+                      "--dir", str(tmp_path / "two" / "set"), "--write-manifest")  # fmt: skip
+    assert output.count("manifest written to") == 1  # the verdict once, from process 0
+    assert "process 1 of 2: its share is done; process 0 writes the result" in output
     one, two = ((tmp_path / folder / "tiny-v0.manifest.json").read_text() for folder in ("one", "two"))
     assert len(json.loads(two)["files"]) == 4 and two == one
     assert sorted(p.name for p in (tmp_path / "two" / "set").iterdir()) == sorted(
