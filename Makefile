@@ -17,7 +17,7 @@ space := $(subst ,, )
 KVP_HELDOUT = $(foreach t,$(KVP_TEST_TASKS) essay,$(KVP)/$(1)-$(t).h5)
 KVP_LENGTHS := 512 2048
 
-.PHONY: install test demo tour lint fuzz fuzz-entries clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
+.PHONY: install test demo tour lint fuzz fuzz-entries gpu-check clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
 	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval kvp2-e2e \
 	leaderboard leaderboard-entries
 
@@ -224,6 +224,25 @@ leaderboard-entries: $(STAMP)
 		--name kvp --authors "kvp-gym maintainers" --work runs/board-kvp --out leaderboard/entries/kvp.json
 	$(BIN)/kvp-gym submit --benchmark bench-v0 --policy kvp --checkpoint agents/checkpoints/smollm2-135m-v1.safetensors \
 		--name kvp-v1 --authors "kvp-gym maintainers" --work runs/board-kvp-v1 --out leaderboard/entries/kvp-v1.json
+
+# Every check that needs a CUDA GPU, in one run (README, "GPU check"): the compiled Triton kernels against their
+# torch path and the CUDA trainer tests (tests/conftest.py uses the interpreter only without CUDA), the kernel
+# timings, and the end-to-end path on CPU and CUDA (the same prompts, policies and budgets) compared side by side.
+# Outputs in runs/gpu-check/; about 10 minutes on one GPU. Without CUDA it stops at once, saying so.
+GPU_E2E := --model smollm2-135m --tasks niah_single,niah_multikey --context 1024 --budgets 64,128 \
+	--policies kvp,tova,h2o,snapkv,expected_attention,streaming_llm --samples 8 --essays 2 --text heldout
+gpu-check: $(STAMP)
+	$(BIN)/python -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else 'make gpu-check: torch sees no CUDA GPU')"
+	mkdir -p runs/gpu-check
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_train_scale.py tests/test_device.py \
+		> runs/gpu-check/tests.txt 2>&1 || (cat runs/gpu-check/tests.txt; exit 1)
+	tail -3 runs/gpu-check/tests.txt
+	$(BIN)/python benchmarks/kernel_timings.py > runs/gpu-check/kernel-timings.txt 2>&1 \
+		|| (cat runs/gpu-check/kernel-timings.txt; exit 1)
+	cat runs/gpu-check/kernel-timings.txt
+	for d in cpu cuda; do $(BIN)/kvp-gym evaluate-e2e $(GPU_E2E) --device $$d --out runs/gpu-check/e2e-$$d || exit 1; done
+	$(BIN)/python benchmarks/device_agreement.py runs/gpu-check/e2e-cpu runs/gpu-check/e2e-cuda \
+		| tee runs/gpu-check/device-agreement.txt
 
 leaderboard: $(STAMP)
 	$(BIN)/kvp-gym leaderboard build --out site
