@@ -186,42 +186,32 @@ def _quiet_loading(quiet: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _tiny_random() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = _byte_tokenizer()
-    config = LlamaConfig(
+def _tiny(
+    config_class, model_class, sizes: dict, chat: bool, **settings
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A random-weight model of ``sizes`` over the byte tokenizer (with a chat template if ``chat``), from seed 0."""
+    tokenizer = _byte_tokenizer(chat=chat)
+    config = config_class(
         vocab_size=len(tokenizer),
-        **TINY_RANDOM_SIZES,
+        **sizes,
         max_position_embeddings=8192,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        **settings,
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
-def _tiny_gemma3() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = _byte_tokenizer(chat=False)  # a base model: plain completion prompts (kvp_gym.tasks.render)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        **TINY_GEMMA3_SIZES,
-        max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Gemma3ForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-_TINY = {"tiny-random": _tiny_random, "tiny-gemma3": _tiny_gemma3}
+_TINY = {
+    "tiny-random": lambda: _tiny(LlamaConfig, LlamaForCausalLM, TINY_RANDOM_SIZES, True, tie_word_embeddings=False),
+    # A base model: plain completion prompts (kvp_gym.tasks.render).
+    "tiny-gemma3": lambda: _tiny(Gemma3TextConfig, Gemma3ForCausalLM, TINY_GEMMA3_SIZES, False),
+}
 
 
 def _byte_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:

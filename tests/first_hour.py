@@ -45,6 +45,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tiny_benchmark import benchmark_toml
+
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```\s*(\S*)")
 RUN_MARKER = re.compile(r"^<!-- tour -->$")
@@ -99,31 +101,12 @@ prompt.txt                the prompt a user brings to `kvp-gym generate`
 my_policy.py, weights.pt  the policy file and weights a user brings to `kvp-gym submit --policy-file`: the
                           TokenPolicy of examples/reinforce.py behind EnvPolicyScorer, freshly initialised"""
 
-TINY_TOML = """\
-id = "tiny-v0"
-title = "tiny-random: the first-hour tour's stand-in for bench-v0"
-model = "tiny-random"
-text = "heldout"
-held_out_tasks = []
-[trace_level]
-tasks = ["niah_single", "essay"]
-contexts = [600]
-samples = 2
-future = 4
-seed = 5
-protocol = "paper"
-budgets = [32, 64]
-bootstrap = 200
-bootstrap_seed = 0
-[end_to_end]
-tasks = ["niah_single"]
-context = 600
-budgets = [32, 64]
-samples = 1
-essays = 1
-continuation = 8
-seed = 6
-"""
+TINY_TOML = benchmark_toml(
+    "tiny-v0",
+    "tiny-random: the first-hour tour's stand-in for bench-v0",
+    {"contexts": [600], "future": 4},
+    {"context": 600, "samples": 1},
+)
 
 PROMPT = (
     "Read the notes below, then answer the question at the end.\n\n"

@@ -175,11 +175,9 @@ def _checkpoint(entry, others, rng):
 
 
 def _records_truncate(entry, others, rng):
-    targets = _record_lists(entry) + _record_arrays(entry)
-    if not targets:
+    if not (target := _record_target(entry, rng)):
         return None
-    path = rng.choice(targets)
-    value = _get(entry, path)
+    path, value = target
     if isinstance(value, list):
         _set(entry, path, value[: rng.randrange(len(value))])
     elif rng.random() < 0.5:
@@ -190,11 +188,9 @@ def _records_truncate(entry, others, rng):
 
 
 def _records_duplicate(entry, others, rng):
-    targets = _record_lists(entry) + _record_arrays(entry)
-    if not targets:
+    if not (target := _record_target(entry, rng)):
         return None
-    path = rng.choice(targets)
-    value = _get(entry, path)
+    path, value = target
     if isinstance(value, list):
         i = rng.randrange(len(value))
         value.insert(i, copy.deepcopy(value[i]))
@@ -205,11 +201,9 @@ def _records_duplicate(entry, others, rng):
 
 
 def _records_reorder(entry, others, rng):
-    targets = _record_lists(entry) + _record_arrays(entry)
-    if not targets:
+    if not (target := _record_target(entry, rng)):
         return None
-    path = rng.choice(targets)
-    value = _get(entry, path)
+    path, value = target
     if isinstance(value, list):
         if len(value) < 2:
             return None
@@ -245,6 +239,15 @@ def _records_other(entry, others, rng):
 def _cut_text(entry, others, rng):
     text = json.dumps(entry, indent=1)
     return text[: rng.randrange(1, len(text))]
+
+
+def _record_target(entry, rng) -> tuple[tuple, Any] | None:
+    """(path, value) of a random record list or array of ``entry``; None if it has none."""
+    targets = _record_lists(entry) + _record_arrays(entry)
+    if not targets:
+        return None
+    path = rng.choice(targets)
+    return path, _get(entry, path)
 
 
 def _record_lists(entry) -> list[tuple]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+from tiny_benchmark import benchmark_toml
 
 from kvp_gym.cli import main
 
@@ -233,30 +234,12 @@ def test_generate_refuses_a_budget_below_the_protected_tokens_before_loading_a_m
 
 
 # One task, two prompt lengths, one sample each: `leaderboard prepare` in a few seconds on tiny-random.
-PLAN_BENCHMARK = """\
-id = "plan-v0"
-title = "tiny-random, for the prepare plan"
-model = "tiny-random"
-text = "heldout"
-[trace_level]
-tasks = ["niah_single"]
-contexts = [600, 700]
-samples = 2
-future = 8
-seed = 5
-protocol = "paper"
-budgets = [32, 64]
-bootstrap = 10
-bootstrap_seed = 0
-[end_to_end]
-tasks = ["niah_single"]
-context = 600
-budgets = [32]
-samples = 1
-essays = 0
-continuation = 8
-seed = 6
-"""
+PLAN_BENCHMARK = benchmark_toml(
+    "plan-v0",
+    "tiny-random, for the prepare plan",
+    {"tasks": ["niah_single"], "bootstrap": 10},
+    {"context": 600, "budgets": [32], "samples": 1, "essays": 0},
+)
 
 
 def test_leaderboard_prepare_prints_its_plan_and_which_file_of_how_many(tmp_path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_benchmark import benchmark_toml
 
 from kvp_gym.cli import main
 from kvp_gym.evaluation.report import FULL_CACHE
@@ -37,31 +38,7 @@ from kvp_gym_leaderboard.submission import (
     validate,
 )
 
-TINY = """\
-id = "tiny-v0"
-title = "tiny-random, for the tests"
-model = "tiny-random"
-text = "heldout"
-held_out_tasks = []
-[trace_level]
-tasks = ["niah_single", "essay"]
-contexts = [600, 700]
-samples = 2
-future = 8
-seed = 5
-protocol = "paper"
-budgets = [32, 64]
-bootstrap = 200
-bootstrap_seed = 0
-[end_to_end]
-tasks = ["niah_single"]
-context = 700
-budgets = [32, 64]
-samples = 2
-essays = 1
-continuation = 8
-seed = 6
-"""
+TINY = benchmark_toml("tiny-v0", "tiny-random, for the tests")
 ROOT = Path(__file__).parents[1]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.colors import to_hex
+from tiny_benchmark import benchmark_toml
 
 from kvp_gym.cache.generate import prefill
 from kvp_gym.scorers import get_scorer
@@ -24,31 +25,17 @@ from kvp_gym_leaderboard.page import FULL_CACHE_BLACK, ORACLE_GREY, PALETTE, bui
 from kvp_gym_leaderboard.site import ordered
 from kvp_gym_leaderboard.submission import read_entry, standard_evaluation
 
-WIDE = """\
-id = "wide-v0"
-title = "tiny-random, shaped like bench-v0"
-model = "tiny-random"
-text = "heldout"
-held_out_tasks = []
-[trace_level]
-tasks = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "essay"]
-contexts = [1024, 2048]
-samples = 1
-future = 8
-seed = 5
-protocol = "paper"
-budgets = [32, 64, 128]
-bootstrap = 200
-bootstrap_seed = 0
-[end_to_end]
-tasks = ["niah_single", "niah_multikey", "niah_multiquery"]
-context = 1024
-budgets = [64, 128]
-samples = 1
-essays = 1
-continuation = 8
-seed = 6
-"""
+WIDE = benchmark_toml(
+    "wide-v0",
+    "tiny-random, shaped like bench-v0",
+    {
+        "tasks": ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "essay"],
+        "contexts": [1024, 2048],
+        "samples": 1,
+        "budgets": [32, 64, 128],
+    },
+    {"tasks": ["niah_single", "niah_multikey", "niah_multiquery"], "context": 1024, "budgets": [64, 128], "samples": 1},
+)
 POLICIES = ["oracle", "streaming_llm", "lagkv", "tova", "expected_attention", "random"]  # the longest name included
 WINDOW = {"width": 1280, "height": 900}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import gymnasium as gym
 import pytest
 import torch
+from tiny_benchmark import benchmark_toml
 
 import kvp_gym  # noqa: F401  (registers KVEvict-v0)
 from kvp_gym.cli import main
@@ -24,31 +25,9 @@ from kvp_gym_leaderboard.submission import read_entry, validate
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "reinforce.py"
-BENCHMARK = """\
-id = "tiny-file-v0"
-title = "tiny-random, for the policy-file tests"
-model = "tiny-random"
-text = "heldout"
-held_out_tasks = []
-[trace_level]
-tasks = ["niah_single", "essay"]
-contexts = [600]
-samples = 2
-future = 8
-seed = 5
-protocol = "paper"
-budgets = [32, 64]
-bootstrap = 200
-bootstrap_seed = 0
-[end_to_end]
-tasks = ["niah_single"]
-context = 600
-budgets = [32, 64]
-samples = 2
-essays = 1
-continuation = 8
-seed = 6
-"""
+BENCHMARK = benchmark_toml(
+    "tiny-file-v0", "tiny-random, for the policy-file tests", {"contexts": [600]}, {"context": 600}
+)
 # What a user writes: the example's policy, its weights from the checkpoint submit hands over, the env it was
 # trained in (the paper protocol, as the benchmark's, padded past the benchmark's longest prompt).
 POLICY = '''"""REINFORCE (examples/reinforce.py): a per-token MLP over keys, values and ages, trained on KVEvict-v0."""

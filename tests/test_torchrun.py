@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny_benchmark import benchmark_toml
 
 from kvp_gym.collect import CollectConfig, collect
 from kvp_gym.distributed_run import Processes, join
@@ -30,29 +31,7 @@ E2E = E2EConfig(
     essays=1,
     continuation=8,
 )
-BENCHMARK = """id = "tiny-v0"
-title = "tiny-random, 4 trace files"
-model = "tiny-random"
-text = "heldout"
-[trace_level]
-tasks = ["niah_single", "essay"]
-contexts = [600, 700]
-samples = 2
-future = 8
-seed = 5
-protocol = "paper"
-budgets = [32, 64]
-bootstrap = 200
-bootstrap_seed = 0
-[end_to_end]
-tasks = ["niah_single"]
-context = 700
-budgets = [32]
-samples = 1
-essays = 1
-continuation = 8
-seed = 6
-"""
+BENCHMARK = benchmark_toml("tiny-v0", "tiny-random, 4 trace files", end_to_end={"budgets": [32], "samples": 1})
 
 
 def torchrun(*arguments: str) -> str:
