@@ -1,4 +1,5 @@
-"""Long jobs (``collect``, ``evaluate-e2e``, ``leaderboard prepare``) as several processes under torchrun.
+"""Long jobs (``collect``, ``evaluate``, ``evaluate-e2e``, ``leaderboard prepare``, ``submit``) as several processes
+under torchrun.
 
 ``torchrun --nproc_per_node N -m kvp_gym.cli COMMAND ...`` starts N copies of a command and tells each its RANK and
 WORLD_SIZE (and LOCAL_RANK: its GPU, :func:`kvp_gym.device.resolve_device`). :func:`join` reads them and joins the

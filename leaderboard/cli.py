@@ -1,16 +1,22 @@
 """``kvp-gym leaderboard prepare|validate|build`` and ``kvp-gym submit`` (registered through the
 ``kvp_gym.commands`` entry points; this module imports nothing heavy until a command runs).
 
-Imports kvp_gym.cli.options (the shared options) at module level; kvp_gym.scorers, kvp_gym.storage and
-kvp_gym_leaderboard's benchmark, submission and site modules only when a command runs."""
+``leaderboard prepare`` and ``submit`` run under torchrun too (``torchrun --nproc_per_node N -m kvp_gym.cli
+submit ...``): the processes split the work and process 0 writes the result and prints the verdict.
+
+Imports kvp_gym.cli.options (the shared options) at module level; kvp_gym.scorers, kvp_gym.storage,
+kvp_gym.distributed_run and kvp_gym_leaderboard's benchmark, submission and site modules only when a command runs."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from kvp_gym.cli.options import add_device, add_out, add_shard
 
@@ -88,7 +94,9 @@ def _add_submit(commands: argparse._SubParsersAction) -> None:
         "submit",
         help="run a benchmark's standard evaluation of a policy and write a leaderboard entry",
         description="Run the standard evaluation (trace level on the prepared trace set, then end to end with the "
-        "evicting cache) and write a valid entry. Several --policy write one entry each into --out (a folder).",
+        "evicting cache) and write a valid entry. Several --policy write one entry each into --out (a folder). Under "
+        "torchrun (torchrun --nproc_per_node N -m kvp_gym.cli submit ...) the processes split the work and process 0 "
+        "writes the entries.",
     )
     submit.add_argument("--benchmark", default="bench-v0", help="benchmark id or .toml path (default bench-v0)")
     submit.add_argument("--policy", action="append", help="scorer spec NAME or NAME:param=value;... (repeatable)")
@@ -192,10 +200,11 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from kvp_gym.distributed_run import join
     from kvp_gym.scorers import file_spec, parse_file_spec
     from kvp_gym.storage import atomic_path
     from kvp_gym_leaderboard.benchmark import load_benchmark
-    from kvp_gym_leaderboard.submission import PINNED, default_description, default_name, standard_evaluation, validate
+    from kvp_gym_leaderboard.submission import PINNED, standard_evaluation, validate
 
     policies = list(args.policy or [])
     for given in args.policy_file or []:
@@ -213,6 +222,7 @@ def _submit(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     benchmark = load_benchmark(args.benchmark)
     traces = args.traces or benchmark.default_folder()
+    processes = join()  # under torchrun: this process's share of both evaluations; process 0 writes the entries
     entries = standard_evaluation(
         benchmark,
         policies,
@@ -221,13 +231,17 @@ def _submit(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint.resolve() if args.checkpoint else None,
         end_to_end=not args.trace_level_only,
         device=args.device,
+        processes=processes,
     )
+    if entries is None:
+        print(processes.leaves_result_to_process_0())
+        return 0
     several = len(entries) > 1
     for spec, entry in entries.items():
-        name = args.name or default_name(spec)
+        name = args.name or _default_name(spec)
         entry = {
             "name": name,
-            "description": args.description or default_description(entry["load"]),
+            "description": args.description or _default_description(entry["load"]),
             "authors": [a.strip() for a in args.authors.split(",") if a.strip()],
             **({"url": args.url} if args.url else {}),
             **entry,
@@ -244,3 +258,26 @@ def _submit(args: argparse.Namespace) -> int:
                 raise ValueError(f"{out}: the entry written is not valid:\n" + "\n".join(problems))
         print(f"wrote {out}: holistic score {entry['results']['trace_level']['holistic_score']['mean']:.3f}")
     return 0
+
+
+def _default_name(spec: str) -> str:
+    """An entry's name when none is given: the policy spec, or for a policy file its file name without ``.py``
+    (characters a name cannot hold become ``-``; it starts with a letter or digit)."""
+    from kvp_gym.scorers import FILE_PREFIX, parse_file_spec
+
+    if not spec.startswith(FILE_PREFIX):
+        return spec
+    return re.sub(r"[^A-Za-z0-9_.:=,+-]", "-", parse_file_spec(spec).path.stem).lstrip("_.:=,+-")[:80] or "policy"
+
+
+def _default_description(load: dict[str, Any]) -> str:
+    """An entry's description when none is given: the first paragraph (500 characters at most) of the docstring of
+    the scorer's module (the method and its paper) or of the policy file (read, not run)."""
+    from kvp_gym.scorers import get_scorer
+
+    source = load.get("policy_file")
+    if source is not None:
+        doc = ast.get_docstring(ast.parse(Path(source["path"]).read_text()))
+    else:
+        doc = sys.modules[type(get_scorer(load["scorer"])).__module__].__doc__
+    return " ".join((doc or load["scorer"]).strip().split("\n\n")[0].split())[:500]

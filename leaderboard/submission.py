@@ -16,21 +16,19 @@ interval draws from ``bootstrap_generator(bootstrap seed, bootstrap_label(load),
 leaderboard validate``): the schema, the benchmark, the pinned files, the kind, the records, and every number against
 what the records give; :func:`rerun` re-evaluates an entry and compares its records with the rerun's.
 
-Imports kvp_gym (storage, version, scorers, device, evaluation) and kvp_gym_leaderboard.benchmark and .records.
+Imports kvp_gym (storage, version, scorers, device, evaluation, distributed_run), kvp_gym_leaderboard.benchmark
+and .records.
 """
 
 from __future__ import annotations
 
-import ast
 import datetime
 import json
 import platform
-import re
-import sys
 from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.version import __version__
@@ -54,6 +52,9 @@ from kvp_gym_leaderboard.records import (
     rescore,
     trace_level_records,
 )
+
+if TYPE_CHECKING:
+    from kvp_gym.distributed_run import Processes
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "submission-v2.json"
 ENTRIES = Path(__file__).parent / "entries"
@@ -139,32 +140,42 @@ def standard_evaluation(
     end_to_end: bool = True,
     device: str = "auto",
     progress: bool = True,
-) -> dict[str, dict[str, Any]]:
+    processes: Processes | None = None,
+) -> dict[str, dict[str, Any]] | None:
     """Evaluate scorer specs on ``benchmark``; return an entry (without name, description and authors) per spec.
 
     ``traces``: the prepared trace set; ``work``: where the end-to-end run keeps its resumable parts;
-    ``checkpoint``: a checkpoint file handed to every policy as its ``checkpoint`` parameter.
+    ``checkpoint``: a checkpoint file handed to every policy as its ``checkpoint`` parameter. The processes of a
+    torchrun job (``processes``: :func:`kvp_gym.distributed_run.join`; default one process) split both evaluations;
+    process 0 returns the entries (one process's, but for the times) and shows progress, the others return None.
     """
+    from kvp_gym.distributed_run import ONE_PROCESS
     from kvp_gym.evaluation.end_to_end import read_parts, run
     from kvp_gym.scorers import with_parameters
 
+    processes = processes or ONE_PROCESS
+    progress = progress and processes.writes_result
     check_trace_set(benchmark, traces)
     specs = {spec: spec if checkpoint is None else with_parameters(spec, checkpoint=checkpoint) for spec in policies}
-    record = _trace_level_record(benchmark, specs, traces, work, checkpoint, progress)
-    parts = None
+    record = _trace_level_record(benchmark, specs, traces, work, checkpoint, progress=progress, processes=processes)
     if end_to_end:
-        run(benchmark.e2e_config(tuple(specs.values())), work / "e2e", device=device, progress=progress)
-        parts = read_parts(work / "e2e")
+        config = benchmark.e2e_config(tuple(specs.values()))
+        run(config, work / "e2e", device=device, progress=progress, processes=processes)
+    if not processes.writes_result:
+        return None
+    parts = read_parts(work / "e2e") if end_to_end else None
     return {
         spec: _entry(benchmark, record, spec, parts, full_spec, checkpoint, device) for spec, full_spec in specs.items()
     }
 
 
 def _trace_level_record(
-    benchmark: Benchmark, specs: dict[str, str], traces: Path, work: Path, checkpoint: Path | None, progress: bool
-) -> dict[str, Any]:
+    benchmark: Benchmark, specs: dict[str, str], traces: Path, work: Path, checkpoint: Path | None, **options: Any
+) -> dict[str, Any] | None:
     """The trace-level evaluation record of ``specs`` (label -> spec with the checkpoint) on the prepared set in
-    ``traces``. It is kept in ``work``: an interrupted submit resumes after it, with the end-to-end parts."""
+    ``traces`` (``options``: evaluate's progress and processes; under torchrun None but on process 0, unless saved).
+    It is kept in ``work``: an interrupted submit resumes after it, with the end-to-end parts. Every process reads
+    the saved record before process 0 writes it (the evaluation's gather comes between)."""
     from kvp_gym.evaluation.trace_level import evaluate
     from kvp_gym.scorers import resolve_policies, scorer_files
 
@@ -191,8 +202,10 @@ def _trace_level_record(
             seed=level.bootstrap_seed,
             bootstrap=level.bootstrap,
             protocol=level.protocol,
-            progress=progress,
+            **options,
         )
+        if record is None:  # this process's share is done
+            return None
         with atomic_path(saved) as tmp:
             tmp.write_text(json.dumps({"key": key, "record": record}))
     return record
@@ -261,29 +274,6 @@ def _load_record(spec: str, name: str, parameters: dict[str, Any], checkpoint: P
     if checkpoint is not None:
         load["checkpoint"] = {"path": str(checkpoint), "sha256": file_sha256(checkpoint)}
     return load
-
-
-def default_name(spec: str) -> str:
-    """An entry's name when none is given: the policy spec, or for a policy file its file name without ``.py``
-    (characters a name cannot hold become ``-``; it starts with a letter or digit)."""
-    from kvp_gym.scorers import FILE_PREFIX, parse_file_spec
-
-    if not spec.startswith(FILE_PREFIX):
-        return spec
-    return re.sub(r"[^A-Za-z0-9_.:=,+-]", "-", parse_file_spec(spec).path.stem).lstrip("_.:=,+-")[:80] or "policy"
-
-
-def default_description(load: dict[str, Any]) -> str:
-    """An entry's description when none is given: the first paragraph (500 characters at most) of the docstring of
-    the scorer's module (the method and its paper) or of the policy file (read, not run)."""
-    from kvp_gym.scorers import get_scorer
-
-    source = load.get("policy_file")
-    if source is not None:
-        doc = ast.get_docstring(ast.parse(Path(source["path"]).read_text()))
-    else:
-        doc = sys.modules[type(get_scorer(load["scorer"])).__module__].__doc__
-    return " ".join((doc or load["scorer"]).strip().split("\n\n")[0].split())[:500]
 
 
 def end_to_end_results(e2e: dict, label: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The long commands under torchrun (2 CPU processes, gloo): the processes split the work, process 0 assembles, and
-the result is the one a single process writes; --shard composes with the processes' split."""
+the result is the one a single process writes (collect, evaluate, evaluate-e2e, leaderboard prepare, submit);
+--shard composes with the processes' split."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 import torch
 from tiny_benchmark import benchmark_toml
 
+from kvp_gym.cli import main
 from kvp_gym.collect import CollectConfig, collect
 from kvp_gym.distributed_run import Processes, join
 from kvp_gym.evaluation.end_to_end import E2EConfig, run
+from kvp_gym.evaluation.trace_level import evaluate
 from kvp_gym.traces import open_traces
 from kvp_gym_leaderboard.benchmark import load_benchmark, prepare
 
@@ -34,15 +37,16 @@ E2E = E2EConfig(
 BENCHMARK = benchmark_toml("tiny-v0", "tiny-random, 4 trace files", end_to_end={"budgets": [32], "samples": 1})
 
 
-def torchrun(*arguments: str) -> str:
-    """Run ``kvp-gym ARGUMENTS`` as 2 processes under torchrun; return the output of both (failing on an error)."""
+def torchrun(*arguments: str, importance: str | None = None) -> str:
+    """Run ``kvp-gym ARGUMENTS`` as 2 processes under torchrun; return the output of both (failing on an error).
+    ``importance``: a folder for the importance store instead of the session's (so that the processes compute it)."""
     with socket.socket() as free:  # a port no other test's job is using
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(port)]
     # One thread per process, as the single-process references below run: the test compares the split, not how
     # a thread count rounds a sum.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"KVP_GYM_IMPORTANCE": importance} if importance else {})}
     done = subprocess.run(
         [*command, "-m", "kvp_gym.cli", *arguments], env=env, capture_output=True, text=True, timeout=240
     )
@@ -56,6 +60,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """(the tiny benchmark's .toml, its trace set), prepared by one process with its manifest written."""
+    root = tmp_path_factory.mktemp("one")
+    (root / "tiny-v0.toml").write_text(BENCHMARK)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert prepare(load_benchmark(root / "tiny-v0.toml"), root / "set", write_manifest=True, progress=False) == []
+    torch.set_num_threads(threads)
+    return root / "tiny-v0.toml", root / "set"
+
+
+def without_times(record: dict, fields: list[tuple[str, ...]]) -> str:
+    """The JSON text of ``record`` without ``fields`` (JSON paths; ``*`` = every key), each of which must be there:
+    the wall times and the clock, which no two runs share. Text: the order of the keys counts too."""
+    record = json.loads(json.dumps(record))
+    for path in fields:
+        found = [record]
+        for key in path[:-1]:
+            found = [value for at in found for value in (at.values() if key == "*" else [at[key]])]
+        for at in found:
+            del at[path[-1]]
+    return json.dumps(record, indent=1)
 
 
 def test_collect_under_torchrun_writes_what_one_process_writes(tmp_path, one_thread):
@@ -101,21 +130,82 @@ def test_evaluate_e2e_under_torchrun_writes_what_one_process_writes(tmp_path, on
         assert {k: v for k, v in theirs.items() if k != "seconds"} == {k: v for k, v in mine.items() if k != "seconds"}
 
 
-def test_leaderboard_prepare_under_torchrun_writes_the_manifest_one_process_writes(tmp_path, one_thread):
+def test_leaderboard_prepare_under_torchrun_writes_the_manifest_one_process_writes(tmp_path, tiny_set):
     """The processes deal the files out and fingerprint their own; process 0 writes the manifest of all of them."""
-    for folder in ("one", "two"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "tiny-v0.toml").write_text(BENCHMARK)
-    prepare(load_benchmark(tmp_path / "one" / "tiny-v0.toml"), tmp_path / "one" / "set", write_manifest=True)
-    output = torchrun("leaderboard", "prepare", str(tmp_path / "two" / "tiny-v0.toml"),
-                      "--dir", str(tmp_path / "two" / "set"), "--write-manifest")  # fmt: skip
+    definition, one_set = tiny_set
+    (tmp_path / "tiny-v0.toml").write_text(BENCHMARK)
+    output = torchrun("leaderboard", "prepare", str(tmp_path / "tiny-v0.toml"),
+                      "--dir", str(tmp_path / "set"), "--write-manifest")  # fmt: skip
     assert output.count("manifest written to") == 1  # the verdict once, from process 0
     assert "process 1 of 2: its share is done; process 0 writes the result" in output
-    one, two = ((tmp_path / folder / "tiny-v0.manifest.json").read_text() for folder in ("one", "two"))
+    one = definition.with_name("tiny-v0.manifest.json").read_text()
+    two = (tmp_path / "tiny-v0.manifest.json").read_text()
     assert len(json.loads(two)["files"]) == 4 and two == one
-    assert sorted(p.name for p in (tmp_path / "two" / "set").iterdir()) == sorted(
-        p.name for p in (tmp_path / "one" / "set").iterdir()
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == sorted(p.name for p in one_set.iterdir())
+
+
+def test_evaluate_under_torchrun_writes_what_one_process_writes(tiny_trace, tmp_path, one_thread, capsys):
+    """The processes split the (sample, layer) pairs (12: 6 samples x 2 layers), computing their own importance;
+    process 0 gathers every number into the one results.json: a head-wise, a layer-scope (tova), a query-using and
+    the privileged policy, with paired comparisons drawn from the gathered scores."""
+    arguments = ["evaluate", "--traces", str(tiny_trace), "--policies", "knorm,tova,snapkv,oracle", "--split", "all"]
+    arguments += ["--versus", "tova", "--bootstrap", "200"]
+    assert main([*arguments, "--out", str(tmp_path / "one")]) == 0
+    table = capsys.readouterr().out.split("\n")[0]  # the table's title
+    output = torchrun(*arguments, "--out", str(tmp_path / "two"), importance=str(tmp_path / "importance"))
+    assert "process 1 of 2: its share is done; process 0 writes the result" in output
+    assert output.count(table) == 1 and output.count("s in all;") == 1  # the table and timing once, from process 0
+    assert any((tmp_path / "importance").rglob("*.importance"))  # computed by the processes, not read
+    one, two = (json.loads((tmp_path / folder / "results.json").read_text()) for folder in ("one", "two"))
+    assert two["timing"].keys() == one["timing"].keys()
+    times = [("timing",), ("policies", "*", "seconds")]
+    assert without_times(two, times) == without_times(one, times)
+    assert len(two["policies"]) == 4 and np.array(two["policies"]["tova"]["per_sample_head"]).shape == (6, 2, 2)
+
+
+class SecondOfTwo(Processes):
+    """Process 1 of 2 without a process group: what it would send process 0 is kept in ``SENT``."""
+
+    def gather(self, value):
+        SENT.append(value)
+        return [value, value]
+
+
+SENT: list = []
+
+
+def test_each_process_scores_only_its_share_of_the_pairs(tiny_trace):
+    """Process 1 of 2 scores the pairs 1, 3, 5, ... of the 12 (sample, layer) pairs, sample-major: 6 cells, each with
+    the numbers one process gives it; it returns nothing, process 0 writes."""
+    SENT.clear()
+    one = evaluate(tiny_trace, ["knorm"], split="all", bootstrap=10, progress=False)
+    assert (
+        evaluate(tiny_trace, ["knorm"], split="all", bootstrap=10, progress=False, processes=SecondOfTwo(1, 2)) is None
     )
+    (part,) = SENT
+    cells = [(sample, layer) for sample in range(6) for layer in range(2)][1::2]
+    expected = [np.array(one["policies"]["knorm"]["per_sample_head"])[cell] for cell in cells]  # [H] each
+    assert part.scores["knorm"].shape == (6, 2)
+    assert np.allclose(part.scores["knorm"], expected, atol=1e-6)  # the record keeps 6 decimals
+
+
+def test_submit_under_torchrun_writes_the_entries_one_process_writes(tiny_set, tmp_path, one_thread, capsys):
+    """Both evaluations of a submission split between the processes; process 0 writes the entries, the same as one
+    process's but for the clock (``created``) and the trace level's scoring time (``results.trace_level.seconds``)."""
+    definition, traces = tiny_set
+    arguments = ["submit", "--benchmark", str(definition), "--traces", str(traces), "--device", "cpu"]
+    arguments += ["--policy", "tova", "--policy", "knorm"]
+    assert main([*arguments, "--work", str(tmp_path / "w1"), "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    output = torchrun(*arguments, "--work", str(tmp_path / "w2"), "--out", str(tmp_path / "two"))
+    assert "process 1 of 2: its share is done; process 0 writes the result" in output
+    assert output.count("wrote ") == 2  # each entry once, from process 0
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) == ["knorm.json", "tova.json"]
+    for name in names:
+        one, two = (json.loads((tmp_path / folder / name).read_text()) for folder in ("one", "two"))
+        times = [("created",), ("results", "trace_level", "seconds")]
+        assert two["results"]["end_to_end"] is not None and without_times(two, times) == without_times(one, times)
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3])

@@ -1,8 +1,11 @@
 """``kvp-gym evaluate`` (score eviction policies on a trace split) and ``kvp-gym evaluate-table`` (one Markdown row
 per evaluation run).
 
+Under torchrun (``torchrun --nproc_per_node N -m kvp_gym.cli evaluate ...``) the processes split the (sample, layer)
+pairs and process 0 writes the result and prints the table (kvp_gym.distributed_run).
+
 Imports kvp_gym.cli.options at module level (and reads the kvp_gym.scorers entry points' names for the help);
-kvp_gym.evaluation and kvp_gym.storage only when a command runs."""
+kvp_gym.evaluation, kvp_gym.distributed_run and kvp_gym.storage only when a command runs."""
 
 from __future__ import annotations
 
@@ -43,7 +46,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score eviction policies on a trace split (holistic score, retained attention, plots)",
         description="Run every policy on every (sample, layer, KV head) of a split at the prompt\n"
-        "boundary; write DIR/results.json and PNG plots; print a table.\n\n"
+        "boundary; write DIR/results.json and PNG plots; print a table. Under torchrun\n"
+        "(torchrun --nproc_per_node N -m kvp_gym.cli evaluate ...) the processes split\n"
+        "the (sample, layer) pairs; process 0 writes the one result.\n\n"
         "registered policies (kvp_gym.scorers entry points; packages can add more):\n"
         + textwrap.fill(", ".join(_registered_scorers()), 76, initial_indent="  ", subsequent_indent="  ")
         + "\n\n"
@@ -115,9 +120,11 @@ def add_table_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from kvp_gym.distributed_run import join
     from kvp_gym.evaluation.report import trace_level_table
     from kvp_gym.evaluation.trace_level import evaluate, merge_results, write_results
 
+    processes = join()  # under torchrun: this process's share; process 0 writes the result
     policies = "all" if args.policies == "all" else args.policies.split(",")
     base = _read_results(args.add_to) if args.add_to else None
     record = evaluate(
@@ -131,7 +138,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         layers=args.layers,
         heads=args.heads,
         max_samples=args.max_samples,
+        processes=processes,
     )
+    if record is None:
+        print(processes.leaves_result_to_process_0())
+        return 0
     if base:
         record = merge_results(base, record, args.versus)
     written = write_results(record, args.out)

@@ -33,6 +33,12 @@ results.json, schema ``kvp-gym/trace-evaluation`` version 2::
                                                        "share_ci95", "interval_includes_zero"}}},  # with versus
      "timing": {"total_seconds", "attention_scorer_seconds", "importance_seconds"}}
 
+Under torchrun (``torchrun --nproc_per_node N -m kvp_gym.cli evaluate ...``, :mod:`kvp_gym.distributed_run`) process
+r of N scores the (sample, layer) pairs r, r + N, ... of the list in sample-major order, and process 0 gathers every
+pair's numbers and writes the record: one process's record, each number computed by one process exactly as a lone
+process computes it, but for the times. A policy's ``seconds`` and the timing's ``attention_scorer_seconds`` and
+``importance_seconds`` are then summed over the processes (the work done); ``total_seconds`` is process 0's wall time.
+
 ``needle_retention`` is the share of the attention the continuation paid to the needles (every needle sentence a
 task hides, distractors included: the trace's ``needle_spans``) that budget b keeps, by the same rule as the
 retained fraction (the protected tokens plus the top of the ranking), pooled over the samples that have needles,
@@ -52,8 +58,8 @@ numbers are the same whichever other policies ran with it, in whatever order, an
 :func:`kvp_gym.evaluation.selection.evaluation_episodes` lists the exact episodes an evaluation scores, as
 ``KVEvict-v0`` episode keys, so that an RL loop can report the number the table shows (see its docstring).
 
-Imports kvp_gym.importance, .scorers, .storage, .traces, .utility, .version and kvp_gym.evaluation.selection,
-.stats and .report.
+Imports kvp_gym.distributed_run, .importance, .scorers, .storage, .traces, .utility, .version and
+kvp_gym.evaluation.selection, .stats and .report.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kvp_gym.distributed_run import ONE_PROCESS, Processes
 from kvp_gym.evaluation.report import plot_trace_level
 from kvp_gym.evaluation.selection import chosen_layers_and_heads, evaluation_samples, layer_view
 from kvp_gym.evaluation.stats import bootstrap_generator, mean_interval, paired_differences
@@ -117,14 +124,18 @@ def evaluate(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     max_samples: int | None = None,
-) -> dict[str, Any]:
+    processes: Processes = ONE_PROCESS,
+) -> dict[str, Any] | None:
     """Evaluate scorers on a split (``all`` = every sample) of one or more trace files of the same model.
 
     ``policies``: see :func:`kvp_gym.scorers.resolve_policies` (names, specs, scorer objects, or label -> either).
     ``protocol`` is a key of :data:`PROTOCOLS`; ``versus`` (a policy label) adds the paired comparisons of that
     policy with every other one. ``layers``, ``heads`` and ``max_samples`` restrict what is scored (default: every
     recorded layer, every KV head, every sample of the split). Returns the results record (see the module
-    docstring).
+    docstring). The processes of a torchrun job (``processes``: this one's place,
+    :func:`kvp_gym.distributed_run.join`; default a single process) split the (sample, layer) pairs: process 0
+    returns the record of all of them once every process is done (progress bar on process 0 only); the others
+    return None.
     """
     _check_arguments(split, protocol, bootstrap, max_samples)
     scorers, skipped, variants = resolve_policies(policies)
@@ -142,7 +153,10 @@ def evaluate(
             present = sorted({s.split for t in files for s in t.samples.values()})
             raise ValueError(f"{', '.join(str(p) for p in paths)}: no {split!r} samples; splits present: {present}")
         layers, heads = chosen_layers_and_heads(header, layers, heads)
-        tally = _score_every_layer(stores, samples, layers, heads, scorers, PROTOCOLS[protocol], progress, split)
+        rules = PROTOCOLS[protocol]
+        tally = _score_every_layer(stores, samples, layers, heads, scorers, rules, progress, split, processes)
+        if tally is None:  # another process's share, done: process 0 has the numbers
+            return None
         record = _record_settings(files, samples, layers, heads, split, seed, protocol, bootstrap, skipped)
     finally:
         for trace in files:
@@ -208,6 +222,28 @@ class _Tally:
             seconds=dict.fromkeys(labels, 0.0),
         )
 
+    def cells(self, rows: np.ndarray, columns: np.ndarray) -> _Tally:
+        """The numbers of the (sample, layer) cells (rows[k], columns[k]) only: arrays [K, H, ...], row k cell k."""
+        return _Tally(
+            scores={label: a[rows, columns] for label, a in self.scores.items()},
+            kept={label: a[rows, columns] for label, a in self.kept.items()},
+            needles_kept={label: a[rows, columns] for label, a in self.needles_kept.items()},
+            needle_total=self.needle_total[rows, columns],
+            seconds=self.seconds,
+            importance_seconds=self.importance_seconds,
+        )
+
+    def put(self, rows: np.ndarray, columns: np.ndarray, part: _Tally) -> None:
+        """Copy ``part`` (:meth:`cells` of another tally at the same cells) into its cells; add up its seconds.
+        Copied, not added: every value arrives exactly as its process computed it."""
+        for label in self.scores:
+            self.scores[label][rows, columns] = part.scores[label]
+            self.kept[label][rows, columns] = part.kept[label]
+            self.needles_kept[label][rows, columns] = part.needles_kept[label]
+            self.seconds[label] += part.seconds[label]
+        self.needle_total[rows, columns] = part.needle_total
+        self.importance_seconds += part.importance_seconds
+
 
 def _score_every_layer(
     stores: dict[Any, ImportanceStore],
@@ -218,17 +254,33 @@ def _score_every_layer(
     rules: Protocol,
     progress: bool,
     split: str,
-) -> _Tally:
+    processes: Processes,
+) -> _Tally | None:
     """Score every (sample, layer) with every scorer, reading each layer once for all of them (``stores``: the
-    importance store of each open trace file)."""
+    importance store of each open trace file). Under torchrun this process scores its share of the pairs and
+    process 0 returns the tally of all of them (the others: None)."""
     all_heads = next(iter(stores)).header.geometry.num_kv_heads
-    tally = _Tally.zeros(list(scorers), (len(samples), len(layers), len(heads)))
+    shape = (len(samples), len(layers), len(heads))
+    tally = _Tally.zeros(list(scorers), shape)
     work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
-    for i, trace, sample, j, layer in tqdm(work, desc=f"evaluate {split}", unit="layer", disable=not progress):
+    rank, world = processes.share((0, 1))
+    own = work[rank::world]
+    desc = f"evaluate {split}" + (f" (process 0's share, 1/{world})" if world > 1 else "")
+    shown = progress and processes.writes_result
+    for i, trace, sample, j, layer in tqdm(own, desc=desc, unit="layer", disable=not shown):
         view, all_importance, tick = layer_view(trace, stores[trace], sample, layer, all_heads)
         tally.importance_seconds += tick
         _score_layer(scorers, view, all_importance, heads, sample, rules, tally, (i, j))
-    return tally
+    if world == 1:
+        return tally
+    rows, columns = (np.array([w[at] for w in work], dtype=int) for at in (0, 3))  # each pair's cell
+    parts = processes.gather(tally.cells(rows[rank::world], columns[rank::world]))  # waits for every share
+    if not processes.writes_result:
+        return None
+    merged = _Tally.zeros(list(scorers), shape)
+    for r, part in enumerate(parts):
+        merged.put(rows[r::world], columns[r::world], part)
+    return merged
 
 
 def _score_layer(
