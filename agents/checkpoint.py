@@ -102,18 +102,20 @@ def read_checkpoint(path: str | Path) -> tuple[KVPNetwork, dict]:
     return network.eval(), metadata
 
 
-def _cached(path: str) -> tuple[KVPNetwork, dict]:
-    """:func:`read_checkpoint`, read once per content: a file rewritten in place (retrained agents) is read again."""
+def _cached(path: str, device: torch.device | None = None) -> tuple[KVPNetwork, dict]:
+    """:func:`read_checkpoint` with the network on ``device``, read once per content and device: a file rewritten
+    in place (retrained agents) is read again."""
     try:
         digest = file_sha256(path)
     except OSError as err:
         raise ScorerError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-    return _read_once(path, digest)
+    return _read_once(path, digest, device or torch.device("cpu"))
 
 
 @functools.lru_cache(maxsize=8)
-def _read_once(path: str, sha256: str) -> tuple[KVPNetwork, dict]:
-    return read_checkpoint(path)
+def _read_once(path: str, sha256: str, device: torch.device) -> tuple[KVPNetwork, dict]:
+    network, metadata = read_checkpoint(path)
+    return network.to(device), metadata
 
 
 @dataclass(frozen=True)
@@ -171,13 +173,13 @@ class KVPScorer:
     def score(self, view: HeadView) -> torch.Tensor:
         if view.layer is None or view.kv_head is None:
             raise ScorerError("the kvp scorer needs the view's layer and kv_head ids")
-        network, metadata = _cached(self.path)
+        network, metadata = _cached(self.path, view.keys.device)  # scores where the keys are: no host copy
         if view.keys.shape[-1] != network.head_dim:
             raise ScorerError(f"{self.path}: trained for head_dim {network.head_dim}, view has {view.keys.shape[-1]}")
         row_of = {tuple(h): i for i, h in enumerate(metadata["heads"])}
         pairs = zip(view.layer.reshape(-1).tolist(), view.kv_head.reshape(-1).tolist(), strict=True)
         try:
-            select = torch.tensor([row_of[pair] for pair in pairs])
+            select = torch.tensor([row_of[pair] for pair in pairs]).to(view.keys.device)  # from host ids
         except KeyError as missing:
             raise ScorerError(f"{self.path} has no agent for (layer, kv_head) {missing.args[0]}") from None
         n, d = view.num_tokens, view.keys.shape[-1]

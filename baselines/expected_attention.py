@@ -76,9 +76,8 @@ class ExpectedAttention:
         return keep_first(expected, sink & mask)
 
     def _future_rotation(self, rotary: Rotary, prompt_length: torch.Tensor) -> torch.Tensor:
-        """R averaged over positions [n, n + future_positions) for each view's n, prompt_length [B...]: [B..., D, D]."""
-        head_dim = 2 * len(rotary.inv_freq)
-        out = torch.empty(*prompt_length.shape, head_dim, head_dim)
-        for n in prompt_length.unique().tolist():  # usually one prompt length per call
-            out[prompt_length == n] = rotary.mean_rotation(torch.arange(n, n + self.future_positions))
-        return out
+        """R averaged over positions [n, n + future_positions) for each view's n, prompt_length [B...]: [B..., D, D].
+        Computed for every view at once on the views' device (no per-length loop, which would read the lengths back
+        to the host)."""
+        future = prompt_length[..., None] + torch.arange(self.future_positions, device=prompt_length.device)
+        return rotary.mean_rotation(future)

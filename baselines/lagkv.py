@@ -15,11 +15,12 @@ from kvp_gym_baselines.common import keep_first
 
 
 def _lag_scores(x: torch.Tensor) -> torch.Tensor:
-    """x [P + 1, L, D]: partitions 0..P, each min-max normalised per channel by the next one (its lag reference);
-    returns [P, L]: softmax over each partition's tokens of the channel std of the normalised rows."""
-    reference = x[1:]
+    """x [..., P + 1, L, D]: partitions 0..P, each min-max normalised per channel by the next one (its lag
+    reference); returns [..., P, L]: softmax over each partition's tokens of the channel std of the normalised
+    rows."""
+    reference = x[..., 1:, :, :]
     low, high = reference.amin(-2, keepdim=True), reference.amax(-2, keepdim=True)
-    normalised = (x[:-1] - low) / (high - low).clamp_min(1e-6)  # clamp: a constant channel would divide by 0
+    normalised = (x[..., :-1, :, :] - low) / (high - low).clamp_min(1e-6)  # clamp: a constant channel would divide by 0
     return normalised.std(-1).softmax(-1)
 
 
@@ -45,27 +46,30 @@ class LagKV:
             raise ScorerError(f"lagkv: need partition >= 1 and sinks >= 0, got {self.partition}, {self.sinks}")
 
     def score(self, view: HeadView) -> torch.Tensor:
-        n = view.num_tokens
+        n, size, sinks = view.num_tokens, self.partition, self.sinks
         keys = view.keys.float().reshape(-1, n, view.keys.shape[-1])
         values = view.values.float().reshape(-1, n, view.values.shape[-1])
-        lengths = view.mask.reshape(-1, n).sum(-1).tolist()
-        positions = torch.arange(n, dtype=torch.float32)
+        lengths = view.mask.reshape(-1, n).sum(-1, keepdim=True)  # [R, 1] real tokens (padding at the end)
+        positions = torch.arange(n, device=keys.device)
         # Defaults for every row: sinks first (oldest first), everything else by recency (newest first).
-        scores = torch.where(positions < self.sinks, 2 * n - positions, positions).expand(len(lengths), n).clone()
-        protected = (positions < self.sinks).expand(len(lengths), n).clone()
-        size = self.partition
-        for b, length in enumerate(lengths):
-            if length < self.sinks + 2 * size:
-                continue  # too short to score: sinks + recency
-            count = (length - self.sinks) // size  # full partitions; the last one is only a reference
-            end = self.sinks + count * size
-            block = slice(self.sinks, end)
+        scores = torch.where(positions < sinks, 2 * n - positions, positions).float().expand(len(keys), n).clone()
+        protected = (positions < sinks).expand(len(keys), n).clone()
+        # Every row is scored at once with the partitions of the longest (a loop over rows would read their lengths
+        # back to the host, waiting for the device); each row then keeps only its own full partitions.
+        partitions = (n - sinks) // size
+        if partitions >= 2:
+            block = slice(sinks, sinks + partitions * size)
             lag = (
-                _lag_scores(keys[b, block].reshape(count, size, -1))
-                + _lag_scores(values[b, block].reshape(count, size, -1))
-            ) / 2
-            rank = lag.argsort(-1).argsort(-1).float() / size  # [count - 1, size]
-            scored = slice(self.sinks, end - size)
-            scores[b, scored] = rank.reshape(-1)
-            protected[b, end - size : length] = True  # the tail: reference-less partition + remainder
+                _lag_scores(keys[:, block].reshape(len(keys), partitions, size, -1))
+                + _lag_scores(values[:, block].reshape(len(keys), partitions, size, -1))
+            ) / 2  # [R, partitions - 1, size]: a partition's scores depend on it and its reference only
+            rank = lag.argsort(-1).argsort(-1).float() / size
+            ranked = torch.zeros_like(scores)
+            ranked[:, sinks : sinks + (partitions - 1) * size] = rank.flatten(1)
+            full = (lengths - sinks) // size  # [R, 1]: the row's full partitions; its last one is only a reference
+            tail_start = sinks + (full - 1) * size
+            long_enough = lengths >= sinks + 2 * size  # shorter rows: sinks + recency, as the reference does
+            scored = long_enough & (positions >= sinks) & (positions < tail_start)
+            scores = torch.where(scored, ranked, scores)
+            protected |= long_enough & (positions >= tail_start) & (positions < lengths)  # reference + remainder
         return keep_first(scores, protected).reshape(view.mask.shape)

@@ -23,4 +23,5 @@ class RandomScorer:
     needs_future: ClassVar[bool] = False
 
     def score(self, view: HeadView) -> torch.Tensor:
-        return torch.rand(view.mask.shape, generator=torch.Generator().manual_seed(self.seed))
+        # Drawn on the CPU (the same scores on every device), then moved to the views' device.
+        return torch.rand(view.mask.shape, generator=torch.Generator().manual_seed(self.seed)).to(view.mask.device)

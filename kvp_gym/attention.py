@@ -73,8 +73,9 @@ class Rotary:
         return cls(tuple(float(f) for f in inv_freq))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [..., D] float32 for integer positions [...]."""
-        angles = positions.double()[..., None] * torch.tensor(self.inv_freq, dtype=torch.float64)
+        """cos, sin [..., D] float32 for integer positions [...], on their device."""
+        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float64, device=positions.device)
+        angles = positions.double()[..., None] * inv_freq
         angles = torch.cat([angles, angles], -1)
         return (angles.cos() * self.attention_scaling).float(), (angles.sin() * self.attention_scaling).float()
 
@@ -86,13 +87,18 @@ class Rotary:
         return (x * cos - _rotate_half(x) * sin) / scale2
 
     def mean_rotation(self, positions: torch.Tensor) -> torch.Tensor:
-        """The RoPE rotation matrix averaged over ``positions`` [P]: R [D, D] with x_rot = R @ x on average."""
-        cos, sin = self.cos_sin(positions)  # [P, D]
+        """The RoPE rotation matrix averaged over ``positions`` [..., P]: R [..., D, D] with x_rot = R @ x on average
+        (one matrix per leading index), on the positions' device."""
+        cos, sin = self.cos_sin(positions)  # [..., P, D]
+        cos, sin = cos.mean(-2), sin.mean(-2)  # [..., D]
         half = cos.shape[-1] // 2
-        swap = torch.zeros(2 * half, 2 * half)  # rotate_half as a matrix: [x1, x2] -> [-x2, x1]
-        swap[:half, half:] = -torch.eye(half)
-        swap[half:, :half] = torch.eye(half)
-        return torch.diag(cos.mean(0)) + sin.mean(0)[:, None] * swap
+        eye = torch.eye(half, device=positions.device)
+        swap = torch.zeros(
+            2 * half, 2 * half, device=positions.device
+        )  # rotate_half as a matrix: [x1, x2] -> [-x2, x1]
+        swap[:half, half:] = -eye
+        swap[half:, :half] = eye
+        return torch.diag_embed(cos) + sin[..., :, None] * swap
 
     def to_json(self) -> dict:
         return {"inv_freq": list(self.inv_freq), "attention_scaling": self.attention_scaling}

@@ -66,6 +66,9 @@ class HeadView:
     each view is (per-head learned scorers need them; None when unknown). attention: the layer's attention
     semantics (scale, sliding window, soft-cap) for scorers that compute attention; None = standard (full causal,
     1/sqrt(D)). rotary: the model's RoPE, for scorers that reason about future query positions; None when unknown.
+
+    The tensors live on one device, any (the evicting cache gives its own: a scorer computes there and returns its
+    scores there, without copying to the host); layer and kv_head, small ids the caller makes, are host tensors.
     """
 
     keys: torch.Tensor

@@ -6,6 +6,9 @@ position order). Compression scores every row with a scorer (:mod:`kvp_gym.score
 KV head, and gathers them into new, smaller tensors: the old ones are released, so the memory is really freed.
 Every KV head keeps the same number of rows (tensors stay rectangular) but its own selection.
 
+Compression runs on the cache's own device (scoring, selection and compaction: no copy to the host), through the
+kernels of :mod:`kvp_gym.kernels` where a scorer computes attention statistics (Triton on CUDA, torch elsewhere).
+
 Tokens that arrive later are appended with their true positions: ``get_seq_length`` reports the number of tokens
 seen (so transformers gives new tokens their true RoPE positions), and ``get_mask_sizes`` shifts the causal mask
 so that a shorter cache still masks correctly.
@@ -71,7 +74,7 @@ class EvictingLayer(DynamicLayer):
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep ``rows`` [B, H, b] (ascending per head) of every head: new contiguous tensors replace the old."""
-        self.keys, self.values = gather_rows(self.keys, self.values, rows)
+        self.keys, self.values = gather_rows(self.keys, self.values, rows, rows_in_range=True)  # rows of a sort
         self.positions = self.positions.gather(-1, rows)
 
     def reset(self) -> None:
@@ -278,21 +281,22 @@ class EvictingCache(Cache):
         return Compression(rows, length, length, evicted=False) if rows >= length else None
 
     def _view(self, index: int, layer: EvictingLayer, scorer: Scorer, queries, future_importance) -> HeadView:
-        """The view of every KV head of layer ``index``, on the CPU: the scorers are CPU code (their scores move
-        back to the cache's device)."""
+        """The view of every KV head of layer ``index``, on the cache's own device: nothing is copied to the host
+        (only the layer and head ids, which the cache makes, are host tensors)."""
         batch, heads, length, _ = layer.keys.shape
+        device = layer.keys.device
         view = HeadView(
-            keys=layer.keys.cpu(),
-            values=layer.values.cpu(),
-            positions=layer.positions.cpu(),
-            mask=torch.ones(batch, heads, length, dtype=torch.bool),
+            keys=layer.keys,
+            values=layer.values,
+            positions=layer.positions,
+            mask=torch.ones(batch, heads, length, dtype=torch.bool, device=device),
             layer=torch.full((batch, heads), index),
             kv_head=torch.arange(heads).expand(batch, heads),
             attention=self.attention.specs[index],
             rotary=self.attention.rotary,
         )
         if scorer.needs_queries:
-            latest = self.attention.group_queries(queries[index]).cpu()  # [B, H, G, W, D]: the last W cached rows
+            latest = self.attention.group_queries(queries[index].to(device))  # [B, H, G, W, D]: the last W rows
             window = latest.shape[-2]
             if window > length or (window < length and getattr(scorer, "query_window", None) is None):
                 raise CacheError(
@@ -304,5 +308,5 @@ class EvictingCache(Cache):
             aligned[..., length - window :, :] = latest
             view = dataclasses.replace(view, queries=aligned)
         if scorer.needs_future:
-            view = dataclasses.replace(view, future_importance=future_importance[index].cpu())
+            view = dataclasses.replace(view, future_importance=future_importance[index].to(device))
         return view

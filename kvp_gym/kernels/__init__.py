@@ -5,9 +5,10 @@ dispatcher, a torch implementation of the same signature (``*_torch``), and load
 (``*_triton``, in a ``*_triton`` module) only when a call chooses it: importing :mod:`kvp_gym` needs neither a
 GPU, nor Triton, nor a C compiler.
 
-The dispatcher runs Triton on CUDA tensors when Triton is installed, and torch otherwise. ``use_backend`` forces
-either (tests, benchmarks): ``with use_backend("torch"): ...``. Forcing Triton without a CUDA device runs the
-kernels in the Triton interpreter (slow, for correctness tests on small shapes).
+The dispatcher runs Triton on CUDA tensors when Triton is installed, and torch otherwise. Users force either with
+the environment variable ``KVP_GYM_KERNELS=auto|torch|triton`` (read at each call), code (tests, benchmarks) with
+``with use_backend("torch"): ...``, which wins over the variable inside its block. Forcing Triton without a CUDA
+device runs the kernels in the Triton interpreter (slow, for correctness tests on small shapes).
 
 Imports nothing from kvp_gym; the kernel modules import it for the dispatch.
 """
@@ -27,12 +28,14 @@ import torch
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
-_forced: list[Backend] = ["auto"]  # a one-element list: the switch, mutable from use_backend
+ENVIRONMENT_VARIABLE = "KVP_GYM_KERNELS"
+_forced: list[Backend | None] = [None]  # a one-element list: use_backend's switch (None: the environment decides)
 
 
 @contextmanager
 def use_backend(name: Backend) -> Iterator[None]:
-    """Force every kernel dispatch inside the block to ``name`` ("torch", "triton", or "auto": by device)."""
+    """Force every kernel dispatch inside the block to ``name`` ("torch", "triton", or "auto": by device), whatever
+    ``KVP_GYM_KERNELS`` says."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     previous, _forced[0] = _forced[0], name
@@ -40,6 +43,19 @@ def use_backend(name: Backend) -> Iterator[None]:
         yield
     finally:
         _forced[0] = previous
+
+
+def forced_backend() -> Backend:
+    """The backend in force: :func:`use_backend`'s inside its block, else ``KVP_GYM_KERNELS`` (default "auto")."""
+    if _forced[0] is not None:
+        return _forced[0]
+    name = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(
+            f"environment variable {ENVIRONMENT_VARIABLE}={os.environ[ENVIRONMENT_VARIABLE]!r}: expected one of "
+            f"{', '.join(BACKENDS)}"
+        )
+    return name
 
 
 def describe(value: object) -> str:
@@ -56,7 +72,7 @@ def triton_available() -> bool:
 
 def choose(device: torch.device) -> Literal["torch", "triton"]:
     """The backend a call on ``device`` runs: the forced one, else Triton on CUDA (when installed), else torch."""
-    forced = _forced[0]
+    forced = forced_backend()
     if forced == "torch" or (forced == "auto" and (device.type != "cuda" or not triton_available())):
         return "torch"
     if not triton_available():

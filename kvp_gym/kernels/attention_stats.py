@@ -75,7 +75,9 @@ def attention_stats(
         out, finite = triton_module("attention_stats").attention_stats_triton(*arguments), False
     else:
         out, finite = attention_stats_torch_with_path(*arguments)
-    if not finite and torch.isnan(out).any():
+    # The NaN check reads the output back to the host: free on the CPU, a wait for the device elsewhere (the evicting
+    # cache scores on the model's device without host round trips), where NaN inputs give NaN statistics instead.
+    if not finite and out.device.type == "cpu" and torch.isnan(out).any():
         raise ValueError("queries or keys contain NaN or infinity: the attention statistics came out NaN")
     return out
 
@@ -128,10 +130,15 @@ def attention_stats_torch_with_path(
     spec = attention or AttentionSpec.standard(head_dim)
     device = queries.device
     outputs = q_heads if reduce == "none" else kv_heads
+    # Two shortcuts read values back to the host: trimming the queries to the counted ones and the fast path's check
+    # below. On the CPU they cost nothing; on an accelerator each would wait for the device, so there every query
+    # is computed (uncounted ones weigh 0) and the maximum is always subtracted.
+    on_host = device.type == "cpu"
     first, last, weights = 0, num_queries, None
     if query_valid is not None:
-        rows = query_valid.any(0).nonzero()
-        first, last = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        if on_host:
+            rows = query_valid.any(0).nonzero()
+            first, last = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
         weights = query_valid[:, None, None, first:last, None].to(torch.float32)  # [B, 1, 1, T', 1]
     if first == last or width == 0:
         return torch.zeros(batch, outputs, width, dtype=torch.float32, device=device), True
@@ -142,7 +149,7 @@ def attention_stats_torch_with_path(
     span = offset + last if not spec.sliding_window else min(offset + last, chunk + spec.sliding_window - 1)
     workspace = _workspace(batch * q_heads * rows_per_chunk * span, device)
     out = None  # the first chunk's result when it covers all output keys, else zeros that chunks add to
-    fast = True
+    fast = on_host
     for start in range(first, last, chunk):
         stop = min(start + chunk, last)
         # The keys these queries can see: up to the last one's position, and back to the window of the first.
@@ -150,7 +157,7 @@ def attention_stats_torch_with_path(
         if key_start >= width:
             continue
         key_stop, count = offset + stop, stop - start
-        for stable in (False, True):
+        for stable in (False, True) if on_host else (True,):
             logits = _logits(workspace, spec, q[..., start - first : stop - first, :], keys[:, :, key_start:key_stop])
             # Masks are added as -inf biases (several times faster than a broadcast masked_fill_ on a CPU).
             if spec.sliding_window:
