@@ -227,7 +227,8 @@ leaderboard-entries: $(STAMP)
 
 # Every check that needs a CUDA GPU, in one run (README, "GPU check"): the compiled Triton kernels against their
 # torch path and the CUDA trainer tests (tests/conftest.py uses the interpreter only without CUDA), the kernel
-# timings, and the end-to-end path on CPU and CUDA (the same prompts, policies and budgets) compared side by side.
+# timings, the end-to-end path on CPU and CUDA (the same prompts, policies and budgets) compared side by side, and
+# the host copies on the compression path on CUDA (benchmarks/host_transfers.py: 0 expected).
 # Outputs in runs/gpu-check/; about 10 minutes on one GPU. Without CUDA it stops at once, saying so.
 GPU_E2E := --model smollm2-135m --tasks niah_single,niah_multikey --context 1024 --budgets 64,128 \
 	--policies kvp,tova,h2o,snapkv,expected_attention,streaming_llm --samples 8 --essays 2 --text heldout
@@ -243,6 +244,8 @@ gpu-check: $(STAMP)
 	for d in cpu cuda; do $(BIN)/kvp-gym evaluate-e2e $(GPU_E2E) --device $$d --out runs/gpu-check/e2e-$$d || exit 1; done
 	$(BIN)/python benchmarks/device_agreement.py runs/gpu-check/e2e-cpu runs/gpu-check/e2e-cuda \
 		| tee runs/gpu-check/device-agreement.txt
+	$(BIN)/python benchmarks/host_transfers.py --model smollm2-135m --tokens 4096 --device cuda \
+		| tee runs/gpu-check/host-transfers.txt
 
 leaderboard: $(STAMP)
 	$(BIN)/kvp-gym leaderboard build --out site

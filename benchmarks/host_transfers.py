@@ -9,8 +9,10 @@ Without a GPU, two measurements stand in for one:
   to the host or value read back raises, so a compression that completes there has none, whatever function does
   it.
 
+On a GPU (``--device cuda``) the log counts the real copies: every value read from a CUDA tensor, and ``.cpu()``.
+
     python benchmarks/host_transfers.py --model tiny-random --tokens 300
-    python benchmarks/host_transfers.py --model smollm2-135m --tokens 4096
+    python benchmarks/host_transfers.py --model smollm2-135m --tokens 4096 [--device cuda]
 
 Prints one row per registered scorer and writes the table as JSON (``--out``).
 """
@@ -96,8 +98,8 @@ def _random_agents(model, folder: Path) -> Path:
     return path
 
 
-def measure(model_name: str, tokens: int, budget: int, work: Path) -> list[dict]:
-    model, _ = models.load(model_name)
+def measure(model_name: str, tokens: int, budget: int, work: Path, device: str = "cpu") -> list[dict]:
+    model = models.load(model_name)[0].to(device)
     vocab = model.config.get_text_config().vocab_size
     ids = (
         [(1000 + 7919 * i) % (vocab - 1000) + 500 for i in range(tokens)]
@@ -106,23 +108,23 @@ def measure(model_name: str, tokens: int, budget: int, work: Path) -> list[dict]
     )
     state = prefill(model, ids, keep_queries=None)
     heads = state.cache.layers[0].keys.shape[1]
-    importance = {i: torch.rand(1, heads, tokens) for i in range(len(state.cache.layers))}
+    importance = {i: torch.rand(1, heads, tokens, device=device) for i in range(len(state.cache.layers))}
     rows = []
     for name in available_scorers():
         scorer = get_scorer(name, **({"checkpoint": str(_random_agents(model, work))} if name == "kvp" else {}))
         window = _window(scorer)
         row = {"scorer": name}
-        for device in ("cpu", "meta"):
-            cache = _moved(state.cache, device)
-            queries = {i: (q[..., -window:, :] if window else q).to(device) for i, q in state.queries.items()}
+        for place in (device, "meta"):
+            cache = _moved(state.cache, place)
+            queries = {i: (q[..., -window:, :] if window else q).to(place) for i, q in state.queries.items()}
             log = TransferLog()
             try:
                 with log:
-                    cache.compress(scorer, budget, queries, {i: t.to(device) for i, t in importance.items()})
-                row[device] = {"calls": sum(log.calls.values()), "bytes": log.bytes, "by_function": dict(log.calls)}
+                    cache.compress(scorer, budget, queries, {i: t.to(place) for i, t in importance.items()})
+                row[place] = {"calls": sum(log.calls.values()), "bytes": log.bytes, "by_function": dict(log.calls)}
             except Exception as err:  # on meta: a host copy or value read raised
                 message = str(err).splitlines()[0][:90]
-                row[device] = {"failed": f"{type(err).__name__}: {message}", "calls": sum(log.calls.values())}
+                row[place] = {"failed": f"{type(err).__name__}: {message}", "calls": sum(log.calls.values())}
         rows.append(row)
     return rows
 
@@ -132,14 +134,15 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--tokens", type=int, default=300, help="prompt tokens prefilled (default 300)")
     parser.add_argument("--budget", type=int, default=128, help="tokens kept per KV head (default 128)")
+    parser.add_argument("--device", default="cpu", help="the model's and cache's device: cpu (default) or cuda")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        rows = measure(args.model, args.tokens, args.budget, Path(work))
+        rows = measure(args.model, args.tokens, args.budget, Path(work), args.device)
     print(f"{args.model}, {args.tokens} prompt tokens, budget {args.budget}: host transfers per compression")
-    print(f"{'scorer':<20} {'CPU: copies':>12} {'MiB':>9}   meta device")
+    print(f"{'scorer':<20} {args.device + ': copies':>12} {'MiB':>9}   meta device")
     for row in rows:
-        cpu, meta = row["cpu"], row["meta"]
+        cpu, meta = row[args.device], row["meta"]
         verdict = meta.get("failed") or "completes: no host copy or read"
         mib = cpu.get("bytes", math.nan) / 2**20
         print(f"{row['scorer']:<20} {cpu['calls']:>12} {mib:>9.2f}   {verdict}")
