@@ -6,6 +6,11 @@ position order). Compression scores every row with a scorer (:mod:`kvp_gym.score
 KV head, and gathers them into new, smaller tensors: the old ones are released, so the memory is really freed.
 Every KV head keeps the same number of rows (tensors stay rectangular) but its own selection.
 
+Hybrid models (Gemma 3: sliding-window and full-attention layers): a budget compresses the full-attention layers
+as above; a sliding-window layer of window W holds at most its W - 1 newest tokens at any time (the ones the next
+query sees) and, when the budget is below that, its ``budget`` newest: the same rows for every scorer, since its
+rows must stay one contiguous run of the newest positions for transformers' sliding-window mask.
+
 Compression runs on the cache's own device (scoring, selection and compaction: no copy to the host), through the
 kernels of :mod:`kvp_gym.kernels` where a scorer computes attention statistics (Triton on CUDA, torch elsewhere).
 
@@ -31,7 +36,7 @@ from kvp_gym.capture import probe_attention
 from kvp_gym.kernels.compaction import gather_rows
 from kvp_gym.scorers import HeadView, Scorer, ScorerError, score
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
 DEFAULT_SINKS, DEFAULT_RECENT = 4, 16  # the KVP paper's inference protocol
 
 
@@ -40,12 +45,20 @@ class CacheError(ValueError):
 
 
 class EvictingLayer(DynamicLayer):
-    """One layer: keys, values [B, H, L, D] and ``positions`` [B, H, L] (int64, each row's true position)."""
+    """One layer: keys, values [B, H, L, D] and ``positions`` [B, H, L] (int64, each row's true position).
+
+    A sliding-window layer (``window`` W) holds at most the W - 1 newest tokens, the ones the next query can still
+    see: each forward pass attends over those and its own tokens, then the older rows are dropped. Its rows are
+    always the newest tokens, in one contiguous run of positions, which is what transformers' sliding-window mask
+    (computed from row indices and an offset) assumes.
+    """
 
     is_croppable = False
 
-    def __init__(self):
+    def __init__(self, window: int | None = None):
         super().__init__()
+        self.window = window
+        self.is_sliding = window is not None  # transformers builds one mask for its sliding layers, one for the rest
         self.positions: torch.Tensor | None = None
         self.seen = 0  # tokens that went through this layer, evicted or not
 
@@ -58,7 +71,10 @@ class EvictingLayer(DynamicLayer):
         else:
             self.positions = torch.cat([self.positions, new], dim=-1)
         self.seen += count
-        return super().update(key_states, value_states)
+        keys, values = super().update(key_states, value_states)
+        if self.window is not None and self.physical_length > self.window - 1:
+            self.keep_newest(self.window - 1)  # this pass attends over all of them; later queries cannot see these
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -71,6 +87,11 @@ class EvictingLayer(DynamicLayer):
     @property
     def physical_length(self) -> int:
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def keep_newest(self, count: int) -> None:
+        """Keep the ``count`` newest rows of every head (new tensors; the rows stay contiguous)."""
+        self.keys, self.values = self.keys[..., -count:, :].clone(), self.values[..., -count:, :].clone()
+        self.positions = self.positions[..., -count:].clone()
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep ``rows`` [B, H, b] (ascending per head) of every head: new contiguous tensors replace the old."""
@@ -103,12 +124,20 @@ class ModelAttention:
                 f"the evicting cache supports the {', '.join(SUPPORTED_FAMILIES)} model families, not {family!r}"
             )
         specs, rotary = probe_attention(model)
-        sliding = [i for i, spec in enumerate(specs) if spec.sliding_window]
-        if sliding:
+        windows = {spec.sliding_window for spec in specs if spec.sliding_window}
+        if len(windows) > 1:  # transformers builds one mask for every sliding layer
+            raise CacheError(f"the sliding-window layers use several windows {sorted(windows)}: one is supported")
+        if all(spec.sliding_window for spec in specs):
             raise CacheError(
-                f"layers {sliding} use a sliding window: the evicting cache supports full-attention layers only"
+                "every layer uses a sliding window: the evicting cache compresses full-attention layers (a sliding "
+                "layer keeps its newest tokens), so a budget would leave no choice to the scorer"
             )
         return cls(specs, rotary, config.num_attention_heads, config.num_key_value_heads)
+
+    @property
+    def global_layers(self) -> list[int]:
+        """The full-attention layers (the ones a budget compresses with a scorer)."""
+        return [i for i, spec in enumerate(self.specs) if not spec.sliding_window]
 
     def group_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """[B, H_q, T, D] -> [B, H_kv, G, T, D]: each KV head's GQA group (query head h uses KV head h // G)."""
@@ -137,8 +166,8 @@ class EvictingCache(Cache):
 
     ``cache = EvictingCache(model)``; ``model(ids, cache=cache)`` fills it; ``cache.compress(scorer, budget)``
     shrinks every layer; later forward passes append with true positions. ``compress`` again at any time
-    (decode-time eviction). Supported: :data:`SUPPORTED_FAMILIES` with full-attention layers, batch size 1 or
-    several equal-length rows (no left padding).
+    (decode-time eviction). Supported: :data:`SUPPORTED_FAMILIES` (full-attention layers, and sliding-window
+    layers beside them: see the module), batch size 1 or several equal-length rows (no left padding).
 
     Args:
         model: the model the cache serves.
@@ -150,7 +179,7 @@ class EvictingCache(Cache):
             raise CacheError(f"sinks and recent must be >= 0, got {sinks}, {recent}")
         self.attention = ModelAttention.of(model)
         self.sinks, self.recent = sinks, recent
-        super().__init__(layers=[EvictingLayer() for _ in self.attention.specs])
+        super().__init__(layers=[EvictingLayer(spec.sliding_window or None) for spec in self.attention.specs])
 
     def copy(self) -> EvictingCache:
         """A cache with the same contents; compressing or extending either leaves the other as it was (tensors are
@@ -194,9 +223,10 @@ class EvictingCache(Cache):
         tensors = (getattr(layer, name) for layer in self.layers if layer.is_initialized for name in names)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def physical_length(self, layer: int = 0) -> int:
-        """Rows cached per KV head in ``layer`` (after eviction, smaller than :meth:`get_seq_length`)."""
-        return self.layers[layer].physical_length
+    def physical_length(self, layer: int | None = None) -> int:
+        """Rows cached per KV head in ``layer`` (after eviction, smaller than :meth:`get_seq_length`); default: the
+        first full-attention layer (every full-attention layer holds as many)."""
+        return self.layers[self.attention.global_layers[0] if layer is None else layer].physical_length
 
     def resolve_budget(self, budget: int | float) -> int:
         """Rows per KV head for ``budget``: an int is absolute; a float in (0, 1] is a fraction of the tokens seen
@@ -246,29 +276,37 @@ class EvictingCache(Cache):
         scorer: Scorer,
         queries: dict[int, torch.Tensor] | None = None,
         future_importance: dict[int, torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        """Every layer's scores [B, H_kv, L] of ``scorer`` (arguments as in :meth:`compress`), e.g. to keep the top
-        of one scoring at several budgets."""
+    ) -> list[torch.Tensor | None]:
+        """Every full-attention layer's scores [B, H_kv, L] of ``scorer`` (arguments as in :meth:`compress`), e.g. to
+        keep the top of one scoring at several budgets; None for a sliding-window layer (it keeps its newest rows)."""
         if scorer.needs_queries and queries is None:
             raise CacheError(f"scorer {scorer.name!r} needs the prefill queries, but none were captured for this cache")
         if scorer.needs_future and future_importance is None:
             raise CacheError(f"scorer {scorer.name!r} needs the future importance (privileged), which was not given")
         found = []
         for index, layer in enumerate(self.layers):
+            if layer.window is not None:
+                found.append(None)
+                continue
             try:
                 found.append(score(scorer, self._view(index, layer, scorer, queries, future_importance)))
             except ScorerError as err:
                 raise CacheError(f"layer {index}: {err}") from None
         return found
 
-    def keep_top(self, scores: list[torch.Tensor], budget: int | float) -> Compression:
-        """Keep, in every layer and KV head, the protected rows and the best-scored others up to ``budget`` rows
-        (ties: the earlier row). ``scores``: one [B, H_kv, L] tensor per layer, for the rows cached now."""
+    def keep_top(self, scores: list[torch.Tensor | None], budget: int | float) -> Compression:
+        """Keep, in every full-attention layer and KV head, the protected rows and the best-scored others up to
+        ``budget`` rows (ties: the earlier row); in a sliding-window layer, its ``budget`` newest rows. ``scores``:
+        one [B, H_kv, L] tensor per layer (None for sliding-window layers), for the rows cached now."""
         unchanged = self._keeps_everything(budget)
         if unchanged:
             return unchanged
         rows, before = self.resolve_budget(budget), self.physical_length()
         for layer, layer_scores in zip(self.layers, scores, strict=True):
+            if layer.window is not None:  # its rows stay the newest ones, contiguous, as the sliding mask needs
+                if layer.physical_length > rows:
+                    layer.keep_newest(rows)
+                continue
             protected = (layer.positions < self.sinks) | (layer.positions >= layer.seen - self.recent)
             ranked = layer_scores.to(protected.device).masked_fill(protected, float("inf"))
             ranking = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
