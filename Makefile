@@ -228,7 +228,8 @@ leaderboard-entries: $(STAMP)
 # Every check that needs a CUDA GPU, in one run (README, "GPU check"): the compiled Triton kernels against their
 # torch path and the CUDA trainer tests (tests/conftest.py uses the interpreter only without CUDA), the kernel
 # timings, the end-to-end path on CPU and CUDA (the same prompts, policies and budgets) compared side by side, and
-# the host copies on the compression path on CUDA (benchmarks/host_transfers.py: 0 expected).
+# the host copies on the compression path on CUDA (benchmarks/host_transfers.py: 0 expected), and compression /
+# prefill and decode steps on CUDA (benchmarks/scale_on_paper.py).
 # Outputs in runs/gpu-check/; about 10 minutes on one GPU. Without CUDA it stops at once, saying so.
 GPU_E2E := --model smollm2-135m --tasks niah_single,niah_multikey --context 1024 --budgets 64,128 \
 	--policies kvp,tova,h2o,snapkv,expected_attention,streaming_llm --samples 8 --essays 2 --text heldout
@@ -246,6 +247,8 @@ gpu-check: $(STAMP)
 		| tee runs/gpu-check/device-agreement.txt
 	$(BIN)/python benchmarks/host_transfers.py --model smollm2-135m --tokens 4096 --device cuda \
 		| tee runs/gpu-check/host-transfers.txt
+	$(BIN)/python benchmarks/scale_on_paper.py --device cuda --clock wall --contexts 1024,4096,8192 \
+		--out runs/gpu-check/scale-on-paper.json | tee runs/gpu-check/scale-on-paper.txt
 
 leaderboard: $(STAMP)
 	$(BIN)/kvp-gym leaderboard build --out site
