@@ -9,10 +9,19 @@
     query. A policy that reads queries needs a prefill that keeps them (its last W, or all of them for h2o and
     expected_attention): that prefill's extra time is printed in its own column, and its compression receives
     exactly those queries;
-(d) decode step time with the compressed cache / with the full cache (alternating, medians).
+(d) decode step time with the compressed cache / with the full cache (alternating, medians);
+(e) with ``--chunked``: the chunked prefill (kvp_gym.cache.generate.prefill_compressing, a variant of ours) against
+    the one-shot prefill + compression, each configuration in a fresh subprocess: the peak RSS of prefill +
+    compression + decoding (VmHWM, reset once the model is loaded and its weights paged in, so loading does not
+    count) and what it adds to the model's RSS, the most KV bytes the cache held, the prefill + compression wall
+    and process CPU time (with ``--threads 1``, blind to other processes' load), and the tokens decoded from a
+    random prompt. The one-shot prefill runs twice: as it was before it kept only the last
+    position's logits (``full logits``, every position projected onto the vocabulary) and as it is.
 
     python benchmarks/cache.py [--model smollm2-135m] [--context 4096] [--budget 256] [--steps 16]
                                [--threads 1 --clock cpu]
+    python benchmarks/cache.py --chunked [--contexts 4096,16384] [--budgets 256,512] [--prefill-chunk 512]
+                               [--policies knorm,streaming_llm,tova,kvp] [--one-shot-policies knorm]
 
 On a machine that other processes keep busy, ``--threads 1`` keeps torch's threads from waiting on each other in
 every call (with two threads on two busy cores, a decode step took 25x longer), and ``--clock cpu`` (with one
@@ -35,13 +44,15 @@ from pathlib import Path
 import torch
 
 from kvp_gym import models
-from kvp_gym.cache import decode, prefill
-from kvp_gym.cache.generate import Prefill, query_window
+from kvp_gym.cache import EvictingCache, decode, prefill
+from kvp_gym.cache.generate import Prefill, chunked_prefill_refusal, prefill_compressing, query_window
+from kvp_gym.capture import capture_queries
 from kvp_gym.scorers import from_spec
 
 from timing import alternate
 
 POLICIES = "kvp,streaming_llm,knorm,keydiff,lagkv,random,tova,snapkv,h2o,expected_attention"
+CHUNKED_POLICIES = "knorm,streaming_llm,tova,kvp"  # (e): query-free ones and TOVA (its last query, per chunk)
 
 
 def _prompt(model, context: int) -> list[int]:
@@ -72,22 +83,186 @@ def memory(model_name: str, context: int, budget: int | None, steps: int, policy
     }
 
 
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: ``5`` into /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM: the peak RSS since the last reset (or since the start)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.inference_mode()
+def _prefill_with_full_logits(model, ids: list[int], window: int | None) -> Prefill:
+    """The one-shot prefill as it was before it passed logits_to_keep: every prompt position projected onto the
+    vocabulary ([T, vocab] float32 logits alive until the prefill returns)."""
+    cache = EvictingCache(model)
+    with capture_queries(model, window) as captured:
+        out = model(torch.tensor([ids], device=model.device), cache=cache, use_cache=True)
+    return Prefill(cache, dict(captured) or None, out.logits[:, -1].float(), len(ids))
+
+
+@torch.inference_mode()
+def chunked_memory(
+    model_name: str, context: int, budget: int, steps: int, policy: str, mode: str, chunk: int, device: str
+) -> dict:
+    """Run in a fresh subprocess: prefill ``context`` random tokens (``mode``: ``full-logits`` or ``one-shot``, then
+    compress to ``budget`` with ``policy``; or ``chunked``, compressing after every ``chunk`` tokens), then decode
+    ``steps`` tokens. Peak RSS above the loaded model (MiB), the most KV bytes cached, seconds, tokens."""
+    model, _ = models.load(model_name)
+    model.to(device)
+    ids = _prompt(model, context)
+    scorer = from_spec(policy)
+    window = query_window(scorer)
+    cuda = model.device.type == "cuda"
+    model(torch.tensor([ids[:8]], device=model.device))  # pages the weights in: the baseline is the model in use
+    loaded = _rss_mib()
+    reset = _reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    kv_after_each_pass = []  # the cache's KV bytes after every forward pass: before each compression, the most
+
+    def record(module, args, kwargs, output):
+        if kwargs.get("cache") is not None:
+            kv_after_each_pass.append(kwargs["cache"].kv_bytes)
+
+    hook = model.register_forward_hook(record, with_kwargs=True)
+    tick, cpu_tick = time.perf_counter(), time.process_time()
+    if mode == "chunked":
+        state = prefill_compressing(model, ids, scorer, budget, chunk)
+    else:
+        state = (_prefill_with_full_logits if mode == "full-logits" else prefill)(model, ids, window)
+        state.cache.compress(scorer, budget, state.queries)
+        state.queries = None
+    if cuda:
+        torch.cuda.synchronize()
+    seconds, cpu_seconds = time.perf_counter() - tick, time.process_time() - cpu_tick
+    hook.remove()
+    tokens, _, _, _ = decode(model, state, None, None, steps)
+    return {
+        "peak_rss_mib": _peak_rss_mib(),
+        "loaded_rss_mib": loaded,
+        "peak_reset": reset,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "kv_peak_mib": max(kv_after_each_pass) / 2**20,
+        "kv_final_mib": state.cache.kv_bytes / 2**20,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "tokens": tokens[0].tolist(),
+    }
+
+
+def chunked(args: argparse.Namespace) -> None:
+    """(e): one fresh subprocess per configuration, one run each, in order; a table per context."""
+    budgets = [int(b) for b in args.budgets.split(",")]
+    one_shot = (args.one_shot_policies or args.policies).split(",")
+    policies = []
+    for policy in args.policies.split(","):
+        refusal = chunked_prefill_refusal(from_spec(policy), args.prefill_chunk)
+        if refusal:
+            print(f"skipped in the chunked rows: {refusal}")
+        else:
+            policies.append(policy)
+    print(
+        f"(e) {args.model}, chunked prefill ({args.prefill_chunk}-token chunks, a variant) vs one-shot prefill + "
+        f"compression, then {args.steps} decoded tokens; one fresh subprocess per row, one run each, wall-clock "
+        f"and process CPU time on {args.device}, {torch.get_num_threads() if not args.threads else args.threads} "
+        "torch threads; peak RSS (VmHWM, reset once the model is loaded and its weights paged in by an 8-token "
+        "forward pass) and what it adds to that RSS"
+    )
+    for context in [int(c) for c in args.contexts.split(",")]:
+        runs = [("one-shot", policy, budgets[0]) for policy in one_shot]
+        runs += [("full-logits", one_shot[0], budgets[0])]  # the one-shot prefill before logits_to_keep
+        runs += [("chunked", policy, budget) for budget in budgets for policy in policies]
+        print(f"\n{context}-token prompt")
+        print(
+            f"{'prefill':12s} {'policy':14s} {'budget':>6s} {'peak RSS':>9s} {'above model':>12s} {'KV peak':>8s} "
+            f"{'KV after':>8s} {'wall s':>7s} {'CPU s':>7s}  {'tokens as one-shot':>18s}"
+        )
+        reference: dict[tuple[str, int], list[int]] = {}  # the one-shot tokens of (policy, budget)
+        for mode, policy, budget in runs:
+            child = {"--chunked-child": mode, "--model": args.model, "--device": args.device, "--context": context}
+            child |= {"--budget": budget, "--steps": args.steps, "--policies": policy, "--threads": args.threads}
+            child |= {"--prefill-chunk": args.prefill_chunk}
+            command = [sys.executable, __file__, *(str(part) for pair in child.items() for part in pair)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:  # e.g. killed for memory: say so, and go on with the other rows
+                why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                print(f"{mode:12s} {policy:14s} {budget:6d} failed (exit status {done.returncode}): {why}")
+                continue
+            found = json.loads(done.stdout.splitlines()[-1])
+            if mode == "one-shot":
+                reference[policy, budget], same = found["tokens"], "(reference)"
+            else:
+                want = reference.get((policy, budget))
+                same = "-" if want is None else "yes" if found["tokens"] == want else "no"
+            cuda = f", CUDA peak {found['cuda_peak_mib']:.0f} MiB" if found["cuda_peak_mib"] is not None else ""
+            print(
+                f"{mode:12s} {policy:14s} {budget:6d} {found['peak_rss_mib']:8.0f}M "
+                f"{found['peak_rss_mib'] - found['loaded_rss_mib']:11.0f}M {found['kv_peak_mib']:7.1f}M "
+                f"{found['kv_final_mib']:7.1f}M {found['seconds']:7.1f} {found['cpu_seconds']:7.1f}  {same:>18s}{cuda}"
+                + ("" if found["peak_reset"] else "  (peak not reset: includes loading)")
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed on each side")
-    parser.add_argument("--policies", default=POLICIES)
+    parser.add_argument("--policies", default=None, help=f"default {POLICIES}; with --chunked {CHUNKED_POLICIES}")
     parser.add_argument("--memory-only", action="store_true", help="only (b)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for (a), (c), (d) (0: torch's default)")
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall", help="(c), (d): wall-clock or thread CPU time (--threads 1)"
     )
     parser.add_argument("--memory-child", choices=("full", "compressed"), help=argparse.SUPPRESS)
+    parser.add_argument("--chunked", action="store_true", help="only (e): chunked vs one-shot prefill")
+    parser.add_argument("--contexts", default=None, help="(e): comma-separated prompt lengths (default --context)")
+    parser.add_argument("--budgets", default=None, help="(e): comma-separated budgets (default --budget)")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="(e): tokens per chunk (default 512)")
+    parser.add_argument("--one-shot-policies", default=None, help="(e): policies of the one-shot rows (default all)")
+    parser.add_argument("--device", default="cpu", help="(e): the model's device (default cpu)")
+    parser.add_argument("--chunked-child", choices=("full-logits", "one-shot", "chunked"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures the calling thread only: it needs --threads 1")
+    args.policies = args.policies or (CHUNKED_POLICIES if args.chunked else POLICIES)
+    if args.chunked_child:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(
+            json.dumps(
+                chunked_memory(
+                    args.model,
+                    args.context,
+                    args.budget,
+                    args.steps,
+                    args.policies,
+                    args.chunked_child,
+                    args.prefill_chunk,
+                    args.device,
+                )
+            )
+        )
+        return
+    if args.chunked:
+        args.contexts, args.budgets = args.contexts or str(args.context), args.budgets or str(args.budget)
+        chunked(args)
+        return
     if args.memory_child:
         budget = args.budget if args.memory_child == "compressed" else None
         print(json.dumps(memory(args.model, args.context, budget, args.steps, args.policies.split(",")[0])))

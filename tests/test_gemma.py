@@ -5,12 +5,15 @@ The real Gemma 3 270M is checked where its converted copy exists (`models.load("
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from kvp_gym import models
 from kvp_gym.capture import capture_qkv, probe_attention
 from kvp_gym.collect import CollectConfig, collect
+from kvp_gym.evaluation.end_to_end import E2EConfig, run
 from kvp_gym.storage import cache_dir
 from kvp_gym.tasks import encode, get_task, make_sample, render
 from kvp_gym.traces import open_traces
@@ -94,3 +97,25 @@ def test_gemma3_270m_loads_and_retrieves_a_needle():
         out = model.generate(ids, max_new_tokens=task.answer_tokens, do_sample=False)
     answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert task.score(answer, sample.answers) == 1.0, answer
+
+
+def test_end_to_end_evaluation_of_a_hybrid_model(tmp_path):
+    """evaluate-e2e on tiny-gemma3: the scorers are judged on the full-attention layers (the oracle ranks them by
+    the continuation's own attention: holistic score 1), and a budget at or above the prompt answers as the full
+    cache."""
+    config = E2EConfig(
+        model="tiny-gemma3",
+        tasks=("niah_single",),
+        context=700,
+        budgets=(24, 4096),
+        policies=("knorm", "oracle"),
+        samples=1,
+        essays=0,
+        continuation=4,
+    )
+    record = run(config, tmp_path / "run", progress=False)
+    assert record["holistic_score"]["oracle"] == pytest.approx(1.0)
+    assert 0 < record["holistic_score"]["knorm"] < 1
+    part = json.loads(next((tmp_path / "run" / "parts").glob("niah_single-*.json")).read_text())
+    for label in ("knorm", "oracle"):
+        assert part["policies"][label]["budgets"]["4096"]["output"] == part["full_cache"]["output"]

@@ -8,7 +8,8 @@ samples are scored by exact match (the task's own scorer), held-out essays by th
 continuation teacher-forced through the compressed cache. Each policy's trace-level holistic score on the same
 sample (paper protocol) is kept too, and, for prompts with needles, the needle retention (the attention the
 continuation paid to needle tokens that each budget keeps, pooled over layers and KV heads), to measure how well
-each proxy predicts accuracy.
+each proxy predicts accuracy. With ``prefill_chunk`` each policy is also evaluated through a chunked prefill (a variant
+of ours: :func:`kvp_gym.cache.generate.prefill_compressing`), as ``LABEL (chunked prefill)``, without the proxies.
 
 Each finished sample is written atomically to ``OUT/parts/``: a stopped run resumes where it was, ``--shard i/N``
 runs split the samples between machines (:func:`merge` joins their parts; the folder:
@@ -22,10 +23,10 @@ file behind a label, is an error. ``OUT/results.json`` (schema ``kvp-gym/e2e-eva
      "policies": {label: {"name", "parameters", "needs_queries", "privileged", "variant", "files": {path: sha256}}},
      "accuracy": {task: {"full_cache": {"mean", "ci95"}, "policies": {label: {budget: {"mean", "ci95"}}}}},
      "perplexity": {"full_cache": {"mean", "ci95"}, "policies": {label: {budget: {"mean", "ci95"}}}},  # geometric
-     "holistic_score": {label: mean over task samples (paper protocol)},
+     "holistic_score": {label: mean over task samples (paper protocol); the chunked variants have none},
      "needle_retention": {label: {budget: share}} | null,   # attention paid to needle tokens that the budget keeps
      "proxy_correlation": {budget: {"spearman", "spearman_needle_retention", "policies"}},  # proxy vs accuracy
-     "seconds": {"total", "prefill", "decode", "scoring"}}
+     "seconds": {"prefill", "decode", "scoring", "chunked": the chunked prefills and their decoding}}
 
 Every interval draws from its own generator, derived from the bootstrap seed (0), the policy's label (or
 ``full_cache``) and the statistic (accuracy on a task at a budget, perplexity at a budget):
@@ -54,7 +55,17 @@ from tqdm.auto import tqdm
 
 from kvp_gym import models
 from kvp_gym.cache.evicting import EvictingCache
-from kvp_gym.cache.generate import Prefill, continue_from, prefill, query_window, until_eos
+from kvp_gym.cache.generate import (
+    CHUNKED_LABEL,
+    Prefill,
+    chunked_variants,
+    continue_from,
+    last_logits,
+    prefill,
+    prefill_compressing_batch,
+    query_window,
+    until_eos,
+)
 from kvp_gym.capture import capture_qkv
 from kvp_gym.device import resolve_device
 from kvp_gym.distributed_run import ONE_PROCESS, Processes
@@ -74,8 +85,8 @@ SCHEMA, SCHEMA_VERSION = "kvp-gym/e2e-evaluation", 1
 
 @dataclass(frozen=True)
 class E2EConfig:
-    """What to evaluate. ``samples`` per task; ``essays`` held-out essays for perplexity (their next
-    ``continuation`` tokens); ``policies``: ``"all"`` or scorer specs (``name`` / ``name:param=value``)."""
+    """What to evaluate. ``samples`` per task; ``essays`` held-out essays for perplexity (their next ``continuation``
+    tokens); ``policies``: ``"all"`` or scorer specs (``name:param=value``); ``prefill_chunk``: chunked too (tokens)."""
 
     model: str = models.DEFAULT_MODEL
     tasks: tuple[str, ...] = ("niah_single", "niah_multikey")
@@ -89,6 +100,7 @@ class E2EConfig:
     text: str = "heldout"
     sinks: int = 4
     recent: int = 16
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         for task in self.tasks:
@@ -96,8 +108,8 @@ class E2EConfig:
                 raise ValueError(f"task {task!r} has no answers to score; free text is measured with --essays")
         if self.text not in TEXT_POOLS:
             raise ValueError(f"text must be one of {', '.join(TEXT_POOLS)}, got {self.text!r}")
-        if self.samples < 0 or self.essays < 0 or self.context < 1 or self.continuation < 1:
-            raise ValueError("samples and essays must be >= 0, context and continuation >= 1")
+        if min(self.samples, self.essays) < 0 or min(self.context, self.continuation, self.prefill_chunk or 1) < 1:
+            raise ValueError("samples and essays must be >= 0, context, continuation and prefill_chunk >= 1")
         if not self.budgets or min(self.budgets) <= self.sinks + self.recent - 1:
             raise ValueError(
                 f"budgets must be at least the {self.sinks + self.recent} protected tokens, got {list(self.budgets)}"
@@ -165,8 +177,11 @@ def merge(out: str | Path, inputs: Sequence[str | Path]) -> dict[str, Any]:
 
 
 def _policies(config: E2EConfig) -> tuple[dict[str, Scorer], dict[str, str], set[str]]:
-    """The run's scorers by label, the skipped ones and the variant labels (``kvp_gym.scorers.resolve_policies``)."""
-    return resolve_policies(config.policies if config.policies == "all" else list(config.policies))
+    """The run's scorers by label, the skipped ones and the variant labels (resolve_policies, chunked_variants)."""
+    named = config.policies != "all"
+    scorers, skipped, variants = resolve_policies(list(config.policies) if named else config.policies)
+    chunked, refused = chunked_variants(scorers, config.prefill_chunk, named) if config.prefill_chunk else ({}, {})
+    return {**scorers, **chunked}, {**skipped, **refused}, variants | set(chunked)
 
 
 def _config_of(settings: dict[str, Any]) -> E2EConfig:
@@ -195,11 +210,14 @@ def _evaluate_sample(
     sample = make_sample(task, tokenizer, config.context, sample_seed(config.seed, index), config.text)
     encoded = encode(tokenizer, sample)
     ids = encoded.ids
+    chunked = {label: s for label, s in scorers.items() if label.endswith(CHUNKED_LABEL)}
+    scorers = {label: s for label, s in scorers.items() if label not in chunked}
     windows = [query_window(s) for s in scorers.values() if s.needs_queries]
     keep = None if None in windows else max(windows, default=0)
-    seconds = dict.fromkeys(("prefill", "decode", "scoring"), 0.0)
+    seconds = dict.fromkeys(("prefill", "decode", "scoring", "chunked"), 0.0)
     tick = time.perf_counter()
-    state = prefill(model, ids, keep, sinks=config.sinks, recent=config.recent)
+    protected = {"sinks": config.sinks, "recent": config.recent}
+    state = prefill(model, ids, keep, **protected)
     seconds["prefill"] += time.perf_counter() - tick
     prompt = _Prefilled(model, tokenizer, task, sample, state, model.generation_config.eos_token_id)
     record: dict[str, Any] = {"task": task_name, "index": index, "prompt_tokens": len(ids), "answers": sample.answers}
@@ -213,6 +231,12 @@ def _evaluate_sample(
         for label, result in _decode_budget(prompt, all_scores, budget, future).items():
             record["policies"][label]["budgets"][str(budget)] = result
     seconds["decode"] += time.perf_counter() - tick
+    for budget in config.budgets if chunked else ():  # each chunked prefill at this budget, decoded in one batch
+        tick = time.perf_counter()
+        batch = prefill_compressing_batch(model, ids, [*chunked.values()], budget, config.prefill_chunk, **protected)
+        for label, result in zip(chunked, _decode_batch(prompt, *batch, future), strict=True):  # no proxies: budgets
+            record["policies"].setdefault(label, {"budgets": {}})["budgets"][str(budget)] = result
+        seconds["chunked"] += time.perf_counter() - tick
     record["seconds"] = seconds
     return record
 
@@ -220,16 +244,12 @@ def _evaluate_sample(
 def _full_cache_reference(prompt: _Prefilled, essay_continuation: list[int]) -> tuple[list[int], dict[str, Any]]:
     """(the continuation the oracle ranks by, the full cache's result): for a task, the greedy answer and its
     score; for an essay, its real continuation (``essay_continuation``) and the perplexity of it."""
-    state = prompt.state
+    cache, logits = prompt.state.cache.copy(), prompt.state.logits
     if prompt.task.has_answers:
-        tokens, _, _ = continue_from(
-            prompt.model, state.cache.copy(), state.logits, prompt.task.answer_tokens, prompt.eos
-        )
+        tokens, _, _ = continue_from(prompt.model, cache, logits, prompt.task.answer_tokens, prompt.eos)
         future = until_eos(tokens[0].tolist(), prompt.eos)
         return future, _answer(prompt.tokenizer, prompt.task, prompt.sample, future)
-    future = essay_continuation
-    _, logits, _ = continue_from(prompt.model, state.cache.copy(), state.logits, 0, forced=future)
-    return future, _essay_result(logits[0], future)
+    return essay_continuation, _decode_batch(prompt, cache, logits, essay_continuation)[0]
 
 
 def _score_policies(
@@ -260,22 +280,21 @@ def _decode_budget(
 ) -> dict[str, dict[str, Any]]:
     """Every policy's result at ``budget``: each keeps the top of its scores in a copy of the cache, and the copies
     decode together as one batch (decoding a small model is bound by reading its weights, once per step)."""
-    labels = list(all_scores)
-    caches = []
-    for label in labels:
-        cache = prompt.state.cache.copy()
-        cache.keep_top(all_scores[label], budget)
-        caches.append(cache)
-    batch = EvictingCache.stack(caches)
-    logits = prompt.state.logits.expand(len(labels), -1)
+    caches = [prompt.state.cache.copy() for _ in all_scores]
+    for cache, scores in zip(caches, all_scores.values(), strict=True):
+        cache.keep_top(scores, budget)
+    logits = prompt.state.logits.expand(len(caches), -1)
+    return dict(zip(all_scores, _decode_batch(prompt, EvictingCache.stack(caches), logits, future), strict=True))
+
+
+def _decode_batch(prompt: _Prefilled, batch: EvictingCache, logits: torch.Tensor, future: list[int]) -> list[dict]:
+    """Decode the rows of ``batch`` from their ``logits`` [rows, vocab]: each row's answer, or perplexity of future."""
     if prompt.task.has_answers:
         tokens, _, _ = continue_from(prompt.model, batch, logits, prompt.task.answer_tokens, prompt.eos)
-        return {
-            label: _answer(prompt.tokenizer, prompt.task, prompt.sample, until_eos(tokens[row].tolist(), prompt.eos))
-            for row, label in enumerate(labels)
-        }
+        answers = [until_eos(row.tolist(), prompt.eos) for row in tokens]
+        return [_answer(prompt.tokenizer, prompt.task, prompt.sample, answer) for answer in answers]
     _, logits, _ = continue_from(prompt.model, batch, logits, 0, forced=future)
-    return {label: _essay_result(logits[row], future) for row, label in enumerate(labels)}
+    return [_essay_result(row, future) for row in logits]
 
 
 def _answer(tokenizer, task, sample, tokens: list[int]) -> dict:
@@ -295,7 +314,7 @@ def _future_importance(model, ids: list[int], future: list[int], state: Prefill)
     """layer -> [1, H_kv, n]: the attention the continuation paid to each prompt token (the oracle's ranking)."""
     attention = state.cache.attention
     with capture_qkv(model, range(len(attention.specs))) as captured:
-        model(torch.tensor([ids + future], device=model.device), use_cache=False)
+        last_logits(model, torch.tensor([ids + future], device=model.device))  # not the logits of every position
     found = {}
     for layer, (queries, keys, _) in captured.items():
         grouped = attention.group_queries(queries)[0]  # [H, G, S, D]
@@ -305,10 +324,12 @@ def _future_importance(model, ids: list[int], future: list[int], state: Prefill)
 
 
 def _holistic(importance: dict[int, torch.Tensor], scores: list[torch.Tensor], config: E2EConfig) -> float:
-    """Mean over layers and KV heads of the holistic score of ``scores`` against ``importance`` (paper protocol:
-    the protected tokens kept, the ranking of the rest scored)."""
+    """Mean over the full-attention layers and their KV heads of the holistic score of ``scores`` against
+    ``importance`` (paper protocol: the protected tokens kept, the ranking of the rest scored)."""
     values = []
     for layer, layer_scores in enumerate(scores):
+        if layer_scores is None:  # a sliding-window layer: it keeps its newest tokens, whatever the scorer
+            continue
         imp = importance[layer].cpu()
         n = imp.shape[-1]
         ranked = ~protected_tokens(n, n, config.sinks, config.recent)
@@ -325,6 +346,8 @@ def _needle_attention(
         return None
     kept, paid = torch.zeros(len(config.budgets)), 0.0
     for layer, layer_scores in enumerate(scores):
+        if layer_scores is None:  # a sliding-window layer (no choice there)
+            continue
         imp = importance[layer].cpu()  # [1, H, n]
         n = imp.shape[-1]
         protected = protected_tokens(n, n, config.sinks, config.recent)
@@ -369,14 +392,16 @@ def summarize(out: str | Path, scorers: dict[str, Scorer], variants: set[str], s
         ),
     }
     tasks_rows = [r for (t, _), r in records.items() if t != "essay"]
+    proxied = [label for label in labels if not label.endswith(CHUNKED_LABEL)]  # chunked: ranks no whole prompt
     record["holistic_score"] = {
         label: float(np.mean([r["policies"][label]["holistic_score"] for r in tasks_rows])) if tasks_rows else None
-        for label in labels
+        for label in proxied
     }
-    record["needle_retention"] = _needle_retention(tasks_rows, labels, budgets)
-    record["proxy_correlation"] = _proxy_correlation(record, config.tasks, labels, budgets)
-    record["seconds"] = {
-        key: float(sum(r["seconds"][key] for r in records.values())) for key in ("prefill", "decode", "scoring")
+    record["needle_retention"] = _needle_retention(tasks_rows, proxied, budgets)
+    record["proxy_correlation"] = _proxy_correlation(record, config.tasks, proxied, budgets)
+    record["seconds"] = {  # parts written before chunked prefill existed have no "chunked" time
+        key: float(sum(r["seconds"].get(key, 0.0) for r in records.values()))
+        for key in ("prefill", "decode", "scoring", "chunked")
     }
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2))
@@ -406,38 +431,28 @@ def _accuracy(records: dict, tasks: Sequence[str], labels: list[str], budgets: l
     found = {}
     for task in tasks:
         rows = [r for (t, _), r in records.items() if t == task]
-        found[task] = {
-            FULL_CACHE: mean_interval(
-                [r[FULL_CACHE]["score"] for r in rows], bootstrap_generator(seed, FULL_CACHE, "accuracy", task)
-            ),
-            "policies": {
-                label: {
-                    b: mean_interval(
-                        [r["policies"][label]["budgets"][b]["score"] for r in rows],
-                        bootstrap_generator(seed, label, "accuracy", task, b),
-                    )
-                    for b in budgets
-                }
-                for label in labels
-            },
-        }
+        found[task] = _intervals(rows, "score", mean_interval, labels, budgets, seed, "accuracy", task)
     return found
 
 
 def _perplexity_intervals(essays: list[dict], labels: list[str], budgets: list[str], seed: int) -> dict:
     """The full cache's and every policy's (per budget) geometric mean perplexity over the essays with its interval
     (each from its own generator: ``seed``, the label, "perplexity" and the budget); {} without essays."""
-    if not essays:
-        return {}
+    return (
+        _intervals(essays, "perplexity", geometric_mean_interval, labels, budgets, seed, "perplexity") if essays else {}
+    )
+
+
+def _intervals(rows: list[dict], key: str, interval, labels: list[str], budgets: list[str], seed: int, *statistic):
+    """{"full_cache": interval, "policies": {label: {budget: interval}}} of the results' ``key`` over ``rows``, each
+    ``interval(values, generator)`` drawing from its own generator (``seed``, the label, ``statistic``, the budget)."""
     return {
-        FULL_CACHE: geometric_mean_interval(
-            [r[FULL_CACHE]["perplexity"] for r in essays], bootstrap_generator(seed, FULL_CACHE, "perplexity")
-        ),
+        FULL_CACHE: interval([r[FULL_CACHE][key] for r in rows], bootstrap_generator(seed, FULL_CACHE, *statistic)),
         "policies": {
             label: {
-                b: geometric_mean_interval(
-                    [r["policies"][label]["budgets"][b]["perplexity"] for r in essays],
-                    bootstrap_generator(seed, label, "perplexity", b),
+                b: interval(
+                    [r["policies"][label]["budgets"][b][key] for r in rows],
+                    bootstrap_generator(seed, label, *statistic, b),
                 )
                 for b in budgets
             }
