@@ -65,7 +65,12 @@ def _recording(base: str):
             if state.qkv:
                 state.captured[layer] = tuple(t.detach().to("cpu", torch.float16) for t in (query, key, value))
             if state.queries_kept != 0:
-                kept = query.detach() if state.queries_kept is None else query.detach()[..., -state.queries_kept :, :]
+                # A copy of the last rows, not a view: a view would keep the whole pass's queries alive.
+                kept = (
+                    query.detach()
+                    if state.queries_kept is None
+                    else query.detach()[..., -state.queries_kept :, :].clone()
+                )
                 state.queries[layer] = kept
             state.semantics[layer] = {k: "tensor" if torch.is_tensor(v) else v for k, v in kwargs.items()}
         if base == "eager":  # each model family defines its own eager function beside its attention module

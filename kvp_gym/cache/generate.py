@@ -86,7 +86,7 @@ def prefill(
     cache = EvictingCache(model, **cache_args)
     with capture_queries(model, keep_queries) as captured:
         logits = last_logits(model, ids, cache)
-    return Prefill(cache, _kept(captured), logits, ids.shape[1])
+    return Prefill(cache, dict(captured) or None, logits, ids.shape[1])
 
 
 def chunked_prefill_refusal(scorer: Scorer, chunk: int) -> str | None:
@@ -157,7 +157,7 @@ def prefill_compressing(
     for end in range(total % chunk or chunk, total + 1, chunk):
         with capture_queries(model, window) as captured:
             logits = last_logits(model, ids[:, start:end], cache)
-        queries = _kept(captured)
+        queries = dict(captured) or None
         chunks.append(cache.compress(scorer, budget, queries))
         start = end
     return Prefill(cache, queries, logits, total, chunks)
@@ -200,18 +200,6 @@ def _uncompressed_kv_bytes(cache: EvictingCache, tokens: int) -> int:
         row_bytes = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
         total += row_bytes // layer.physical_length * rows
     return total
-
-
-def _kept(captured: dict[int, torch.Tensor]) -> dict[int, torch.Tensor] | None:
-    """The captured queries as their own tensors (None when none were kept): the capture holds the last W rows as
-    views of each layer's whole [B, H_q, T, D] queries, which would otherwise stay alive with them (at 16k prompt
-    tokens, 1.05 GiB of SmolLM2's queries for TOVA's one); a tensor that is all of its storage is kept as it is."""
-    kept = {
-        layer: q.clone() if q.untyped_storage().nbytes() > q.numel() * q.element_size() else q
-        for layer, q in captured.items()
-    }
-    captured.clear()
-    return kept or None
 
 
 def _batch(model: PreTrainedModel, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
