@@ -4,13 +4,12 @@ is really released, true positions, and clear errors."""
 from __future__ import annotations
 
 import gc
-import sys
 import weakref
 
 import pytest
 import torch
-from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from masked_model import masked_logits
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from kvp_gym import models
 from kvp_gym.cache import CacheError, EvictingCache, decode, generate, prefill
@@ -33,19 +32,6 @@ def test_no_eviction_is_stock_greedy_generation(tiny):
             assert not out.compressions[0].evicted and "nothing evicted" in str(out.compressions[0])
 
 
-_MASKS: dict[int, torch.Tensor] = {}
-
-
-def _masked_eager(module, query, key, value, attention_mask, **kwargs):
-    """Eager attention with this layer's own additive mask [1, H_q, S, S] from _MASKS (the reference model)."""
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    return eager(module, query, key, value, _MASKS[module.layer_idx], **kwargs)
-
-
-AttentionInterface.register("kvp_masked_reference", _masked_eager)
-AttentionMaskInterface.register("kvp_masked_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-
-
 def _reference_logits(model, tokens: list[int], visible: dict[int, list[torch.Tensor]], start: int) -> torch.Tensor:
     """Logits of the full model (no cache) over ``tokens`` where the query at position start + s sees, in layer l and
     query head h, only the positions visible[l][s][kv_head_of(h)] (the prompt rows attend causally, within the
@@ -54,6 +40,7 @@ def _reference_logits(model, tokens: list[int], visible: dict[int, list[torch.Te
     heads = model.config.num_attention_heads
     group = heads // model.config.num_key_value_heads
     layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(visible)
+    masks = {}
     for layer, steps in visible.items():
         causal = torch.ones(total, total, dtype=torch.bool).tril()
         if layer_types[layer] == "sliding_attention":
@@ -64,15 +51,8 @@ def _reference_logits(model, tokens: list[int], visible: dict[int, list[torch.Te
             for h in range(heads):
                 row[h, positions[h // group]] = True
             allowed[:, start + s] = row
-        _MASKS[layer] = torch.zeros(1, heads, total, total).masked_fill(~allowed[None], torch.finfo(torch.float32).min)
-    base = model.config._attn_implementation
-    model.config._attn_implementation = "kvp_masked_reference"
-    try:
-        with torch.inference_mode():
-            return model(torch.tensor([tokens]), use_cache=False).logits[0].float()
-    finally:
-        model.config._attn_implementation = base
-        _MASKS.clear()
+        masks[layer] = allowed
+    return masked_logits(model, tokens, masks)
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,11 @@ chunked variant beside the one-shot policies."""
 from __future__ import annotations
 
 import json
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from masked_model import masked_logits
 
 from kvp_gym import models
 from kvp_gym.cache import CacheError, EvictingCache, generate, prefill
@@ -149,24 +147,12 @@ def _chunks_by_hand(model, scorer, budget: int, chunk: int, prompt: list[int] = 
     return cache, logits, list(zip([0, *bounds[:-1]], bounds, strict=True)), seen_by_chunk
 
 
-_MASKS: dict[int, torch.Tensor] = {}
-
-
-def _masked_eager(module, query, key, value, attention_mask, **kwargs):
-    """Eager attention with this layer's own additive mask [1, H_q, T, T] from _MASKS (the reference model)."""
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    return eager(module, query, key, value, _MASKS[module.layer_idx], **kwargs)
-
-
-AttentionInterface.register("kvp_chunked_reference", _masked_eager)
-AttentionMaskInterface.register("kvp_chunked_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-
-
 def _reference_logits(model, spans, seen_by_chunk) -> torch.Tensor:
     """Last-position logits of the full model without a cache, where a query of chunk k (span [s, e)) sees, in each
     layer and query head, the positions its KV head had cached before chunk k, and the chunk causally."""
     total, heads = len(PROMPT), model.config.num_attention_heads
     group = heads // model.config.num_key_value_heads
+    masks = {}
     for layer in range(model.config.num_hidden_layers):
         allowed = torch.ones(total, total, dtype=torch.bool).tril().expand(heads, total, total).clone()
         for (start, end), seen in zip(spans, seen_by_chunk, strict=True):
@@ -174,15 +160,8 @@ def _reference_logits(model, spans, seen_by_chunk) -> torch.Tensor:
             for h in range(heads):
                 if seen[layer] is not None:
                     allowed[h, start:end, seen[layer][h // group]] = True
-        _MASKS[layer] = torch.zeros(1, heads, total, total).masked_fill(~allowed[None], torch.finfo(torch.float32).min)
-    base = model.config._attn_implementation
-    model.config._attn_implementation = "kvp_chunked_reference"
-    try:
-        with torch.inference_mode():
-            return model(torch.tensor([PROMPT]), use_cache=False).logits[:, -1].float()
-    finally:
-        model.config._attn_implementation = base
-        _MASKS.clear()
+        masks[layer] = allowed
+    return masked_logits(model, PROMPT, masks)[-1:]
 
 
 @pytest.mark.parametrize(("policy", "budget", "chunk"), [("knorm", 48, 64), ("tova", 40, 50), ("snapkv", 48, 64)])
