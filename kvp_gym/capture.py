@@ -140,13 +140,12 @@ def _check_all_recorded(layers: frozenset[int], recorded: dict) -> None:
         )
 
 
-def probe_attention(model: PreTrainedModel) -> tuple[tuple[AttentionSpec, ...], Rotary | None]:
-    """Each layer's attention semantics and the model's RoPE, read from one short forward pass.
+def probe_attention(model: PreTrainedModel) -> tuple[tuple[AttentionSpec, ...], tuple[Rotary | None, ...]]:
+    """Each layer's attention semantics and RoPE, read from one short forward pass and the rotary embedding.
 
-    Returns (one AttentionSpec per layer, the Rotary of the model's single rotary embedding or None when it has
-    none or several). Raises :class:`CaptureError` for attention the importance cannot reproduce: layer types
-    other than full and sliding-window attention, or attention-function arguments such as learned sinks
-    (``s_aux``) or position biases.
+    Returns (one AttentionSpec per layer, one Rotary per layer: see :func:`_rotaries`). Raises
+    :class:`CaptureError` for attention the importance cannot reproduce: layer types other than full and
+    sliding-window attention, or attention-function arguments such as learned sinks (``s_aux``) or position biases.
     """
     config = model.config.get_text_config()
     unsupported_types = sorted(set(getattr(config, "layer_types", None) or ()) - _SUPPORTED_LAYER_TYPES)
@@ -177,13 +176,28 @@ def probe_attention(model: PreTrainedModel) -> tuple[tuple[AttentionSpec, ...], 
                 softcap=float(kwargs.get("softcap") or 0.0),
             )
         )
-    return tuple(specs), _rotary(model)
+    return tuple(specs), _rotaries(model, getattr(config, "layer_types", None) or (), len(layers))
 
 
-def _rotary(model: PreTrainedModel) -> Rotary | None:
-    """The Rotary of the model's one rotary embedding module (None when there are none or several)."""
-    found = [m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "attention_scaling")]
+def _rotaries(model: PreTrainedModel, layer_types, num_layers: int) -> tuple[Rotary | None, ...]:
+    """Each layer's RoPE, from the model's one rotary embedding module: its ``inv_freq`` for every layer, or, in
+    models with one RoPE per layer type (Gemma 3: base 10k for sliding layers, 1M for global ones), the
+    ``{type}_inv_freq`` of the layer's type. None for every layer when the model has no such module or several."""
+    found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(found) != 1:
-        return None
+        return (None,) * num_layers
     module = found[0]
-    return Rotary(tuple(float(f) for f in module.inv_freq.float()), float(module.attention_scaling))
+
+    def rotary(prefix: str) -> Rotary | None:
+        inv_freq, scaling = (
+            getattr(module, f"{prefix}inv_freq", None),
+            getattr(module, f"{prefix}attention_scaling", None),
+        )
+        if inv_freq is None or scaling is None:
+            return None
+        return Rotary(tuple(float(f) for f in inv_freq.float()), float(scaling))
+
+    shared = rotary("")
+    if shared is not None or not layer_types:
+        return (shared,) * num_layers
+    return tuple(rotary(f"{layer_types[i]}_") for i in range(num_layers))

@@ -49,7 +49,9 @@ from kvp_gym.version import __version__
 
 @dataclass(frozen=True)
 class CollectConfig:
-    """What to collect. ``layers=None`` records every layer; ``splits`` are the train/val/test fractions;
+    """What to collect. ``layers=None`` records every layer, ``"global"`` the full-attention layers of a hybrid
+    model (Gemma 3: one layer in six; its sliding-window layers hold at most their window, which the evicting
+    cache keeps whole), else the listed ones; ``splits`` are the train/val/test fractions;
     ``text`` is the pool of essays and words the prompts draw from (``train`` / ``heldout`` keep training and test
     sets apart; kvp_gym.tasks.text.TEXT_POOLS)."""
 
@@ -59,7 +61,7 @@ class CollectConfig:
     context: int = 1024
     future: int = 64
     seed: int = 0
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | str | None = None
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
     text: str = "all"
 
@@ -67,6 +69,8 @@ class CollectConfig:
         get_task(self.task)  # fails early, listing the tasks, on an unknown name
         if self.text not in TEXT_POOLS:
             raise ValueError(f"text must be one of {', '.join(TEXT_POOLS)}, got {self.text!r}")
+        if isinstance(self.layers, str) and self.layers != "global":
+            raise ValueError(f"layers must be layer ids, 'global' or None (all), got {self.layers!r}")
         if self.samples < 1 or self.context < 1 or self.future < 1:
             raise ValueError("samples, context and future must be positive")
         if len(self.splits) != 3 or min(self.splits) < 0 or abs(sum(self.splits) - 1) > 1e-6:
@@ -150,11 +154,16 @@ def collect(
 
     model, tokenizer = models.load(config.model, allow_download=allow_download)
     geometry = models.geometry(model)
-    layers = tuple(range(geometry.num_layers)) if config.layers is None else tuple(config.layers)
+    attention, rotary = probe_attention(model)  # refuses attention the importance cannot reproduce
+    if config.layers is None:
+        layers = tuple(range(geometry.num_layers))
+    elif config.layers == "global":
+        layers = tuple(i for i, spec in enumerate(attention) if not spec.sliding_window)
+    else:
+        layers = tuple(config.layers)
     if not layers or not all(0 <= layer < geometry.num_layers for layer in layers):
         raise ValueError(f"layers must lie in [0, {geometry.num_layers}) for {config.model}, got {list(layers)}")
     settings = {**config.settings(), "layers": list(layers), "splits": list(config.splits)}
-    attention, rotary = probe_attention(model)  # refuses attention the importance cannot reproduce
     header = TraceHeader(
         model=config.model,
         geometry=geometry,

@@ -39,9 +39,9 @@ def sliding_folder(tmp_path_factory, tiny):
 
 def test_probe_reads_each_layers_semantics(sliding_folder, tiny):
     model, _ = models.load(str(sliding_folder))
-    specs, rotary = probe_attention(model)
+    specs, rotaries = probe_attention(model)
     assert specs == (AttentionSpec(0.25), AttentionSpec(0.25, WINDOW), AttentionSpec(0.25, WINDOW))
-    assert rotary == Rotary(tuple(float(f) for f in model.model.rotary_emb.inv_freq), 1.0)
+    assert rotaries == (Rotary(tuple(float(f) for f in model.model.rotary_emb.inv_freq), 1.0),) * 3
     assert probe_attention(tiny[0])[0] == (AttentionSpec(0.25),) * 2
 
 
@@ -79,7 +79,7 @@ def test_softcap_and_scale():
 
 def test_rotary_undo_and_mean_rotation(tiny):
     model, _ = tiny
-    rotary = probe_attention(model)[1]
+    rotary = probe_attention(model)[1][0]
     x, positions = torch.randn(3, 7, 16), torch.arange(5, 12)
     cos, sin = model.model.rotary_emb(x, positions[None])
     rotated = x * cos + torch.cat([-x[..., 8:], x[..., :8]], -1) * sin  # the model's own RoPE
@@ -94,7 +94,7 @@ def test_collection_records_the_semantics(sliding_folder, tmp_path):
     collect(config, tmp_path / "s.h5", progress=False)
     with open_traces(tmp_path / "s.h5") as trace:
         assert [spec.sliding_window for spec in trace.header.attention] == [0, WINDOW, WINDOW]
-        assert trace.header.rotary is not None
+        assert trace.header.rotary_of(0) == trace.header.rotary_of(2) is not None
 
 
 def test_unsupported_attention_is_refused_at_collection(tmp_path, tiny, capsys, monkeypatch):

@@ -288,6 +288,25 @@ def test_attention_semantics_round_trip_and_older_files_read_as_standard(tmp_pat
         assert trace.header == header and trace.header.attention_of(1).sliding_window == 8
     with pytest.raises(TraceFormatError, match="attention"):
         merge_traces(tmp_path / "m.h5", [written[0], tmp_path / "a.h5"])
+    # One RoPE per layer (Gemma 3: other bases for local and global layers) is written as a list, a shared one as
+    # one object, as files have always held it.
+    per_layer = dataclasses.replace(header, rotary=(Rotary.default(8, 1e4), None, Rotary.default(8, 1e6)))
+    write_traces(tmp_path / "p.h5", per_layer, [_sample("s0", 12, rng)])
+    with open_traces(tmp_path / "p.h5") as trace:
+        assert trace.header == per_layer and trace.header.rotary_of(2) == Rotary.default(8, 1e6)
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "p.h5") as p:
+        assert isinstance(json.loads(a.attrs["attention"])["rotary"], dict)
+        assert [r and r["inv_freq"][1] for r in json.loads(p.attrs["attention"])["rotary"]] == pytest.approx(
+            [1e4**-0.25, None, 1e6**-0.25]
+        )
+    _edit(
+        tmp_path / "p.h5",
+        lambda h5: h5.attrs.__setitem__(
+            "attention", json.dumps({**json.loads(h5.attrs["attention"]), "rotary": [None]})
+        ),
+    )
+    with pytest.raises(TraceFormatError, match="expected 3 layer rotaries, found 1"):
+        open_traces(tmp_path / "p.h5")
 
 
 def test_version_1_files_read_with_a_warning_and_upgrade_to_the_same_content(tmp_path):
@@ -318,7 +337,7 @@ def test_version_1_files_written_before_attention_was_recorded(tmp_path):
     _edit(path, lambda h5: h5.attrs.__delitem__("attention"), reseal=False)
     with pytest.warns(TraceFormatWarning), open_traces(path) as trace:
         assert trace.header.attention == (AttentionSpec.standard(16),) * 2
-        assert trace.header.rotary == Rotary.default(16, 10000.0)
+        assert trace.header.rotary == (Rotary.default(16, 10000.0),) * 2
     _edit(path, lambda h5: h5.attrs.__setitem__("sliding_window", 16), reseal=False)
     with pytest.raises(TraceFormatError, match="does not record which layers slide"):
         open_traces(path)

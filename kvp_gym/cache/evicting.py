@@ -108,10 +108,10 @@ class EvictingLayer(DynamicLayer):
 
 @dataclass(frozen=True)
 class ModelAttention:
-    """What the cache needs to know about the model's attention: per-layer semantics, RoPE and the GQA map."""
+    """What the cache needs to know about the model's attention: per-layer semantics and RoPE, the GQA map."""
 
     specs: tuple[AttentionSpec, ...]
-    rotary: Rotary | None
+    rotaries: tuple[Rotary | None, ...]
     num_query_heads: int
     num_kv_heads: int
 
@@ -123,7 +123,7 @@ class ModelAttention:
             raise CacheError(
                 f"the evicting cache supports the {', '.join(SUPPORTED_FAMILIES)} model families, not {family!r}"
             )
-        specs, rotary = probe_attention(model)
+        specs, rotaries = probe_attention(model)
         windows = {spec.sliding_window for spec in specs if spec.sliding_window}
         if len(windows) > 1:  # transformers builds one mask for every sliding layer
             raise CacheError(f"the sliding-window layers use several windows {sorted(windows)}: one is supported")
@@ -132,7 +132,7 @@ class ModelAttention:
                 "every layer uses a sliding window: the evicting cache compresses full-attention layers (a sliding "
                 "layer keeps its newest tokens), so a budget would leave no choice to the scorer"
             )
-        return cls(specs, rotary, config.num_attention_heads, config.num_key_value_heads)
+        return cls(specs, rotaries, config.num_attention_heads, config.num_key_value_heads)
 
     @property
     def global_layers(self) -> list[int]:
@@ -331,7 +331,7 @@ class EvictingCache(Cache):
             layer=torch.full((batch, heads), index),
             kv_head=torch.arange(heads).expand(batch, heads),
             attention=self.attention.specs[index],
-            rotary=self.attention.rotary,
+            rotary=self.attention.rotaries[index],
         )
         if scorer.needs_queries:
             latest = self.attention.group_queries(queries[index].to(device))  # [B, H, G, W, D]: the last W rows

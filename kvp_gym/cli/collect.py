@@ -17,7 +17,7 @@ from kvp_gym.cli.options import (
     add_shard,
     add_text_pool,
     float_list,
-    layer_ids,
+    layer_ids_or_global,
     positive_int,
 )
 
@@ -37,7 +37,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     collect.add_argument("--future", type=positive_int, default=64, help="greedy continuation tokens (default 64)")
     add_out(collect, required=True, help="the trace file to write")
     add_seed(collect)
-    collect.add_argument("--layers", type=layer_ids, default=None, help="layers to record, e.g. 0-29 (default all)")
+    collect.add_argument(
+        "--layers",
+        type=layer_ids_or_global,
+        default=None,
+        help="layers to record, e.g. 0-29, or 'global': a hybrid model's full-attention layers (default all)",
+    )
     collect.add_argument("--splits", type=float_list, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
     add_text_pool(
         collect,

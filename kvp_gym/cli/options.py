@@ -33,6 +33,11 @@ def layer_ids(text: str) -> tuple[int, ...]:
     return tuple(layers)
 
 
+def layer_ids_or_global(text: str) -> tuple[int, ...] | str:
+    """'global' (a hybrid model's full-attention layers) or layer ids as :func:`layer_ids` reads them."""
+    return text if text == "global" else layer_ids(text)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/N' -> (i, N) with 0 <= i < N: this process's share of work split N ways."""
     try:

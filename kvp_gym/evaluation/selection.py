@@ -95,6 +95,6 @@ def layer_view(trace, store: ImportanceStore, sample, layer: int, heads: int) ->
         layer=torch.full((heads,), layer),
         kv_head=torch.arange(heads),
         attention=attention,
-        rotary=trace.header.rotary,
+        rotary=trace.header.rotary_of(layer),
     )
     return view, importance, tick

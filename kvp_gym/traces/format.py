@@ -102,19 +102,26 @@ class TraceHeader:
     format_version: int = FORMAT_VERSION
     dtype: str = "float16"
     # One spec per model layer (empty when given = every layer standard: full causal, 1/sqrt(head_dim), no
-    # soft-cap), and the model's RoPE (None when unknown). Files written before these were recorded read as the
-    # defaults.
+    # soft-cap), and one RoPE per model layer (given as one Rotary, or None = unknown, it applies to every layer;
+    # models such as Gemma 3 rotate local and global layers with different bases). Files written before these
+    # were recorded read as the defaults.
     attention: tuple[AttentionSpec, ...] = ()
-    rotary: Rotary | None = None
+    rotary: Rotary | tuple[Rotary | None, ...] | None = None
 
     def __post_init__(self):
         if not self.attention and self.geometry.head_dim > 0:  # (a head_dim < 1 is refused by validation)
             standard = AttentionSpec.standard(self.geometry.head_dim)
             object.__setattr__(self, "attention", (standard,) * self.geometry.num_layers)
+        if not isinstance(self.rotary, tuple):
+            object.__setattr__(self, "rotary", (self.rotary,) * self.geometry.num_layers)
 
     def attention_of(self, layer: int) -> AttentionSpec:
         """What layer ``layer``'s attention computes (see :class:`kvp_gym.attention.AttentionSpec`)."""
         return self.attention[layer]
+
+    def rotary_of(self, layer: int) -> Rotary | None:
+        """The RoPE layer ``layer`` applied to its queries and keys (None when unknown)."""
+        return self.rotary[layer]
 
     def compatible_with(self, other: TraceHeader) -> str | None:
         """None if samples of ``other`` may live in the same file as ours, else what differs."""

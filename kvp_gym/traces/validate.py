@@ -112,9 +112,10 @@ class TraceValidator:
 
     def _read_attention(
         self, geometry: ModelGeometry, required: bool
-    ) -> tuple[tuple[AttentionSpec, ...], Rotary | None]:
-        """The ``attention`` attribute; version-1 files written before it existed read as standard attention
-        (refused when their geometry says the model used a sliding window, which they did not record per layer)."""
+    ) -> tuple[tuple[AttentionSpec, ...], Rotary | tuple[Rotary | None, ...] | None]:
+        """The ``attention`` attribute (its ``rotary``: one object for every layer, or a list with one per layer);
+        version-1 files written before it existed read as standard attention (refused when their geometry says the
+        model used a sliding window, which they did not record per layer)."""
         if not required and "attention" not in self.h5.attrs:
             if geometry.sliding_window:
                 raise self._error(
@@ -130,7 +131,13 @@ class TraceValidator:
             if len(data["layers"]) != geometry.num_layers:
                 raise ValueError(f"expected {geometry.num_layers} layer specs, found {len(data['layers'])}")
             specs = tuple(spec_from_json(spec, f"layer {i}") for i, spec in enumerate(data["layers"]))
-            rotary = rotary_from_json(data.get("rotary"), "rotary")
+            rotary = data.get("rotary")
+            if isinstance(rotary, list):  # one per layer
+                if len(rotary) != geometry.num_layers:
+                    raise ValueError(f"expected {geometry.num_layers} layer rotaries, found {len(rotary)}")
+                rotary = tuple(rotary_from_json(r, f"rotary of layer {i}") for i, r in enumerate(rotary))
+            else:
+                rotary = rotary_from_json(rotary, "rotary")
         except ValueError as err:
             raise self._error("/@attention", str(err)) from None
         return specs, rotary

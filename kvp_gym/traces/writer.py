@@ -71,12 +71,19 @@ def _write_header(h5: h5py.File, header: TraceHeader) -> None:
         "attention": json.dumps(
             {
                 "layers": [spec.to_json() for spec in header.attention],
-                "rotary": header.rotary.to_json() if header.rotary else None,
+                "rotary": _rotary_json(header.rotary),
             }
         ),
     }
     assert set(attrs) == set(FILE_ATTRS)
     h5.attrs.update(attrs)
+
+
+def _rotary_json(rotaries: tuple) -> dict | list | None:
+    """One object (or null) when every layer shares its RoPE, as files have always held; else one per layer."""
+    if len(set(rotaries)) <= 1:
+        return rotaries[0].to_json() if rotaries and rotaries[0] else None
+    return [rotary.to_json() if rotary else None for rotary in rotaries]
 
 
 def _write_sample(
