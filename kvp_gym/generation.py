@@ -38,7 +38,8 @@ def greedy(model: PreTrainedModel, ids: list[int], max_new_tokens: int) -> list[
 def perplexity(model: PreTrainedModel, prompt_ids: list[int], continuation_ids: list[int]) -> float:
     """exp(mean negative log-likelihood) of ``continuation_ids`` given ``prompt_ids``."""
     ids = torch.tensor([prompt_ids + continuation_ids])
-    logits = model(ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
+    # Only the logits that predict the continuation: all of them would be [S, vocab] (17 GB for Gemma 3 at 16k).
+    logits = model(ids, use_cache=False, logits_to_keep=len(continuation_ids) + 1).logits[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(continuation_ids))
     return math.exp(nll.item())
 

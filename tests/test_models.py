@@ -75,3 +75,18 @@ def test_smollm2_conversion_matches_the_gguf(tmp_path, monkeypatch):
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
     with torch.inference_mode():
         torch.testing.assert_close(converted(ids).logits, reference(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_perplexity_equals_the_full_logits_nll(tiny):
+    """generation.perplexity asks the model for the continuation's logits only (logits_to_keep): same value as
+    exp(mean NLL) from every position's logits."""
+    import math
+
+    from kvp_gym.generation import perplexity
+
+    model, _ = tiny
+    prompt, continuation = list(range(20, 60)), list(range(70, 82))
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + continuation])).logits[0, len(prompt) - 1 : -1]
+    nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(continuation)).item()
+    assert perplexity(model, prompt, continuation) == pytest.approx(math.exp(nll), rel=1e-5)
