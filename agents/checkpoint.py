@@ -1,9 +1,11 @@
 """KVP agent checkpoints: one safetensors file holding every head's network, with JSON metadata.
 
 Metadata (the safetensors header's ``kvp_gym`` entry): format, package version, model id and geometry, the
-(layer, KV head) of each network row, the network's configuration, the training configuration, the trace-set
-hash and each head's validation score. :func:`load` returns a scorer usable by the environment's callers,
-``kvp-gym evaluate`` and the evicting cache; :class:`KVPScorer` is registered as ``kvp``.
+(layer, KV head) of each network row, the network's configuration (with the ablation options ``key_frame``,
+``ages`` and ``index``, agents/kvp.py; a checkpoint written before they existed reads as post-RoPE keys and the
+age and index tables), the training configuration, the trace-set hash and each head's validation score.
+:func:`load` returns a scorer usable by the environment's callers, ``kvp-gym evaluate`` and the evicting cache;
+:class:`KVPScorer` is registered as ``kvp``.
 
 Trained agents ship with the package in ``agents/checkpoints/`` (``SHIPPED``, by model id; docs/agents.md says how
 each was made); ``kvp`` without a checkpoint uses them.
@@ -26,7 +28,7 @@ from safetensors.torch import save_file
 from kvp_gym.scorers import HeadView, ScorerError
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.version import __version__
-from kvp_gym_agents.kvp import KVPNetwork, ages_of
+from kvp_gym_agents.kvp import KVPNetwork, agent_keys, ages_of
 
 CHECKPOINT_FORMAT = "kvp-gym/kvp-agents-v1"
 DEFAULT_MODEL = "smollm2-135m"  # kvp_gym.models.DEFAULT_MODEL, not imported here: that module loads transformers
@@ -124,7 +126,9 @@ class KVPScorer:
 
     checkpoint: a file written by :func:`save_checkpoint`; empty = the agents shipped for smollm2-135m. keys,
     values [B..., n, D], positions [B..., n], mask [B..., n] and the view's layer / kv_head ids [B...] -> scores
-    [B..., n]; a head the checkpoint has no agent for is an error.
+    [B..., n]; a head the checkpoint has no agent for is an error. Agents trained on pre-RoPE keys (``key_frame``
+    pre) un-rotate the view's keys with its ``rotary`` (:func:`kvp_gym_agents.kvp.agent_keys`, as the trainer
+    does), and refuse a view without one.
     """
 
     checkpoint: str = ""
@@ -182,11 +186,17 @@ class KVPScorer:
             select = torch.tensor([row_of[pair] for pair in pairs]).to(view.keys.device)  # from host ids
         except KeyError as missing:
             raise ScorerError(f"{self.path} has no agent for (layer, kv_head) {missing.args[0]}") from None
+        if network.key_frame == "pre" and view.rotary is None:
+            raise ScorerError(
+                f"{self.path}: the agents read pre-RoPE keys (key_frame 'pre') and un-rotate the view's keys with "
+                "its layer's RoPE, but the view has none (HeadView.rotary is None: a trace header without RoPE?)"
+            )
         n, d = view.num_tokens, view.keys.shape[-1]
         flat = (len(select), 1, n)
         positions = view.positions.reshape(flat)
         ages = ages_of(positions, view.mask.reshape(flat))
-        scores = network(view.keys.reshape(*flat, d), view.values.reshape(*flat, d), positions, ages, select)
+        keys = agent_keys(view.keys.reshape(*flat, d), positions, network.key_frame, view.rotary)
+        scores = network(keys, view.values.reshape(*flat, d), positions, ages, select)
         return scores.reshape(view.mask.shape)
 
 

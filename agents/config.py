@@ -10,17 +10,24 @@ import json
 import os
 from dataclasses import dataclass, field
 
-TRAIN_DOC = """Train KVP agents (one small scorer per KV head) with RLOO on trace files: the KVP paper's recipe
-(arXiv 2602.10238), agents/train.py; docs/agents.md explains the method, the presets and the shipped agents.
+TRAIN_DOC = """Train KVP agents (one small scorer per KV head) with RLOO on trace files: the
+KVP paper's recipe (arXiv 2602.10238), agents/train.py; docs/agents.md explains
+the method, the presets, the ablation options and the shipped agents.
 
-    kvp-gym train --traces traces/demo/niah_single.h5 traces/demo/essay.h5 --heads all --out runs/kvp --preset demo
+    kvp-gym train --traces traces/demo/niah_single.h5 traces/demo/essay.h5 \\
+        --heads all --out runs/kvp --preset demo
 
-Writes OUT/agents.safetensors (the best EMA weights by validation score), OUT/last.pt (to resume) and TensorBoard
-logs in OUT/tb. Batches stream from the trace files; future importance is computed once and kept in the user
-cache ($KVP_GYM_IMPORTANCE, or importance/ in $KVP_GYM_CACHE). --device auto uses CUDA when present. Several
-processes or machines: torchrun --nproc_per_node N -m kvp_gym.cli train ... (DDP: gloo on CPU, NCCL with one GPU
-per process; --parallel heads trains a disjoint head group per process instead). Every option below defaults to
-the paper's value; --preset demo sizes it for 2 CPU cores."""
+Writes OUT/agents.safetensors (the best EMA weights by validation score),
+OUT/last.pt (to resume) and TensorBoard logs in OUT/tb. Batches stream from the
+trace files; future importance is computed once and kept in the user cache
+($KVP_GYM_IMPORTANCE, or importance/ in $KVP_GYM_CACHE). --device auto uses
+CUDA when present. Several processes or machines: torchrun --nproc_per_node N
+-m kvp_gym.cli train ... (DDP: gloo on CPU, NCCL with one GPU per process;
+--parallel heads trains a disjoint head group per process instead). Every
+option below defaults to the paper's value; --preset demo sizes it for 2 CPU
+cores. --key-frame, --ages and --index choose the agents' inputs (ablations,
+docs/agents.md), recorded in the checkpoint; the defaults are the shipped
+agents' inputs."""
 
 
 @dataclass
@@ -37,6 +44,10 @@ class TrainConfig:
     position_dim: int = 32
     buckets: int = 64  # rows of each position table (agents/kvp.py)
     max_age: int = 0  # ages from here on share the age table's last row; 0 = the longest training cache
+    # Ablation options (agents/kvp.py; recorded in the checkpoint's network configuration):
+    key_frame: str = "post"  # post: keys as cached (rotated by RoPE) | pre: un-rotated with the layer's RoPE
+    ages: str = "table"  # table (bucketed, capped at max_age) | none | relative (age / context) | log (no cap)
+    index: str = "table"  # table (the paper's clamped index embedding) | none
     lr: float = 5e-5
     min_lr: float = 1e-6
     weight_decay: float = 1e-3
@@ -72,13 +83,27 @@ PRESETS = {
 }
 
 
-CHOICES = {"device": ("auto", "cpu", "cuda"), "parallel": ("data", "heads")}
+# The ablation options' choices, as agents/kvp.py's KEY_FRAMES, AGE_FEATURES and INDEX_FEATURES (not imported:
+# that module loads torch; tests/test_kvp_ablations.py checks they agree).
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "parallel": ("data", "heads"),
+    "key_frame": ("post", "pre"),
+    "ages": ("table", "none", "relative", "log"),
+    "index": ("table", "none"),
+}
 FLAG_HELP = {
     "bf16": "bf16 autocast for the network on a GPU",
     "in_memory": "hold every episode in RAM (faster for small sets) instead of streaming from the trace files",
     "device": "auto = CUDA when present; under torchrun each process uses its LOCAL_RANK GPU",
     "parallel": "under torchrun: data = DDP over batches, heads = a disjoint head group per process",
     "chunk_tokens": "heads x episodes x tokens per chunk of a step, bounds memory; 0 = 2^18 on CPU, 2^21 on GPU",
+    "key_frame": "keys the agents read: post = as the model caches them (rotated by RoPE at their position), "
+    "pre = un-rotated with the layer's RoPE from the trace header (position-free)",
+    "ages": "age input: table = bucketed, capped at max_age; none; relative = age / (newest position + 1) "
+    "through a learned projection; log = the table's log spacing without the cap (rows past the training "
+    "ages stay untrained)",
+    "index": "index input: table = the paper's clamped index embedding; none",
 }
 
 

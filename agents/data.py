@@ -11,7 +11,12 @@ as in one piece): memory is set by the chunk, not by the number of samples or he
 random draw of a run (episodes and the rankings' noise) on one CPU generator, in order, so the same seed draws the
 same batches and rankings on every device.
 
-Imports kvp_gym.importance, kvp_gym.traces and kvp_gym_agents.config (the settings, no torch); not the network.
+The keys reach the network in its key frame (post- or pre-RoPE) through :func:`model_inputs`, which applies
+:func:`kvp_gym_agents.kvp.agent_keys` with each head's layer's RoPE from the trace header (the pools'
+``rotaries``): the rule the scorer applies too.
+
+Imports kvp_gym.attention (the RoPE type), kvp_gym.importance, kvp_gym.traces, kvp_gym_agents.config (the settings,
+no torch) and kvp_gym_agents.kvp (the key frame; not the network).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kvp_gym.attention import Rotary
 from kvp_gym.importance import ImportanceStore
 from kvp_gym.traces import SampleInfo, TraceFile
 from kvp_gym_agents.config import TrainConfig
+from kvp_gym_agents.kvp import agent_keys
 
 Head = tuple[int, int]  # (layer, KV head)
 # Tokens (heads x episodes x cache tokens) per chunk of a step when ``chunk_tokens`` is 0: about 0.5 GB of
@@ -113,10 +120,16 @@ def prepare_importance(
     return computed
 
 
+def head_rotaries(files: Sequence[TraceFile], heads: Sequence[Head]) -> list[Rotary | None]:
+    """Each head's layer's RoPE, from the trace header (the files share it: ``open_compatible``); None if unknown."""
+    return [files[0].header.rotary_of(layer) for layer, _ in heads]
+
+
 class StreamingPool:
     """Episodes read from the trace files batch by batch: memory holds one batch, whatever the number of samples.
 
     Keys and values come from the traces (only the batch's heads and samples), importance from the stores.
+    ``rotaries``: each head's layer's RoPE (:func:`head_rotaries`), for :func:`model_inputs`.
     """
 
     def __init__(
@@ -124,6 +137,7 @@ class StreamingPool:
     ):
         self.files, self.stores, self.episodes, self.heads = files, stores, episodes, list(heads)
         self.head_dim = files[0].header.geometry.head_dim
+        self.rotaries = head_rotaries(files, heads)
 
     def batch(self, index: torch.Tensor, rows: torch.Tensor, buffers: dict | None = None) -> tuple[torch.Tensor, ...]:
         """index [H', B] episode indices for the heads ``rows`` [H'] (indices into ``heads``) -> keys, values float16
@@ -166,13 +180,14 @@ def reused(buffers: dict, name: str, shape: tuple[int, ...], dtype: torch.dtype)
 
 class MemoryPool:
     """Every episode of the chosen heads in RAM, padded to the longest sample (fast for small sets; memory grows
-    with the set: keys and values float16 [H, N, S, D], importance float32 [H, E, S]). Same batches as
-    :class:`StreamingPool`."""
+    with the set: keys and values float16 [H, N, S, D], importance float32 [H, E, S]). Same batches and
+    ``rotaries`` as :class:`StreamingPool`."""
 
     def __init__(
         self, files: Sequence[TraceFile], stores: Sequence[ImportanceStore], episodes: Episodes, heads: Sequence[Head]
     ):
         self.episodes, self.heads = episodes, list(heads)
+        self.rotaries = head_rotaries(files, heads)
         length = max(s.num_tokens for _, s in episodes.samples)
         head_dim = files[0].header.geometry.head_dim
         self.keys = torch.zeros(len(heads), len(episodes.samples), length, head_dim, dtype=torch.float16)
@@ -210,15 +225,20 @@ def head_chunks(heads: int, episodes: int, tokens: int, chunk_tokens: int) -> li
 
 
 def model_inputs(
-    batch: Sequence[torch.Tensor], device: torch.device
+    batch: Sequence[torch.Tensor],
+    device: torch.device,
+    key_frame: str = "post",
+    rotaries: Sequence[Rotary | None] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys, values, importance, splits) of a pool batch -> on ``device``: keys, values [H', B, n, D], positions
-    [1, 1, n], ages [H', B, n], valid [H', B, n], importance [H', B, n]."""
+    """(keys, values, importance, splits) of a pool batch -> on ``device``: keys [H', B, n, D] in the network's
+    ``key_frame`` (:func:`kvp_gym_agents.kvp.agent_keys`; ``rotaries``: the RoPE of each of the H' rows' layers,
+    needed for ``pre``), values [H', B, n, D], positions [1, 1, n], ages [H', B, n], valid [H', B, n], importance
+    [H', B, n]."""
     keys, values, importance, splits = (t.to(device) for t in batch)  # synchronous: the memory is reused
     n = keys.shape[2]
     positions = torch.arange(n, device=device)
     return (
-        keys,
+        agent_keys(keys, positions.reshape(1, 1, n), key_frame, list(rotaries)),
         values,
         positions.reshape(1, 1, n),
         splits[..., None] - 1 - positions,

@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kvp_gym.storage import atomic_path
 from kvp_gym_agents.config import TrainConfig
-from kvp_gym_agents.kvp import KVPNetwork
+from kvp_gym_agents.kvp import OPTION_DEFAULTS, KVPNetwork
 
 
 def clip_per_head(network: KVPNetwork, max_norm: float) -> torch.Tensor:
@@ -56,7 +56,17 @@ class Learner:
         """A fresh learner of ``heads`` networks on ``device``, its weights drawn from ``config.seed`` (the same
         initial weights in every process)."""
         torch.manual_seed(config.seed)  # the same initial weights everywhere
-        network = KVPNetwork(heads, head_dim, config.width, config.position_dim, config.buckets, max_age).to(device)
+        network = KVPNetwork(
+            heads,
+            head_dim,
+            config.width,
+            config.position_dim,
+            config.buckets,
+            max_age,
+            ages=config.ages,
+            index=config.index,
+            key_frame=config.key_frame,
+        ).to(device)
         ema = AveragedModel(network, device=device, multi_avg_fn=get_ema_multi_avg_fn(config.ema))
         optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         return cls(network, ema, optimizer, learning_rate_schedule(optimizer, config))
@@ -83,6 +93,7 @@ class Learner:
                     "generator": generator_state,
                     "step": step,
                     "best": best,
+                    "network_config": self.network.config(),
                 },
                 tmp,
             )
@@ -94,6 +105,15 @@ class Learner:
         if not path.exists():
             return 0, {"score": -1.0, "step": -1, "per_head": []}
         state = torch.load(path, map_location="cpu", weights_only=False)
+        # The ablation options: a pre-RoPE network would load a post-RoPE run's weights without a shape error.
+        recorded = {**OPTION_DEFAULTS, **state.get("network_config", {})}  # older states: the defaults
+        wanted = self.network.config()
+        differs = {k: (recorded[k], wanted[k]) for k in OPTION_DEFAULTS if recorded[k] != wanted[k]}
+        if differs:
+            raise ValueError(
+                f"{path}: the run there used other network options (there, here: {differs}); resume with the same "
+                "options or train into another --out"
+            )
         self.network.load_state_dict(state["network"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -45,7 +45,7 @@ from kvp_gym.storage import atomic_path
 from kvp_gym.traces import TraceFile, open_compatible
 from kvp_gym.utility import as_ranking, holistic_reward
 from kvp_gym_agents.checkpoint import save_checkpoint
-from kvp_gym_agents.config import TrainConfig
+from kvp_gym_agents.config import CHOICES, TrainConfig
 from kvp_gym_agents.data import (
     AUTO_CHUNK_TOKENS,
     Episodes,
@@ -153,7 +153,10 @@ def evaluate_heads(
         for part in group.split(max(1, chunk_tokens // n)):
             for rows in head_chunks(heads, len(part), n, chunk_tokens):
                 keys, values, positions, ages, valid, importance = model_inputs(
-                    pool.batch(part.expand(len(rows), -1), rows), device
+                    pool.batch(part.expand(len(rows), -1), rows),
+                    device,
+                    network.key_frame,
+                    [pool.rotaries[r] for r in rows.tolist()],
                 )
                 with autocast(device, bf16):
                     scores = network(keys, values, positions, ages, rows.to(device))
@@ -166,12 +169,19 @@ def evaluate_heads(
 def train(config: TrainConfig, progress: bool = True) -> dict:
     """Train KVP agents (see the module docstring); return the run's summary (also written to OUT/summary.json)."""
     device = resolve_device(config.device)
-    if config.parallel not in ("data", "heads"):
-        raise ValueError(f"parallel must be 'data' or 'heads', got {config.parallel!r}")
+    for name in ("parallel", "key_frame", "ages", "index"):  # before any work: the network checks them late
+        if getattr(config, name) not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {CHOICES[name]}, got {getattr(config, name)!r}")
     rank, world = start_processes(device)
     with open_compatible(config.traces[:1])[0] as first:
         header = first.header
     heads = parse_heads(config.heads, header.layers, header.geometry.num_kv_heads)
+    unknown = sorted({layer for layer, _ in heads if header.rotary_of(layer) is None})
+    if config.key_frame == "pre" and unknown:
+        raise ValueError(
+            f"{config.traces[0]}: key_frame 'pre' un-rotates the keys with the RoPE in the trace header, which it "
+            f"does not record for layers {unknown}; recollect the traces, or train with key_frame 'post'"
+        )
     out = Path(config.out)
     if world == 1 or config.parallel == "data":
         summary = _train(config, heads, out, device, rank, world, progress)
@@ -282,7 +292,9 @@ def _loop(
                 tick = time.perf_counter()
                 rows, batch, noise, state_after = next(data)
                 waited += time.perf_counter() - tick
-                keys, values, positions, ages, valid, importance = model_inputs(batch, device)
+                keys, values, positions, ages, valid, importance = model_inputs(
+                    batch, device, config.key_frame, [train_pool.rotaries[r] for r in rows.tolist()]
+                )
                 noise = noise.to(device)
                 with model.no_sync() if ddp and state_after is None else contextlib.nullcontext():
                     loss, stats = chunk_loss(
