@@ -1,7 +1,10 @@
 """Standard benchmarks: a frozen definition (TOML), its trace set, and the manifest that pins that set.
 
-A benchmark (``leaderboard/benchmarks/<id>.toml``) fixes the model, the tasks, prompt lengths, sample counts,
-seeds, text pool, protocol and budgets of the trace-level evaluation, and the settings of the end-to-end one.
+A benchmark (``leaderboard/benchmarks/<id>.toml``, read by :mod:`kvp_gym_leaderboard.definition`, whose
+:func:`load_benchmark` and :func:`benchmark_parts` are read from here too) fixes, per model it covers, the tasks,
+prompt lengths, sample counts, seeds, text pool, protocol and budgets of the trace-level evaluation, and the
+settings of the end-to-end one. Everything here works on one model's part (a :class:`Benchmark`): a benchmark of
+several models has a trace set and a manifest per model (``<id>.<model>.manifest.json``).
 :func:`prepare` collects its trace set (one file per task and prompt length, every sample in the test split),
 after printing its plan (:func:`plan_prepare`: the files, which exist, the expected time), and checks it against
 the committed manifest ``<id>.manifest.json``:
@@ -15,8 +18,9 @@ the committed manifest ``<id>.manifest.json``:
 
 The manifest's SHA-256 (:func:`manifest_sha256`) identifies the benchmark in every submission.
 
-Imports kvp_gym.storage; kvp_gym.collect, .distributed_run, .evaluation, .generation, .models, .tasks and .traces
-when a benchmark is prepared or compared (reading a manifest needs none of them).
+Imports kvp_gym.storage and kvp_gym_leaderboard.definition; kvp_gym.collect, .distributed_run, .evaluation,
+.generation, .models, .tasks and .traces when a benchmark is prepared or compared (reading a manifest needs none of
+them).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvp_gym.storage import atomic_path, cache_dir
+from kvp_gym.storage import atomic_path
+from kvp_gym_leaderboard.definition import Benchmark, BenchmarkError
+from kvp_gym_leaderboard.definition import benchmark_parts as benchmark_parts  # re-exported: read from here too,
+from kvp_gym_leaderboard.definition import load_benchmark as load_benchmark  # as before the definition moved out
 
 if TYPE_CHECKING:
     from kvp_gym.distributed_run import Processes
 
-BENCHMARKS = Path(__file__).parent / "benchmarks"
 TOLERANCE = 5e-3  # of the tensor's RMS, for each fingerprint number (see fingerprint)
 KINDS = ("queries", "keys", "values")
 # Seconds per sample on 2 quiet CPU cores, per model: (fixed, per prompt token), fitted to the slowest bench-v0 files
@@ -47,165 +52,14 @@ COLLECT_SECONDS = {"smollm2-135m": (3.27, 8.45e-3)}
 CHECK_SECONDS_PER_SAMPLE = 1.15
 
 
-class BenchmarkError(ValueError):
-    """A benchmark definition, trace set or manifest that is not what it should be."""
-
-
-@dataclass(frozen=True)
-class TraceLevel:
-    tasks: tuple[str, ...]
-    contexts: tuple[int, ...]
-    samples: int
-    future: int
-    seed: int
-    protocol: str
-    budgets: tuple[int, ...]
-    bootstrap: int
-    bootstrap_seed: int
-
-
-@dataclass(frozen=True)
-class EndToEnd:
-    tasks: tuple[str, ...]
-    context: int
-    budgets: tuple[int, ...]
-    samples: int
-    essays: int
-    continuation: int
-    seed: int
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """A parsed benchmark definition; ``path`` is its TOML file, the manifest lies beside it."""
-
-    id: str
-    title: str
-    model: str
-    text: str
-    held_out_tasks: tuple[str, ...]
-    trace_level: TraceLevel
-    end_to_end: EndToEnd
-    path: Path
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path.with_name(f"{self.id}.manifest.json")
-
-    def trace_files(self) -> list[tuple[str, int, str]]:
-        """(task, context, file name) of every trace file of the set, in evaluation order."""
-        level = self.trace_level
-        return [(task, context, f"{task}-{context}.h5") for context in level.contexts for task in level.tasks]
-
-    def collect_config(self, task: str, context: int):
-        """The :class:`kvp_gym.collect.CollectConfig` of one trace file (all samples in the test split)."""
-        from kvp_gym.collect import CollectConfig
-
-        level = self.trace_level
-        return CollectConfig(
-            model=self.model,
-            task=task,
-            samples=level.samples,
-            context=context,
-            future=level.future,
-            seed=level.seed,
-            splits=(0.0, 0.0, 1.0),
-            text=self.text,
-        )
-
-    def e2e_config(self, policies: tuple[str, ...]):
-        """The :class:`kvp_gym.evaluation.end_to_end.E2EConfig` of the end-to-end run of ``policies`` (specs)."""
-        from kvp_gym.evaluation.end_to_end import E2EConfig
-
-        e2e = self.end_to_end
-        return E2EConfig(
-            model=self.model,
-            tasks=e2e.tasks,
-            context=e2e.context,
-            budgets=e2e.budgets,
-            policies=policies,
-            samples=e2e.samples,
-            essays=e2e.essays,
-            continuation=e2e.continuation,
-            seed=e2e.seed,
-            text=self.text,
-        )
-
-    def default_folder(self) -> Path:
-        """Where :func:`prepare` puts the trace set unless told otherwise: the user cache."""
-        return cache_dir() / "benchmarks" / self.id
-
-
-def load_benchmark(name: str | Path) -> Benchmark:
-    """A benchmark by id (``bench-v0``, from leaderboard/benchmarks/) or by the path of its TOML file."""
-    path = Path(name)
-    if path.suffix != ".toml":
-        path = BENCHMARKS / f"{name}.toml"
-        if not path.exists():
-            known = sorted(p.stem for p in BENCHMARKS.glob("*.toml"))
-            raise BenchmarkError(f"unknown benchmark {str(name)!r}; known: {', '.join(known)}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise BenchmarkError(f"{path}: no such benchmark file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise BenchmarkError(f"{path}: not valid TOML: {err}") from None
-    try:
-        level, e2e = raw["trace_level"], raw["end_to_end"]
-        benchmark = Benchmark(
-            id=str(raw["id"]),
-            title=str(raw["title"]),
-            model=str(raw["model"]),
-            text=str(raw["text"]),
-            held_out_tasks=tuple(raw.get("held_out_tasks", ())),
-            trace_level=TraceLevel(
-                tasks=tuple(level["tasks"]),
-                contexts=tuple(int(c) for c in level["contexts"]),
-                samples=int(level["samples"]),
-                future=int(level["future"]),
-                seed=int(level["seed"]),
-                protocol=str(level["protocol"]),
-                budgets=tuple(int(b) for b in level["budgets"]),
-                bootstrap=int(level["bootstrap"]),
-                bootstrap_seed=int(level["bootstrap_seed"]),
-            ),
-            end_to_end=EndToEnd(
-                tasks=tuple(e2e["tasks"]),
-                context=int(e2e["context"]),
-                budgets=tuple(int(b) for b in e2e["budgets"]),
-                samples=int(e2e["samples"]),
-                essays=int(e2e["essays"]),
-                continuation=int(e2e["continuation"]),
-                seed=int(e2e["seed"]),
-            ),
-            path=path,
-        )
-    except KeyError as err:
-        raise BenchmarkError(f"{path}: missing field {err.args[0]!r}") from None
-    if benchmark.id != path.stem:
-        raise BenchmarkError(f"{path}: id {benchmark.id!r} differs from the file name {path.stem!r}")
-    from kvp_gym.evaluation.trace_level import ABSOLUTE_BUDGETS, PROTOCOLS
-
-    level = benchmark.trace_level
-    if level.protocol not in PROTOCOLS:
-        raise BenchmarkError(f"{path}: trace_level.protocol must be one of {sorted(PROTOCOLS)}")
-    protected = PROTOCOLS[level.protocol].sinks + PROTOCOLS[level.protocol].recent
-    if not set(level.budgets) <= set(ABSOLUTE_BUDGETS) or min(level.budgets) <= protected:
-        raise BenchmarkError(
-            f"{path}: trace_level.budgets must be among {list(ABSOLUTE_BUDGETS)} and above the {protected} tokens "
-            f"the {level.protocol} protocol protects"
-        )
-    return benchmark
-
-
 def manifest_sha256(benchmark: Benchmark) -> str:
     """SHA-256 of the committed manifest file: the benchmark's identity in submissions."""
     try:
         return hashlib.sha256(benchmark.manifest_path.read_bytes()).hexdigest()
     except FileNotFoundError:
         raise BenchmarkError(
-            f"{benchmark.manifest_path}: no manifest for {benchmark.id} (kvp-gym leaderboard prepare "
-            f"{benchmark.id} --write-manifest creates it)"
+            f"{benchmark.manifest_path}: no manifest for {benchmark.label} (kvp-gym leaderboard prepare "
+            f"{benchmark.arguments} --write-manifest creates it)"
         ) from None
 
 
@@ -251,7 +105,7 @@ class PreparePlan:
         existing = sum(f.exists for f in self.files)
         which = f"{count} trace files" if count == total else f"{count} of its {total} trace files (this shard)"
         lines = [
-            f"{self.benchmark.id}: {which} into {self.folder}: {count - existing} to collect, {existing} already "
+            f"{self.benchmark.label}: {which} into {self.folder}: {count - existing} to collect, {existing} already "
             f"there (only checked)"
         ]
         for number, planned in enumerate(self.files, 1):
@@ -362,6 +216,7 @@ def fingerprint_set(benchmark: Benchmark, folder: Path, names: list[str], tensor
 
     record: dict[str, Any] = {
         "benchmark": benchmark.id,
+        **({"model": benchmark.model} if benchmark.multi_model else {}),  # one manifest per model of several
         "definition_sha256": hashlib.sha256(benchmark.path.read_bytes()).hexdigest(),
         "tolerance": TOLERANCE,
         "files": {},
@@ -404,7 +259,7 @@ def e2e_prompt_hashes(benchmark: Benchmark) -> dict[str, str]:
 
 def compare(expected: dict[str, Any], found: dict[str, Any], only: list[str] | None = None) -> Iterator[str]:
     """Every difference between two manifest records, one line each, naming the file, sample and field."""
-    for field in ("benchmark", "definition_sha256"):
+    for field in ("benchmark", "model", "definition_sha256"):
         if expected.get(field) != found.get(field):
             yield f"{field}: manifest has {expected.get(field)!r}, this set {found.get(field)!r}"
     if expected.get("end_to_end") != found.get("end_to_end"):

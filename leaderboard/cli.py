@@ -2,10 +2,14 @@
 ``kvp_gym.commands`` entry points; this module imports nothing heavy until a command runs).
 
 ``leaderboard prepare`` and ``submit`` run under torchrun too (``torchrun --nproc_per_node N -m kvp_gym.cli
-submit ...``): the processes split the work and process 0 writes the result and prints the verdict.
+submit ...``): the processes split the work and process 0 writes the result and prints the verdict. For a benchmark
+of several models (bench-v1), ``--model`` names one model's part: ``prepare`` does each part without it, ``submit``
+needs it, ``validate`` checks each entry against its own model's part without it; trace sets and work folders hold
+a folder per model.
 
 Imports kvp_gym.cli.options (the shared options) at module level; kvp_gym.scorers, kvp_gym.storage,
-kvp_gym.distributed_run and kvp_gym_leaderboard's benchmark, submission and site modules only when a command runs."""
+kvp_gym.distributed_run and kvp_gym_leaderboard's benchmark, page, submission and site modules only when a command
+runs."""
 
 from __future__ import annotations
 
@@ -16,17 +20,24 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvp_gym.cli.options import add_device, add_out, add_shard
 
+if TYPE_CHECKING:
+    from kvp_gym_leaderboard.definition import Benchmark
+
 _PREPARE = """\
-Collect a benchmark's trace set (or resume it) and check it against the committed manifest: token ids and
-settings exactly, tensors within a tolerance that survives another CPU. Prints one line per difference and exits
-with status 1 if there is any. It prints its plan first (the files, where they go, which are already there and
-only checked, the expected time: about 17 minutes for bench-v0 on 2 quiet cores, longer on a loaded machine), then
-"file i/N: NAME" as it goes. --shard i/N splits the files between machines (copy the shards' files into one folder
-afterwards)."""
+Collect a benchmark's trace set (or resume it) and check it against the
+committed manifest: token ids and settings exactly, tensors within a tolerance
+that survives another CPU. Prints one line per difference and exits with status
+1 if there is any. It prints its plan first (the files, where they go, which
+are already there and only checked, the expected time: about 17 minutes for
+bench-v0 on 2 quiet cores, longer on a loaded machine), then "file i/N: NAME"
+as it goes. --shard i/N splits the files between machines (copy the shards'
+files into one folder afterwards). A benchmark of several models (bench-v1) has
+a trace set per model, in DIR/MODEL: --model prepares one of them, else each in
+turn (with --shard, shard i of each)."""
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -49,7 +60,12 @@ def _add_prepare(actions: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     prepare.add_argument("benchmark", help="a benchmark id (bench-v0) or the path of its .toml")
-    prepare.add_argument("--dir", type=Path, help="where the trace set goes (default: $KVP_GYM_CACHE/benchmarks/ID)")
+    _model_option(prepare, "prepare only this model's trace set (default: every model's)")
+    prepare.add_argument(
+        "--dir",
+        type=Path,
+        help="where the trace set goes (default: $KVP_GYM_CACHE/benchmarks/ID; a model's: DIR/MODEL)",
+    )
     add_shard(prepare, help="i/N: collect only shard i's files")
     prepare.add_argument(
         "--write-manifest", action="store_true", help="maintainers: write the manifest from this set instead"
@@ -66,6 +82,7 @@ def _add_validate(actions: argparse._SubParsersAction) -> None:
     validate.add_argument("files", type=Path, nargs="*", help="entry files or folders (default: the board's entries)")
     validate.add_argument("--rerun", action="store_true", help="also re-evaluate each entry and compare its numbers")
     validate.add_argument("--benchmark", help="check against this benchmark (id or .toml; default: each entry's id)")
+    _model_option(validate, "with --benchmark: check against this model's part only (default: each entry's model)")
     _evaluation_options(validate)
     validate.set_defaults(handler=_validate)
 
@@ -99,6 +116,7 @@ def _add_submit(commands: argparse._SubParsersAction) -> None:
         "writes the entries.",
     )
     submit.add_argument("--benchmark", default="bench-v0", help="benchmark id or .toml path (default bench-v0)")
+    _model_option(submit, "the model whose part to run (needed where the benchmark covers several)")
     submit.add_argument("--policy", action="append", help="scorer spec NAME or NAME:param=value;... (repeatable)")
     submit.add_argument(
         "--policy-file",
@@ -118,55 +136,80 @@ def _add_submit(commands: argparse._SubParsersAction) -> None:
     submit.set_defaults(handler=_submit)
 
 
+def _model_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """--model: one model's part of a benchmark that covers several (bench-v1)."""
+    parser.add_argument("--model", help=help)
+
+
 def _evaluation_options(parser: argparse.ArgumentParser) -> None:
     """The options ``validate --rerun`` and ``submit`` share: where the trace set is, the work folder, the device."""
-    parser.add_argument("--traces", type=Path, help="the prepared trace set (default: $KVP_GYM_CACHE/benchmarks/ID)")
-    parser.add_argument("--work", type=Path, default=Path("runs/submit"), help="resumable end-to-end parts")
+    parser.add_argument(
+        "--traces", type=Path, help="the prepared trace set, as prepare's --dir (default: $KVP_GYM_CACHE/benchmarks/ID)"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path("runs/submit"), help="resumable parts (a model's: WORK/MODEL)"
+    )
     add_device(parser)
+
+
+def _work_folder(work: Path, benchmark: Benchmark) -> Path:
+    """Where a part's resumable runs go: ``work``, or ``work/MODEL`` for one model of several (an end-to-end run
+    folder holds one model's parts)."""
+    return work / benchmark.model if benchmark.multi_model else work
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from kvp_gym.distributed_run import join
-    from kvp_gym_leaderboard.benchmark import load_benchmark, prepare
+    from kvp_gym_leaderboard.benchmark import benchmark_parts, load_benchmark, prepare
 
-    benchmark = load_benchmark(args.benchmark)
-    folder = args.dir or benchmark.default_folder()
+    parts = [load_benchmark(args.benchmark, args.model)] if args.model else benchmark_parts(args.benchmark)
     processes = join()  # under torchrun every process returns the same verdict: process 0 alone prints it
-    problems = prepare(benchmark, folder, shard=args.shard, write_manifest=args.write_manifest, processes=processes)
+    status = 0
+    for benchmark in parts:
+        folder = benchmark.trace_folder(args.dir)
+        problems = prepare(benchmark, folder, shard=args.shard, write_manifest=args.write_manifest, processes=processes)
+        status = max(status, 1 if problems else 0)
+        if not processes.writes_result:
+            continue
+        for problem in problems:
+            print(f"{benchmark.label}: {problem}", file=sys.stderr)
+        if problems:
+            print(f"{benchmark.label}: {len(problems)} differences from the manifest in {folder}", file=sys.stderr)
+            continue
+        what = "manifest written to " + str(benchmark.manifest_path) if args.write_manifest else "matches its manifest"
+        print(f"{benchmark.label}: trace set in {folder} {what}")
     if not processes.writes_result:
         print(processes.leaves_result_to_process_0())
-        return 1 if problems else 0
-    for problem in problems:
-        print(f"{benchmark.id}: {problem}", file=sys.stderr)
-    if problems:
-        print(f"{benchmark.id}: {len(problems)} differences from the manifest in {folder}", file=sys.stderr)
-        return 1
-    what = "manifest written to " + str(benchmark.manifest_path) if args.write_manifest else "matches its manifest"
-    print(f"{benchmark.id}: trace set in {folder} {what}")
-    return 0
+    return status
 
 
 def _entry_files(given: list[Path] | None) -> list[Path]:
     from kvp_gym_leaderboard.submission import ENTRIES
 
     files = []
-    for path in given or [ENTRIES]:
-        files += sorted(path.glob("*.json")) if path.is_dir() else [path]
+    for path in given or [ENTRIES]:  # a folder's subfolders too: bench-v1's entries lie in entries/bench-v1/MODEL/
+        files += sorted(path.rglob("*.json")) if path.is_dir() else [path]
     return files
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kvp_gym_leaderboard.benchmark import load_benchmark
+    from kvp_gym_leaderboard.benchmark import benchmark_parts, load_benchmark
     from kvp_gym_leaderboard.submission import rerun, validate
 
+    if args.model and not args.benchmark:
+        raise ValueError("--model names a part of the benchmark given with --benchmark")
     files = _entry_files(args.files)
-    given = load_benchmark(args.benchmark) if args.benchmark else None
+    given = None
+    if args.benchmark:
+        given = [load_benchmark(args.benchmark, args.model)] if args.model else benchmark_parts(args.benchmark)
     problems = validate(files, given)
     if args.rerun and not problems:
         for file in files:
-            benchmark = given or load_benchmark(json.loads(file.read_text())["benchmark"]["id"])
-            traces = args.traces or benchmark.default_folder()
-            problems += rerun(file, benchmark, traces, args.work / file.stem, device=args.device)
+            named = json.loads(file.read_text())["benchmark"]  # valid: its benchmark and model are known
+            benchmark = load_benchmark(given[0].path if given else named["id"], named.get("model"))
+            traces = benchmark.trace_folder(args.traces)
+            work = _work_folder(args.work, benchmark) / file.stem
+            problems += rerun(file, benchmark, traces, work, device=args.device)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -220,14 +263,14 @@ def _submit(args: argparse.Namespace) -> int:
         raise ValueError("--name names one entry: give one --policy or --policy-file with it")
     if args.checkpoint is not None and not args.checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
-    benchmark = load_benchmark(args.benchmark)
-    traces = args.traces or benchmark.default_folder()
+    benchmark = load_benchmark(args.benchmark, args.model)
+    traces = benchmark.trace_folder(args.traces)
     processes = join()  # under torchrun: this process's share of both evaluations; process 0 writes the entries
     entries = standard_evaluation(
         benchmark,
         policies,
         traces,
-        args.work,
+        _work_folder(args.work, benchmark),
         checkpoint=args.checkpoint.resolve() if args.checkpoint else None,
         end_to_end=not args.trace_level_only,
         device=args.device,

@@ -1,183 +1,43 @@
 """The board's page: one static HTML file (no network needed) and its SVG plots, rendered from the board's numbers;
-:func:`build_site` writes them with the Markdown table.
+:func:`build_site` writes them with the Markdown table. Entries of several benchmarks or models make several boards:
+one tab each (the page's address, ``#SLUG``, says which is shown), one table each.
 
 The table fits a 1280 px wide window: column groups ("trace level", "end to end"), short per-task headers with the
 full meaning in a tooltip, a smaller font for the detail columns, and the page as wide as the window. Every header
 sorts the entries when clicked (an arrow shows it; ``aria-sort`` says the order); the full-cache reference row stays
 on top, not ranked. Notes under the table say what the oracle bounds and explain entries with identical end-to-end
-numbers. Plots use the Okabe-Ito colour-blind-safe palette with the top-ranked entry drawn strongest, references
-(oracle, full cache) in grey and black dashes, and legends outside the data.
+numbers. The plots come from :mod:`kvp_gym_leaderboard.plots`.
 
-Imports kvp_gym.storage, kvp_gym_leaderboard.site (kinds, ranks, order, columns, cells, the Markdown table) and
-kvp_gym_leaderboard.submission; matplotlib when a
-plot is drawn; kvp_gym_leaderboard.benchmark when a page names its benchmark; kvp_gym.scorers when it explains
-identical end-to-end numbers.
+Imports kvp_gym.storage, kvp_gym_leaderboard.plots and kvp_gym_leaderboard.site (boards, kinds, ranks, columns,
+cells, the Markdown table); kvp_gym_leaderboard.definition when a page names its benchmark; kvp_gym.scorers when it
+explains identical end-to-end numbers.
 """
 
 from __future__ import annotations
 
 import html
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kvp_gym.storage import atomic_path
+from kvp_gym_leaderboard.plots import plots
 from kvp_gym_leaderboard.site import (
     FULL_CACHE_NAME,
     KIND_BADGES,
     REFERENCE_BADGE,
     UPPER_BOUND,
+    Board,
     board_kind,
+    boards,
     cell,
     columns,
     format_value,
     full_cache,
-    markdown_table,
-    ordered,
+    markdown_boards,
     ranks,
 )
-from kvp_gym_leaderboard.submission import KINDS
-
-# Okabe & Ito (2008), distinct under every common colour-vision deficiency; black is the full cache's, and yellow is
-# left out (too pale on white). The top-ranked entry alone gets the first, darkest one (and the first marker); the
-# others cycle through the rest: 5 colours x 6 markers, 30 entries before a pair repeats.
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-ORACLE_GREY, FULL_CACHE_BLACK = "#777777", "#000000"
-
-
-def figures(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The plots as matplotlib figures by file name (None: nothing to draw), for entries in board order; the caller
-    closes them (:func:`plots` does)."""
-    return {
-        "retained.svg": _retained_plot(entries),
-        "accuracy.svg": _accuracy_plot(entries),
-        "heatmap.svg": _heatmap(entries),
-    }
-
-
-def plots(entries: Sequence[dict[str, Any]]) -> dict[str, str | None]:
-    """SVG text of each plot by file name (None: nothing to draw), for entries in board order."""
-    return {name: None if fig is None else _svg(fig) for name, fig in figures(entries).items()}
-
-
-# --- plots (matplotlib, written as SVG text) -----------------------------------------------------------------------
-
-
-def _svg(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")  # "tight" widens the file to hold the outside legend
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _figure(width: float = 5.6, height: float = 4.0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height))
-
-
-def _styles(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Line style of each entry by name: upper bounds grey and dashed; ranked entries a palette colour and marker in
-    rank order, dotted when they use queries; the top-ranked entry thickest, darkest and drawn on top."""
-    styles, position = {}, 0
-    for entry in entries:
-        kind = board_kind(entry)
-        if kind == UPPER_BOUND:
-            styles[entry["name"]] = {"color": ORACLE_GREY, "linestyle": "--", "marker": "x", "linewidth": 1.5}
-            continue
-        leader, other = position == 0, position - 1
-        styles[entry["name"]] = {
-            "color": PALETTE[0] if leader else PALETTE[1 + other % (len(PALETTE) - 1)],
-            "marker": MARKERS[0] if leader else MARKERS[1 + other % (len(MARKERS) - 1)],
-            "linestyle": ":" if kind == KINDS["queries"] else "-",
-            "linewidth": 3.0 if leader else 1.3,
-            "markersize": 7 if leader else 5,
-            "zorder": 5 if leader else 3,
-            "label": f"{entry['name']} (top ranked)" if leader else entry["name"],
-        }
-        position += 1
-    return styles
-
-
-def _plot_entry(ax, x: list[int], y: list[float | None], entry: dict[str, Any], style: dict[str, Any]) -> None:
-    ax.plot(x, [np.nan if v is None else v for v in y], **{"label": entry["name"], **style})
-
-
-def _outside_legend(ax) -> None:
-    """The legend right of the axes, so that it never covers a line."""
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
-
-
-def _retained_plot(entries: Sequence[dict[str, Any]]):
-    fig, ax = _figure()
-    styles = _styles(entries)
-    for entry in entries:
-        curve = entry["results"]["trace_level"]["retained_fraction"]
-        budgets = sorted(curve, key=int)
-        _plot_entry(ax, [int(b) for b in budgets], [curve[b] for b in budgets], entry, styles[entry["name"]])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("budget (tokens kept per KV head)")
-    ax.set_ylabel("retained fraction of the future's attention")
-    ax.set_title("Retained fraction vs budget (trace level)")
-    ax.grid(alpha=0.3)
-    _outside_legend(ax)
-    return fig
-
-
-def _accuracy_plot(entries: Sequence[dict[str, Any]]):
-    measured = [e for e in entries if e["results"]["end_to_end"]]
-    reference = full_cache(entries)
-    if not measured or reference is None:
-        return None
-    fig, ax = _figure()
-    styles = _styles(entries)  # the same colours as in the retained-fraction plot
-    budgets = sorted({int(b) for e in measured for t in e["results"]["end_to_end"]["accuracy"].values() for b in t})
-    full = reference[f"accuracy:{budgets[0]}"]
-    # On top: a thin dashed line still shows the entries under it.
-    ax.axhline(
-        full, color=FULL_CACHE_BLACK, linestyle="--", linewidth=1.2, zorder=6, label=f"{FULL_CACHE_NAME} (reference)"
-    )
-    for entry in measured:
-        _plot_entry(ax, budgets, [cell(entry, f"accuracy:{b}") for b in budgets], entry, styles[entry["name"]])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("budget (tokens kept per KV head)")
-    ax.set_ylabel("exact-match accuracy (mean over tasks)")
-    ax.set_title("End-to-end accuracy vs budget")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    _outside_legend(ax)
-    return fig
-
-
-def _heatmap(entries: Sequence[dict[str, Any]]):
-    ranked = [e for e in entries if board_kind(e) != UPPER_BOUND]
-    if not ranked:
-        return None
-    from matplotlib.ticker import MaxNLocator
-
-    top = ranked[0]
-    grid = np.asarray(top["results"]["trace_level"]["per_layer_head"], float)
-    fig, ax = _figure(3.2 + 0.4 * grid.shape[1], 4.5)
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)  # viridis: colour-blind safe
-    fig.colorbar(image, ax=ax, label="holistic score")
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(grid.shape[1]))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{top['name']}: per layer and KV head")
-    return fig
-
 
 # --- the page ------------------------------------------------------------------------------------------------------
 
@@ -279,14 +139,15 @@ def _reference_row(entries: Sequence[dict[str, Any]], cols: list[tuple[str, str]
     return '<tbody class="reference"><tr class="reference">' + "".join(cells) + "</tr></tbody>"
 
 
-def _notes(entries: Sequence[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
-    """What the reference rows mean, and why entries share their end-to-end numbers."""
+def _notes(entries: Sequence[dict[str, Any]], cols: list[tuple[str, str]], suffix: str = "") -> str:
+    """What the reference rows mean, and why entries share their end-to-end numbers (``suffix`` makes the ids of a
+    page's several boards unique)."""
     notes = []
     if full_cache(entries) is not None:
         notes.append(
-            f'<li id="note-full-cache"><b>{FULL_CACHE_NAME}</b>: the model with its whole cache, nothing evicted; the '
-            "reference for the end-to-end columns (the same at every budget). It has no trace-level score and no "
-            "rank.</li>"
+            f'<li id="note-full-cache{suffix}"><b>{FULL_CACHE_NAME}</b>: the model with its whole cache, nothing '
+            "evicted; the reference for the end-to-end columns (the same at every budget). It has no trace-level score "
+            "and no rank.</li>"
         )
     oracles = [e for e in entries if board_kind(e) == UPPER_BOUND]
     if oracles:
@@ -301,12 +162,12 @@ def _notes(entries: Sequence[dict[str, Any]], cols: list[tuple[str, str]]) -> st
         here = f" Here {', '.join(map(html.escape, better))} {verb} more at some budget." if better else ""
         names = ", ".join(html.escape(e["name"]) for e in oracles)
         notes.append(
-            f'<li id="note-oracle"><b>{names}</b> (upper bound) keeps, in every KV head, the tokens the full-cache '
-            "continuation paid the most attention to: an upper bound of the trace-level score (1 by construction), not "
-            "of accuracy. Once tokens are evicted the hidden states change, so the answer no longer attends as the "
-            "full-cache one did, and a greedy answer that differs in one token differs from there on; where the full "
-            "cache answered wrong, the oracle keeps what the wrong answer read. So a policy that keeps other tokens "
-            f"can answer more prompts than the oracle.{here}</li>"
+            f'<li id="note-oracle{suffix}"><b>{names}</b> (upper bound) keeps, in every KV head, the tokens the '
+            "full-cache continuation paid the most attention to: an upper bound of the trace-level score (1 by "
+            "construction), not of accuracy. Once tokens are evicted the hidden states change, so the answer no longer "
+            "attends as the full-cache one did, and a greedy answer that differs in one token differs from there on; "
+            "where the full cache answered wrong, the oracle keeps what the wrong answer read. So a policy that keeps "
+            f"other tokens can answer more prompts than the oracle.{here}</li>"
         )
     for group in _same_end_to_end(entries):
         names = sorted(e["name"] for e in group)
@@ -316,7 +177,7 @@ def _notes(entries: Sequence[dict[str, Any]], cols: list[tuple[str, str]]) -> st
             f'<li class="note-same"><b>{", ".join(map(html.escape, names[:-1]))} and {html.escape(names[-1])}</b> '
             f"have identical end-to-end numbers. {why}</li>"
         )
-    return f'<ul class="notes" id="notes">{"".join(notes)}</ul>' if notes else ""
+    return f'<ul class="notes" id="notes{suffix}">{"".join(notes)}</ul>' if notes else ""
 
 
 def _why_the_same(group: Sequence[dict[str, Any]], budgets: list[int]) -> str:
@@ -378,23 +239,51 @@ tr.reference td { background: #fafaf0; color: #444; border-bottom: 2px solid #bb
 .ci { display: block; color: #777; font-size: 0.7rem; } .pending { color: #aaa; }
 figure { display: inline-block; margin: 1rem; vertical-align: top; } figure img { max-width: 90vw; height: auto; }
 pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; }
+nav.tabs { display: flex; gap: 0.3rem; border-bottom: 2px solid #bbb; margin: 1rem 0; }
+nav.tabs button { font: inherit; padding: 0.4rem 0.9rem; border: 1px solid #bbb; border-bottom: none; cursor: pointer;
+  background: #f4f4f4; border-radius: 0.4rem 0.4rem 0 0; }
+nav.tabs button[aria-selected="true"] { background: #fff; color: #0072B2; font-weight: 600; }
+nav.tabs button:focus-visible { outline: 2px solid #0072B2; }
 """
 
 _SCRIPT = """
-const entries = document.getElementById("entries");
-document.querySelectorAll("#board th[aria-sort]").forEach(th => th.addEventListener("click", () => {
-  const descending = th.getAttribute("aria-sort") !== "descending";
-  document.querySelectorAll("#board th[aria-sort]").forEach(h => h.setAttribute("aria-sort", "none"));
-  th.setAttribute("aria-sort", descending ? "descending" : "ascending");
-  const key = row => row.children[th.cellIndex].dataset.value;
-  const rows = Array.from(entries.rows).sort((a, b) => {
-    const x = key(a), y = key(b);
-    const numeric = x !== "" && y !== "" && !isNaN(x) && !isNaN(y);
-    const order = numeric ? Number(x) - Number(y) : (x === "" ? 1 : y === "" ? -1 : x.localeCompare(y));
-    return descending ? -order : order;
+document.querySelectorAll("table.board").forEach(table => {
+  const entries = table.querySelector("tbody.entries");
+  const sortable = table.querySelectorAll("th[aria-sort]");
+  sortable.forEach(th => th.addEventListener("click", () => {
+    const descending = th.getAttribute("aria-sort") !== "descending";
+    sortable.forEach(h => h.setAttribute("aria-sort", "none"));
+    th.setAttribute("aria-sort", descending ? "descending" : "ascending");
+    const key = row => row.children[th.cellIndex].dataset.value;
+    const rows = Array.from(entries.rows).sort((a, b) => {
+      const x = key(a), y = key(b);
+      const numeric = x !== "" && y !== "" && !isNaN(x) && !isNaN(y);
+      const order = numeric ? Number(x) - Number(y) : (x === "" ? 1 : y === "" ? -1 : x.localeCompare(y));
+      return descending ? -order : order;
+    });
+    rows.forEach(row => entries.appendChild(row));
+  }));
+});
+"""
+
+# Several boards: one tab per board, the page's address (#SLUG) saying which is shown, so that a link can name one.
+_TABS_SCRIPT = """
+const tabs = Array.from(document.querySelectorAll("#boards [role=tab]"));
+function show(tab) {
+  tabs.forEach(t => {
+    t.setAttribute("aria-selected", t === tab ? "true" : "false");
+    t.tabIndex = t === tab ? 0 : -1;
+    document.getElementById(t.getAttribute("aria-controls")).hidden = t !== tab;
   });
-  rows.forEach(row => entries.appendChild(row));
-}));
+}
+tabs.forEach((tab, i) => {
+  tab.addEventListener("click", () => { show(tab); history.replaceState(null, "", "#" + tab.dataset.board); });
+  tab.addEventListener("keydown", event => {
+    const step = {ArrowRight: 1, ArrowLeft: -1}[event.key];
+    if (step) { const next = tabs[(i + step + tabs.length) % tabs.length]; next.focus(); next.click(); }
+  });
+});
+show(tabs.find(t => "#" + t.dataset.board === location.hash) || tabs[0]);
 """
 
 _HOW_TO_SUBMIT = """
@@ -403,77 +292,124 @@ _HOW_TO_SUBMIT = """
 <li>Register your scorer under the <code>kvp_gym.scorers</code> entry points of your package (docs/evaluation.md
 shows the contract), or train KVP agents into a checkpoint file.</li>
 <li>Prepare the benchmark's trace set once (it is checked against the committed manifest):
-<pre>kvp-gym leaderboard prepare bench-v0</pre></li>
+<pre>kvp-gym leaderboard prepare {benchmark}</pre></li>
 <li>Run the standard evaluation; it writes a valid entry:
-<pre>kvp-gym submit --benchmark bench-v0 --policy NAME[:param=value;...] [--checkpoint FILE] \\
+<pre>kvp-gym submit --benchmark {benchmark} --policy NAME[:param=value;...] [--checkpoint FILE] \\
     --name NAME --authors "A, B" --description "..." --out my-entry.json</pre></li>
 <li>Check it, add it (and its checkpoint) to <code>leaderboard/entries/</code> in a pull request; the maintainers
 reproduce it with <code>kvp-gym leaderboard validate --rerun my-entry.json</code>.</li>
 </ol>
 """
+FIGURES = {
+    "retained.svg": "Share of the future's attention kept, against the budget (trace level).",
+    "accuracy.svg": "Exact-match accuracy with the evicting cache, against the budget.",
+    "heatmap.svg": "The top entry's holistic score per layer and KV head.",
+}
 
 
-def page(entries: Sequence[dict[str, Any]], title: str | None, plot_names: list[str]) -> str:
-    """The HTML page of ``entries`` (in board order: :func:`kvp_gym_leaderboard.site.ordered`), showing the plots
-    ``plot_names`` (files beside it)."""
-    cols = columns(entries)
-    figures = {
-        "retained.svg": "Share of the future's attention kept, against the budget (trace level).",
-        "accuracy.svg": "Exact-match accuracy with the evicting cache, against the budget.",
-        "heatmap.svg": "The top entry's holistic score per layer and KV head.",
-    }
-    figure_html = "".join(
-        f'<figure><img src="{name}" alt="{html.escape(figures[name])}">'
-        f"<figcaption>{figures[name]}</figcaption></figure>"
-        for name in plot_names
-    )
+def _intro(entries: Sequence[dict[str, Any]]) -> str:
+    """What the columns, ranks and kinds mean (the same for every board)."""
     pending = any(e["results"]["end_to_end"] is None for e in entries)
-    heading = title or _benchmark_title(entries)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>kvp-gym leaderboard</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
-<style>{_STYLE}</style></head>
-<body>
-<h1>kvp-gym leaderboard</h1>
-<p>{html.escape(heading)}</p>
-<p>Holistic score: how well a policy's ranking of the cached tokens keeps the attention the future really pays, at
-every budget at once (1 = the oracle ranking), mean over samples and KV heads with a 95% bootstrap interval over
-samples. Rows are ordered by mean; two entries tie unless the 95% paired bootstrap interval of their difference
+    return f"""<p>Holistic score: how well a policy's ranking of the cached tokens keeps the attention the future really
+pays, at every budget at once (1 = the oracle ranking), mean over samples and KV heads with a 95% bootstrap interval
+over samples. Rows are ordered by mean; two entries tie unless the 95% paired bootstrap interval of their difference
 (the same samples and heads) excludes 0: a rank is 1 + the number of entries surely better, never better than the
 rank of a row above it. Kinds: <span class="badge">K/V only</span> reads keys, values and
 positions; <span class="badge">uses queries</span> also reads the prompt's queries; <span class="badge">upper
 bound</span> sees the future, bounds the trace-level score (not accuracy) and is not ranked. Accuracy and perplexity
 are end to end with the evicting cache (accuracy: mean over tasks){
         "; <span class=pending>pending</span> = not evaluated end to end yet" if pending else ""
-    }. Click a column header to sort (hover it for what the column means).</p>
-<table id="board"><thead>{_head(cols)}</thead>
+    }. Click a column header to sort (hover it for what the column means).</p>"""
+
+
+def _table(board: Board, suffix: str = "") -> str:
+    """One board's table and the notes under it (``suffix``: unique ids where a page has several boards)."""
+    entries = board.entries
+    cols = columns(entries)
+    return f"""<table id="board{suffix}" class="board"><thead>{_head(cols)}</thead>
 {_reference_row(entries, cols)}
-<tbody id="entries">
+<tbody id="entries{suffix}" class="entries">
 {chr(10).join(_rows(entries, cols))}
 </tbody></table>
-{_notes(entries, cols)}
+{_notes(entries, cols, suffix)}"""
+
+
+def _figures(names: list[str]) -> str:
+    """The plots ``names`` (files beside the page, ``NAME.svg`` or a board's ``SLUG-NAME.svg``) with their captions."""
+    captions = {name: FIGURES[name.rsplit("-", 1)[-1]] for name in names}
+    return "".join(
+        f'<figure><img src="{name}" alt="{html.escape(captions[name])}">'
+        f"<figcaption>{captions[name]}</figcaption></figure>"
+        for name in names
+    )
+
+
+def page(found: Sequence[Board], title: str | None, plot_names: dict[str, list[str]]) -> str:
+    """The HTML page of the boards ``found`` (:func:`kvp_gym_leaderboard.site.boards`), showing each board's plots
+    ``plot_names[board.slug]`` (files beside it). One board is one table; several are tabs, one table each (without
+    JavaScript every board's section shows, one under the other)."""
+    everything = [entry for board in found for entry in board.entries]
+    first = found[0]
+    if len(found) == 1:
+        body = f"""<p>{html.escape(title or _benchmark_title(first))}</p>
+{_intro(everything)}
+{_table(first)}
 <h2>Plots</h2>
-{figure_html}
-{_HOW_TO_SUBMIT}
-<script>{_SCRIPT}</script>
+{_figures(plot_names[first.slug])}"""
+    else:
+        tabs = "".join(
+            f'<button type="button" role="tab" id="tab-{board.slug}" aria-controls="panel-{board.slug}" '
+            f'data-board="{board.slug}">{html.escape(board.label)}</button>'
+            for board in found
+        )
+        panels = "".join(
+            f"""<section class="panel" role="tabpanel" id="panel-{board.slug}" aria-labelledby="tab-{board.slug}">
+<h2>{html.escape(board.label)}</h2>
+<p>{html.escape(_benchmark_title(board))}</p>
+{_table(board, f"-{board.slug}")}
+<h3>Plots</h3>
+{_figures(plot_names[board.slug])}
+</section>"""
+            for board in found
+        )
+        body = f"""<p>{html.escape(title or f"{len(found)} boards, one per benchmark and model:")}</p>
+{_intro(everything)}
+<nav class="tabs" id="boards" role="tablist" aria-label="benchmark and model">{tabs}</nav>
+{panels}"""
+    # How to submit to the first board: bench-v0's command unless that board is one model's of several.
+    benchmark = f"{first.benchmark} --model {first.model}" if first.model else "bench-v0"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>kvp-gym leaderboard</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
+<style>{_STYLE}</style></head>
+<body>
+<h1>kvp-gym leaderboard</h1>
+{body}
+{_HOW_TO_SUBMIT.format(benchmark=benchmark)}
+<script>{_SCRIPT}{_TABS_SCRIPT if len(found) > 1 else ""}</script>
 </body></html>
 """
 
 
-def _benchmark_title(entries: Sequence[dict[str, Any]]) -> str:
-    ids = sorted({e["benchmark"]["id"] for e in entries if "benchmark" in e})
-    if len(ids) != 1:
-        return "Entries of several benchmarks"
-    from kvp_gym_leaderboard.benchmark import BenchmarkError, load_benchmark
+def _benchmark_title(board: Board) -> str:
+    """What a board's benchmark part holds: its title, samples, tasks, prompt lengths, recorded layers (where not
+    every layer), protocol and end-to-end settings."""
+    if board.benchmark is None:
+        return "Entries of your own runs"
+    from kvp_gym_leaderboard.definition import BenchmarkError, load_benchmark
 
     try:
-        benchmark = load_benchmark(ids[0])
+        benchmark = load_benchmark(board.benchmark, board.model)
     except BenchmarkError:  # a benchmark of the user's own, not shipped with this package
-        return f"{ids[0]} entries"
+        return f"{board.label} entries"
     level = benchmark.trace_level
+    if level.layers is None:
+        layers = ""
+    else:
+        layers = "; the full-attention layers" if level.layers == "global" else f"; layers {list(level.layers)}"
     return (
-        f"{benchmark.id}: {benchmark.title}. Trace level: {len(level.tasks) * len(level.contexts) * level.samples} "
-        f"test samples ({', '.join(level.tasks)}; {', '.join(map(str, level.contexts))} prompt tokens; "
+        f"{benchmark.label}: {benchmark.title}. Trace level: {len(level.tasks) * len(level.contexts) * level.samples} "
+        f"test samples ({', '.join(level.tasks)}; {', '.join(map(str, level.contexts))} prompt tokens{layers}; "
         f"{level.protocol} protocol). End to end: {benchmark.end_to_end.samples} prompts per task "
         f"({', '.join(benchmark.end_to_end.tasks)}) and {benchmark.end_to_end.essays} essays, "
         f"{benchmark.end_to_end.context} tokens."
@@ -481,17 +417,22 @@ def _benchmark_title(entries: Sequence[dict[str, Any]]) -> str:
 
 
 def build_site(entries: Sequence[dict[str, Any]], out: str | Path, title: str | None = None) -> Path:
-    """Write ``out/index.html``, its SVG plots and ``out/leaderboard.md`` (the folder is replaced atomically).
-    Returns the page's path."""
+    """Write ``out/index.html``, its SVG plots and ``out/leaderboard.md`` (the folder is replaced atomically): one
+    board per benchmark and model (:func:`kvp_gym_leaderboard.site.boards`), whose plots are named ``SLUG-NAME.svg``
+    where there are several (``NAME.svg`` for one). Returns the page's path."""
     if not entries:
         raise ValueError("no entries to build a board from")
-    entries = ordered(entries)
+    found = boards(entries)
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        drawn = {name: svg for name, svg in plots(entries).items() if svg is not None}
-        for name, svg in drawn.items():
-            (tmp / name).write_text(svg)
-        (tmp / "index.html").write_text(page(entries, title, list(drawn)))
-        (tmp / "leaderboard.md").write_text(markdown_table(entries))
+        plot_names = {}
+        for board in found:
+            prefix = f"{board.slug}-" if len(found) > 1 else ""
+            drawn = {prefix + name: svg for name, svg in plots(board.entries).items() if svg is not None}
+            for name, svg in drawn.items():
+                (tmp / name).write_text(svg)
+            plot_names[board.slug] = list(drawn)
+        (tmp / "index.html").write_text(page(found, title, plot_names))
+        (tmp / "leaderboard.md").write_text(markdown_boards(entries))
     return out / "index.html"

@@ -24,7 +24,8 @@ trace-level ``seconds`` is a measurement that records cannot reproduce. :func:`d
 against the benchmark; :func:`rescore` re-scores every output; :func:`differences` lists the stated numbers that
 differ from the recomputed ones; :func:`rerun_differences` compares two entries' records (``validate --rerun``).
 
-Imports kvp_gym (evaluation.stats, evaluation.report, models, tasks, generation) and kvp_gym_leaderboard.benchmark.
+Imports kvp_gym (evaluation.stats, evaluation.report, models, tasks, generation) and kvp_gym_leaderboard.benchmark
+and .definition.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ import numpy as np
 
 from kvp_gym.evaluation.report import FULL_CACHE
 from kvp_gym.evaluation.stats import bootstrap_generator, geometric_mean_interval, mean_interval
-from kvp_gym_leaderboard.benchmark import Benchmark, read_manifest
+from kvp_gym_leaderboard.benchmark import read_manifest
+from kvp_gym_leaderboard.definition import Benchmark
 
 STEP = 1 / 65535  # the resolution of a fraction in the records
 DTYPES = {"uint16": "<u2", "float32": "<f4"}
@@ -98,8 +100,8 @@ def unpack(record: Any, where: str, dtype: str, shape: Sequence[int]) -> np.ndar
 @dataclass(frozen=True)
 class BenchmarkFacts:
     """What a benchmark fixes about every entry's records: the trace-level samples in order (the trace files in the
-    benchmark's order, each file's samples by name) with their task and prompt length, the model's layers and KV
-    heads, and the end-to-end prompts (task, index) in run order with their answers."""
+    benchmark's order, each file's samples by name) with their task and prompt length, the recorded layers and the
+    model's KV heads, and the end-to-end prompts (task, index) in run order with their answers."""
 
     samples: tuple[str, ...]
     task_of: Mapping[str, str]
@@ -111,13 +113,13 @@ class BenchmarkFacts:
 
 
 @functools.lru_cache(maxsize=8)
-def _facts(path: str, manifest_sha256: str) -> BenchmarkFacts:
+def _facts(path: str, model_name: str, manifest_sha256: str) -> BenchmarkFacts:
     from kvp_gym import models
     from kvp_gym.generation import sample_seed
     from kvp_gym.tasks import get_task, make_sample
-    from kvp_gym_leaderboard.benchmark import load_benchmark
+    from kvp_gym_leaderboard.definition import load_benchmark
 
-    benchmark = load_benchmark(path)
+    benchmark = load_benchmark(path, model_name)
     manifest = read_manifest(benchmark)
     samples, task_of, context_of = [], {}, {}
     for task, context, name in benchmark.trace_files():
@@ -125,7 +127,9 @@ def _facts(path: str, manifest_sha256: str) -> BenchmarkFacts:
             samples.append(sample)
             task_of[sample], context_of[sample] = task, context
     model, tokenizer = models.load(benchmark.model)
-    geometry = models.geometry(model)
+    # The recorded layers (every file of a set records the same ones): all of the model's, or e.g. only the
+    # full-attention layers of a hybrid model (trace_level.layers = "global").
+    layers = len(next(iter(manifest["files"].values()))["collection"][0]["layers"])
     config = benchmark.e2e_config(("random",))
     prompts = [(task, index) for task, index in config.work() if task != "essay"]
     answers = {
@@ -135,15 +139,16 @@ def _facts(path: str, manifest_sha256: str) -> BenchmarkFacts:
         for task, index in prompts
     }
     return BenchmarkFacts(
-        tuple(samples), task_of, context_of, geometry.num_layers, geometry.num_kv_heads, tuple(prompts), answers
+        tuple(samples), task_of, context_of, layers, models.geometry(model).num_kv_heads, tuple(prompts), answers
     )
 
 
 def benchmark_facts(benchmark: Benchmark) -> BenchmarkFacts:
-    """The :class:`BenchmarkFacts` of ``benchmark`` (loads its model and tokenizer once per process)."""
+    """The :class:`BenchmarkFacts` of ``benchmark`` (one model's part; loads its model and tokenizer once per
+    process)."""
     from kvp_gym_leaderboard.benchmark import manifest_sha256
 
-    return _facts(str(benchmark.path), manifest_sha256(benchmark))
+    return _facts(str(benchmark.path), benchmark.model, manifest_sha256(benchmark))
 
 
 def sample_scores(entry: Mapping[str, Any]) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The board's numbers: kinds, ranks and order of the entries, the table's columns and cells, the full-cache
 reference row, and the board as a Markdown table for the README (:mod:`kvp_gym_leaderboard.page` renders the page
-and its plots from these, and writes the site).
+and its plots from these, and writes the site). Entries of several benchmarks or models make several boards
+(:func:`boards`), one table each.
 
 Rows follow the mean holistic score; ranks come from paired comparisons, since every entry is scored on the same
 samples and heads: two entries tie unless the 95% paired bootstrap interval of their difference excludes 0, and an
@@ -9,22 +10,25 @@ entry's rank is 1 + the number of entries surely better than it, never better th
 model with its whole cache), the reference of the end-to-end columns. Every kind on the board is
 :func:`board_kind`, what the entry's scorer declares, never the entry's own ``kind`` field.
 
-Imports kvp_gym.evaluation.stats, kvp_gym_leaderboard.records and kvp_gym_leaderboard.submission.
+Imports kvp_gym.evaluation.stats and kvp_gym_leaderboard's policy, records and submission modules.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kvp_gym.evaluation.stats import bootstrap_generator, mean_interval
+from kvp_gym_leaderboard.policy import KINDS, declarations, kind_of
 from kvp_gym_leaderboard.records import pack, sample_scores
-from kvp_gym_leaderboard.submission import KINDS, declarations, end_to_end_results, kind_of
+from kvp_gym_leaderboard.submission import end_to_end_results
 
 UPPER_BOUND = KINDS["future"]
 RANK_SEED = 0  # the bootstrap seed of the paired comparisons behind ranks
@@ -97,6 +101,60 @@ def _mean(entry: dict[str, Any]) -> float:
 def ordered(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Upper bounds first, then by mean holistic score (ranks follow that order: :func:`ranks`)."""
     return sorted(entries, key=lambda e: (board_kind(e) != UPPER_BOUND, -_mean(e)))
+
+
+@dataclass(frozen=True)
+class Board:
+    """One table of the site: the entries of one benchmark's one model (``model`` None: the benchmark's only model,
+    which its entries leave unnamed; ``benchmark`` None: entries of one's own runs), in board order."""
+
+    benchmark: str | None
+    model: str | None
+    entries: list[dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        """``bench-v0``, ``bench-v1 · gemma3-270m``, or ``your own runs``."""
+        if self.benchmark is None:
+            return "your own runs"
+        return self.benchmark + (f" \u00b7 {self.model}" if self.model else "")
+
+    @property
+    def slug(self) -> str:
+        """The board's name in ids and file names: ``bench-v1-gemma3-270m``."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(filter(None, [self.benchmark or "own", self.model])))
+
+
+def boards(entries: Sequence[dict[str, Any]]) -> list[Board]:
+    """The entries as boards, one per (benchmark, model): ranks compare entries of one board only, as they are
+    scored on the same samples. The newest benchmark first (bench-v1 before bench-v0), its models in its
+    definition's order (by name for a benchmark this package does not ship)."""
+    groups: dict[tuple[str | None, str | None], list[dict[str, Any]]] = {}
+    for entry in entries:
+        named = entry.get("benchmark", {})
+        groups.setdefault((named.get("id"), named.get("model")), []).append(entry)
+
+    def place(key: tuple[str | None, str | None]) -> tuple:
+        benchmark, model = key
+        return (_newest_first(benchmark or ""), _model_order(benchmark).get(model, len(groups)), model or "")
+
+    return [Board(*key, ordered(groups[key])) for key in sorted(groups, key=place)]
+
+
+def _newest_first(benchmark: str) -> tuple:
+    """A sort key putting ``bench-v10`` before ``bench-v9`` before ``bench-v0`` (numbers compared as numbers)."""
+    return tuple((-int(part), "") if part.isdigit() else (0, part) for part in re.split(r"(\d+)", benchmark))
+
+
+@functools.lru_cache(maxsize=16)
+def _model_order(benchmark: str | None) -> dict[str | None, int]:
+    """Each model's place in a shipped benchmark's definition ({} for another benchmark: models by name)."""
+    from kvp_gym_leaderboard.definition import BenchmarkError, benchmark_parts
+
+    try:
+        return {part.model: i for i, part in enumerate(benchmark_parts(benchmark))} if benchmark else {}
+    except BenchmarkError:
+        return {}
 
 
 def columns(entries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -172,6 +230,15 @@ def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
     if reference is not None:  # a board of upper bounds alone
         lines.append(_markdown_reference_row(reference, cols))
     return "\n".join(lines) + "\n"
+
+
+def markdown_boards(entries: Sequence[dict[str, Any]]) -> str:
+    """The site's Markdown: the one board's table (:func:`markdown_table`), or with several boards a heading and a
+    table for each, in :func:`boards` order."""
+    found = boards(entries)
+    if len(found) == 1:
+        return markdown_table(found[0].entries)
+    return "\n".join(f"### {board.label}\n\n{markdown_table(board.entries)}" for board in found)
 
 
 def _markdown_reference_row(reference: dict[str, float | None], cols: list[tuple[str, str]]) -> str:

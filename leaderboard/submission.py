@@ -8,16 +8,18 @@ interval over samples, per task and per prompt length, the retained fraction at 
 per-layer x head scores (paper protocol); and end to end, the exact-match accuracy per task and budget and the
 essays' perplexity with the evicting cache, next to the full cache's.
 
-An entry's ``kind`` is what its loaded scorer declares (:func:`declarations`); :func:`validate` refuses another.
-Every published number is computed from the entry's raw ``records`` (:mod:`kvp_gym_leaderboard.records`); each
-interval draws from ``bootstrap_generator(bootstrap seed, bootstrap_label(load), statistic...)``.
+An entry's ``kind`` is what its loaded scorer declares (:func:`kvp_gym_leaderboard.policy.declarations`);
+:func:`validate` refuses another. Every published number is computed from the entry's raw ``records``
+(:mod:`kvp_gym_leaderboard.records`); each interval draws from ``bootstrap_generator(bootstrap seed,
+bootstrap_label(load), statistic...)``. A benchmark of several models has a board per model: an entry names its
+model (``benchmark.model``) and is checked against that model's part.
 
 :func:`standard_evaluation` produces entries (``kvp-gym submit``); :func:`validate` checks files (``kvp-gym
 leaderboard validate``): the schema, the benchmark, the pinned files, the kind, the records, and every number against
 what the records give; :func:`rerun` re-evaluates an entry and compares its records with the rerun's.
 
-Imports kvp_gym (storage, version, scorers, device, evaluation, distributed_run), kvp_gym_leaderboard.benchmark
-and .records.
+Imports kvp_gym (storage, version, scorers, device, evaluation, distributed_run), kvp_gym_leaderboard.benchmark,
+.definition, .policy and .records.
 """
 
 from __future__ import annotations
@@ -32,15 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from kvp_gym.storage import atomic_path, file_sha256
 from kvp_gym.version import __version__
-from kvp_gym_leaderboard.benchmark import (
-    Benchmark,
-    BenchmarkError,
-    compare,
-    fingerprint_set,
-    load_benchmark,
-    manifest_sha256,
-    read_manifest,
-)
+from kvp_gym_leaderboard.benchmark import compare, fingerprint_set, manifest_sha256, read_manifest
+from kvp_gym_leaderboard.definition import Benchmark, BenchmarkError, benchmark_parts
+from kvp_gym_leaderboard.policy import PINNED, bootstrap_label, declarations, kind_of, policy_spec
 from kvp_gym_leaderboard.records import (
     RecordError,
     benchmark_facts,
@@ -60,58 +56,6 @@ SCHEMA_PATH = Path(__file__).parent / "schema" / "submission-v2.json"
 ENTRIES = Path(__file__).parent / "entries"
 SCHEMA, SCHEMA_VERSION = "kvp-gym/leaderboard-submission", 2
 SHOWN = 10  # differences listed per entry; the rest are counted
-KINDS = {"attention-free": "attention-free", "queries": "uses-prefill-queries", "future": "privileged-upper-bound"}
-PINNED = ("checkpoint", "policy_file")  # the load record's files, each {path: relative to the entry, sha256}
-
-
-def kind_of(needs_queries: bool, privileged: bool) -> str:
-    """The board's kind of a policy, from what its scorer declares it reads."""
-    return KINDS["future"] if privileged else KINDS["queries"] if needs_queries else KINDS["attention-free"]
-
-
-def declarations(load: dict[str, Any]) -> tuple[bool, bool]:
-    """(needs_queries, needs_future) of the scorer an entry's ``load`` record builds: its ``scorer`` (or its
-    ``policy_file``'s factory: the file's code runs) with its ``parameters`` and its ``checkpoint``, paths as given
-    (absolute, or relative to the working directory; see :func:`read_entry`). A scorer is only ever given what it
-    declares, so this, not the entry, says what it reads; its kind is ``kind_of(*declarations(load))``.
-    ScorerError when it cannot be built."""
-    from kvp_gym.scorers import get_scorer, load_policy_file
-
-    checkpoint = load.get("checkpoint")
-    extra = {"checkpoint": checkpoint["path"]} if checkpoint else {}
-    source = load.get("policy_file")
-    if source is not None:
-        scorer = load_policy_file(source["path"], source["factory"], **load["parameters"], **extra)
-    else:
-        scorer = get_scorer(load["scorer"], **load["parameters"], **extra)
-    return bool(scorer.needs_queries), bool(scorer.needs_future)
-
-
-def bootstrap_label(load: dict[str, Any]) -> str:
-    """The label an entry's intervals are drawn under: its policy spec without the checkpoint's path (which differs
-    between machines) but with the checkpoint's SHA-256, e.g. ``tova`` or ``kvp@sha256:9f2c...``; a policy file's
-    is ``file:FACTORY[:params]@sha256:<the file's>`` (then the checkpoint's). So the intervals belong to the files'
-    content: records moved under another checkpoint or policy file no longer give the stated ones."""
-    checkpoint, source = load.get("checkpoint"), load.get("policy_file")
-    if source is not None:
-        arguments = ";".join(f"{key}={value}" for key, value in load["parameters"].items())
-        spec = f"file:{source['factory']}" + (f":{arguments}" if arguments else "") + f"@sha256:{source['sha256']}"
-    else:
-        spec = policy_spec(load["scorer"], load["parameters"])
-    return spec + (f"@sha256:{checkpoint['sha256']}" if checkpoint else "")
-
-
-def policy_spec(scorer_name: str, parameters: dict[str, Any], checkpoint: str | None = None) -> str:
-    """The scorer spec (``name:param=value;...``) that rebuilds a scorer: the parameters that differ from its
-    defaults, and the checkpoint path if any."""
-    from kvp_gym.scorers import get_scorer
-    from kvp_gym.scorers import parameters as defaults_of
-
-    defaults = defaults_of(get_scorer(scorer_name)) if not checkpoint else {}
-    changed = {k: v for k, v in parameters.items() if k != "checkpoint" and defaults.get(k, object()) != v}
-    if checkpoint:
-        changed["checkpoint"] = checkpoint
-    return scorer_name + (":" + ";".join(f"{k}={v}" for k, v in changed.items()) if changed else "")
 
 
 def check_trace_set(benchmark: Benchmark, folder: Path) -> None:
@@ -120,14 +64,15 @@ def check_trace_set(benchmark: Benchmark, folder: Path) -> None:
     names = [name for _, _, name in benchmark.trace_files()]
     missing = [name for name in names if not (folder / name).exists()]
     if missing:
+        root = folder.parent if benchmark.multi_model else folder  # prepare's --dir holds a folder per model
         raise BenchmarkError(
-            f"{folder}: the {benchmark.id} trace set is missing {', '.join(missing)}; run kvp-gym leaderboard prepare "
-            f"{benchmark.id}" + (f" --dir {folder}" if folder != benchmark.default_folder() else "")
+            f"{folder}: the {benchmark.label} trace set is missing {', '.join(missing)}; run kvp-gym leaderboard "
+            f"prepare {benchmark.arguments}" + (f" --dir {root}" if folder != benchmark.default_folder() else "")
         )
     found = fingerprint_set(benchmark, folder, names, tensors=False)
     problems = list(compare(read_manifest(benchmark), found, only=names))
     if problems:
-        raise BenchmarkError(f"{folder}: not the {benchmark.id} trace set:\n  " + "\n  ".join(problems))
+        raise BenchmarkError(f"{folder}: not the {benchmark.label} trace set:\n  " + "\n  ".join(problems))
 
 
 def standard_evaluation(
@@ -238,7 +183,7 @@ def _entry(
         "schema_version": SCHEMA_VERSION,
         "kind": kind_of(policy["needs_queries"], policy["privileged"]),
         "load": load,
-        "benchmark": {"id": benchmark.id, "manifest_sha256": manifest_sha256(benchmark)},
+        "benchmark": benchmark.entry_fields | {"manifest_sha256": manifest_sha256(benchmark)},
         "kvp_gym_version": record["kvp_gym_version"],
         "hardware": _hardware(device),
         "seeds": {
@@ -302,20 +247,24 @@ def _hardware(device: str) -> dict[str, str]:
 # --- validation ---------------------------------------------------------------------------------------------------
 
 
-def validate(paths: Sequence[Path], benchmark: Benchmark | None = None) -> list[str]:
+def validate(paths: Sequence[Path], benchmark: Benchmark | Sequence[Benchmark] | None = None) -> list[str]:
     """Every problem of the entry files ``paths``, one line each: ``FILE: JSON-PATH: what is wrong``.
 
-    Checks: valid JSON, the schema, a known benchmark (``benchmark`` if given, else the entry's id) with the current
-    manifest hash, internal consistency (intervals contain their mean, retained fraction non-decreasing in the
-    budget, the benchmark's tasks, lengths, budgets, sample counts and seeds), a checkpoint whose SHA-256 matches,
-    a ``kind`` that is what the loaded scorer declares (:func:`declarations`), and no two entries with the same
-    name.
+    Checks: valid JSON, the schema, a known benchmark with the current manifest hash, internal consistency
+    (intervals contain their mean, retained fraction non-decreasing in the budget, the benchmark's tasks, lengths,
+    budgets, sample counts and seeds), a checkpoint whose SHA-256 matches, a ``kind`` that is what the loaded scorer
+    declares (:func:`kvp_gym_leaderboard.policy.declarations`), and no two entries with the same name on one board.
+
+    Each entry is checked against its model's part of the benchmark: of ``benchmark`` when given (one part, or
+    several parts of one benchmark: :func:`kvp_gym_leaderboard.definition.benchmark_parts`), else of the benchmark
+    its id names. An entry for another benchmark, or for a model none of the given parts is, is refused.
     """
     import jsonschema
 
+    given = [benchmark] if isinstance(benchmark, Benchmark) else benchmark
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
     problems: list[str] = []
-    names: dict[str, Path] = {}
+    names: dict[tuple[str, str | None, str], Path] = {}  # a board is one benchmark's one model
     for path in paths:
         path = Path(path)
         try:
@@ -330,10 +279,11 @@ def validate(paths: Sequence[Path], benchmark: Benchmark | None = None) -> list[
         problems += [f"{path}: {_json_path(e.absolute_path)}: {_schema_message(e)}" for e in errors]
         if errors:
             continue
-        problems += [f"{path}: {where}: {message}" for where, message in _consistency(entry, path, benchmark)]
-        if entry["name"] in names:
-            problems.append(f"{path}: $.name: {entry['name']!r} is already the name of {names[entry['name']]}")
-        names.setdefault(entry["name"], path)
+        problems += [f"{path}: {where}: {message}" for where, message in _consistency(entry, path, given)]
+        board = (entry["benchmark"]["id"], entry["benchmark"].get("model"), entry["name"])
+        if board in names:
+            problems.append(f"{path}: $.name: {entry['name']!r} is already the name of {names[board]}")
+        names.setdefault(board, path)
     return problems
 
 
@@ -351,20 +301,28 @@ def _schema_message(error) -> str:
     return error.message
 
 
-def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[tuple[str, str]]:
-    """(JSON path, problem) for everything the schema cannot express."""
+def _consistency(entry: dict, path: Path, given: Sequence[Benchmark] | None) -> Iterator[tuple[str, str]]:
+    """(JSON path, problem) for everything the schema cannot express (``given``: the parts to check against)."""
     wanted = entry["benchmark"]["id"]
-    if given is not None and given.id != wanted:
-        yield "$.benchmark.id", f"entry is for {wanted!r}, this board is {given.id!r}"
+    if given and given[0].id != wanted:
+        yield "$.benchmark.id", f"entry is for {wanted!r}, this board is {given[0].id!r}"
         return
     try:
-        benchmark = given or load_benchmark(wanted)
+        parts = given or benchmark_parts(wanted)
+    except BenchmarkError as err:
+        yield "$.benchmark.id", str(err)
+        return
+    benchmark, problem = _part_of(entry, parts)
+    if benchmark is None:
+        yield "$.benchmark.model", problem
+        return
+    try:
         current = manifest_sha256(benchmark)
     except BenchmarkError as err:
         yield "$.benchmark.id", str(err)
         return
     if entry["benchmark"]["manifest_sha256"] != current:
-        yield "$.benchmark.manifest_sha256", f"stale: the {benchmark.id} manifest's SHA-256 is now {current}"
+        yield "$.benchmark.manifest_sha256", f"stale: the {benchmark.label} manifest's SHA-256 is now {current}"
     level, e2e_settings = benchmark.trace_level, benchmark.end_to_end
     seeds = {"trace_level": level.seed, "end_to_end": e2e_settings.seed, "bootstrap": level.bootstrap_seed}
     for key, value in seeds.items():
@@ -391,6 +349,21 @@ def _consistency(entry: dict, path: Path, given: Benchmark | None) -> Iterator[t
     if any(where == "$.load" for where, _ in kind):
         return  # no scorer: no label to recompute the intervals under
     yield from _number_problems(entry, benchmark)
+
+
+def _part_of(entry: dict, parts: Sequence[Benchmark]) -> tuple[Benchmark | None, str]:
+    """(the part of ``parts``, of one benchmark, that ``entry`` is for, "") : the part of its ``benchmark.model``,
+    which an entry of a single-model benchmark may leave out; else (None, what is wrong)."""
+    model, first = entry["benchmark"].get("model"), parts[0]
+    for part in parts:
+        if model == part.model or (model is None and not part.multi_model):
+            return part, ""
+    if model is None:
+        return None, f"{first.id} covers several models ({', '.join(first.models)}): the entry names none"
+    if model in first.models:
+        mine = " and ".join(repr(part.model) for part in parts)
+        return None, f"the entry is for {first.id}'s model {model!r}, this board is its {mine} part"
+    return None, f"{first.id} has no model {model!r}; its models: {', '.join(first.models)}"
 
 
 def _number_problems(entry: dict, benchmark: Benchmark) -> Iterator[tuple[str, str]]:

@@ -1,27 +1,25 @@
 """The board in a real browser: entries of a tiny benchmark shaped like bench-v0 (its five tasks, two prompt lengths
 and two end-to-end budgets, on tiny-random), submitted as `kvp-gym submit` writes them, built into the page, served on
-localhost and driven in headless Chromium (Playwright with the system's Chromium; .ci/run installs Debian's chromium
-package) in a 1280 x 900 window. And the page's note on lagkv and streaming_llm, checked on a prefilled cache."""
+localhost and driven in headless Chromium (tests/site_browser.py) in a 1280 x 900 window. And the page's note on
+lagkv and streaming_llm, checked on a prefilled cache."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
-import shutil
-import threading
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 from matplotlib.colors import to_hex
+from site_browser import WINDOW, open_site
 from tiny_benchmark import benchmark_toml
 
 from kvp_gym.cache.generate import prefill
 from kvp_gym.scorers import get_scorer
 from kvp_gym_leaderboard.benchmark import load_benchmark, prepare
-from kvp_gym_leaderboard.page import FULL_CACHE_BLACK, ORACLE_GREY, PALETTE, build_site, figures
+from kvp_gym_leaderboard.page import build_site
+from kvp_gym_leaderboard.plots import FULL_CACHE_BLACK, ORACLE_GREY, PALETTE, figures
 from kvp_gym_leaderboard.site import ordered
 from kvp_gym_leaderboard.submission import read_entry, standard_evaluation
 
@@ -37,7 +35,6 @@ WIDE = benchmark_toml(
     {"tasks": ["niah_single", "niah_multikey", "niah_multiquery"], "context": 1024, "budgets": [64, 128], "samples": 1},
 )
 POLICIES = ["oracle", "streaming_llm", "lagkv", "tova", "expected_attention", "random"]  # the longest name included
-WINDOW = {"width": 1280, "height": 900}
 
 
 @pytest.fixture(scope="module")
@@ -57,35 +54,10 @@ def entries(tmp_path_factory) -> list[dict]:
 @pytest.fixture(scope="module")
 def page(entries, tmp_path_factory):
     """The built board open in headless Chromium at 1280 x 900; console errors collected in ``tab.errors``."""
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
-    )
-    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    if chromium is None:
-        pytest.skip("no Chromium on this machine (apt-get install chromium)")
     site = tmp_path_factory.mktemp("board") / "site"
     build_site(entries, site)
-    handler = functools.partial(_QuietHandler, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        )
-        tab = browser.new_page(viewport=WINDOW)
-        tab.errors = []
-        tab.on("console", lambda message: tab.errors.append(message.text) if message.type == "error" else None)
-        tab.on("pageerror", lambda error: tab.errors.append(str(error)))
-        tab.on("requestfailed", lambda request: tab.errors.append(f"request failed: {request.url}"))
-        tab.goto(f"http://127.0.0.1:{server.server_port}/index.html", wait_until="load")
+    with open_site(site, WINDOW) as tab:
         yield tab
-        browser.close()
-    server.shutdown()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # keep pytest's output clean
-        pass
 
 
 def fresh(tab):
