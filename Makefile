@@ -20,7 +20,7 @@ KVP_LENGTHS := 512 2048
 .PHONY: install test demo tour lint fuzz fuzz-entries gpu-check clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
 	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval kvp2-e2e \
 	gemma-install gemma-train-traces gemma-val-traces gemma-test-traces gemma-agents gemma-val gemma-eval \
-	leaderboard leaderboard-entries
+	leaderboard leaderboard-entries leaderboard-v1-entries
 
 install: $(STAMP)
 
@@ -270,6 +270,24 @@ leaderboard-entries: $(STAMP)
 		--name kvp --authors "kvp-gym maintainers" --work runs/board-kvp --out leaderboard/entries/kvp.json
 	$(BIN)/kvp-gym submit --benchmark bench-v0 --policy kvp --checkpoint agents/checkpoints/smollm2-135m-v1.safetensors \
 		--name kvp-v1 --authors "kvp-gym maintainers" --work runs/board-kvp-v1 --out leaderboard/entries/kvp-v1.json
+
+# bench-v1 (docs/leaderboard.md): each model's trace set, then every baseline, the oracle and the agents of each model
+# as submissions into leaderboard/entries/bench-v1/MODEL/ (resumable). The first run adds --write-manifest to prepare.
+BENCH_V1_MODELS := smollm2-135m gemma3-270m
+leaderboard-v1-entries: $(STAMP)
+	for m in $(BENCH_V1_MODELS); do $(BIN)/kvp-gym leaderboard prepare bench-v1 --model $$m || exit 1; done
+	for m in $(BENCH_V1_MODELS); do $(BIN)/kvp-gym submit --benchmark bench-v1 --model $$m \
+		$(foreach p,$(BOARD_POLICIES),--policy $(p)) --authors "kvp-gym maintainers" --work runs/board-v1 \
+		--out leaderboard/entries/bench-v1/$$m || exit 1; done
+	$(BIN)/kvp-gym submit --benchmark bench-v1 --model smollm2-135m --policy kvp \
+		--checkpoint agents/checkpoints/smollm2-135m.safetensors --name kvp --authors "kvp-gym maintainers" \
+		--work runs/board-v1-kvp --out leaderboard/entries/bench-v1/smollm2-135m/kvp.json
+	$(BIN)/kvp-gym submit --benchmark bench-v1 --model smollm2-135m --policy kvp \
+		--checkpoint agents/checkpoints/smollm2-135m-v1.safetensors --name kvp-v1 --authors "kvp-gym maintainers" \
+		--work runs/board-v1-kvp-v1 --out leaderboard/entries/bench-v1/smollm2-135m/kvp-v1.json
+	$(BIN)/kvp-gym submit --benchmark bench-v1 --model gemma3-270m --policy kvp --checkpoint $(GEMMA_AGENTS) \
+		--name kvp --authors "kvp-gym maintainers" --work runs/board-v1-gemma-kvp \
+		--out leaderboard/entries/bench-v1/gemma3-270m/kvp.json
 
 # Every check that needs a CUDA GPU, in one run (README, "GPU check"): the compiled Triton kernels against their
 # torch path and the CUDA trainer tests (tests/conftest.py uses the interpreter only without CUDA), the kernel
