@@ -1,7 +1,7 @@
 """The ``kvp-gym`` command line. ``kvp-gym --help`` lists the commands; each has its own ``--help``.
 
 Each command registers its own sub-parser beside its handler (kvp_gym.cli.collect, .traces, .evaluate, .tasks,
-.generate, .e2e: ``add_command(commands)`` sets ``handler``); the shared value types and options live in
+.generate, .e2e, .shortcut: ``add_command(commands)`` sets ``handler``); the shared value types and options live in
 kvp_gym.cli.options. Other packages add their commands (agents' ``train``, the leaderboard's) through the
 ``kvp_gym.commands`` entry points, so that kvp_gym imports none of them.
 
@@ -15,7 +15,7 @@ import sys
 import warnings
 from importlib.metadata import entry_points
 
-from kvp_gym.cli import collect, e2e, evaluate, generate, tasks, traces
+from kvp_gym.cli import collect, e2e, evaluate, generate, shortcut, tasks, traces
 from kvp_gym.cli.options import parse_shard
 from kvp_gym.cli.traces import describe
 from kvp_gym.version import __version__
@@ -46,6 +46,7 @@ _COMMANDS = (
     e2e.add_command,
     evaluate.add_table_command,
     e2e.add_merge_command,
+    shortcut.add_command,
 )
 
 

@@ -11,11 +11,14 @@
   geometric mean intervals), paired differences and Spearman's correlation, shared by both levels and by the
   leaderboard.
 - :mod:`kvp_gym.evaluation.report`: the tables and plots of both levels' records.
+- :mod:`kvp_gym.evaluation.token_classes`: ``kvp-gym evaluate-shortcut``, the share of a token class (digits) in
+  each policy's top-k tokens against the oracle's and the base rate (a shortcut control).
 
 Policy specs (``name:param=value;...``) parse in :mod:`kvp_gym.scorers` (``from_spec``, ``resolve_policies``).
 Inside the room: trace_level imports selection, report and stats; end_to_end imports run_folder, report and
-stats; report imports stats; stats only numpy. The room imports kvp_gym's core modules (scorers, traces,
-importance, utility; end_to_end also cache, models, tasks), never kvp_gym.cli. This package imports nothing
+stats; token_classes imports selection and stats; report imports stats; stats only numpy. The room imports
+kvp_gym's core modules (scorers, traces, importance, utility; end_to_end also cache, models, tasks;
+token_classes models), never kvp_gym.cli. This package imports nothing
 itself: each public name loads its module on first use.
 """
 
@@ -41,6 +44,7 @@ _HOMES = {
         ("chosen_layers_and_heads", "evaluation_episodes", "evaluation_samples", "layer_view"), "selection"
     ),
     **dict.fromkeys(("E2EConfig", "merge", "run", "summarize"), "end_to_end"),
+    **dict.fromkeys(("TOKEN_CLASSES", "shares_table", "token_class_shares", "write_shares"), "token_classes"),
     **dict.fromkeys(
         ("bootstrap_generator", "geometric_mean_interval", "mean_interval", "paired_differences", "spearman"), "stats"
     ),
