@@ -33,7 +33,10 @@ from kvp_gym_agents.kvp import KVPNetwork, agent_keys, ages_of
 
 CHECKPOINT_FORMAT = "kvp-gym/kvp-agents-v1"
 DEFAULT_MODEL = "smollm2-135m"  # kvp_gym.models.DEFAULT_MODEL, not imported here: that module loads transformers
-SHIPPED = {DEFAULT_MODEL: Path(__file__).parent / "checkpoints" / f"{DEFAULT_MODEL}.safetensors"}
+# The shipped agents by model id (docs/agents.md): ``kvp`` uses SmolLM2's, ``kvp:model=gemma3-270m`` Gemma 3's.
+SHIPPED = {
+    model: Path(__file__).parent / "checkpoints" / f"{model}.safetensors" for model in (DEFAULT_MODEL, "gemma3-270m")
+}
 
 
 def save_checkpoint(path: str | Path, network: KVPNetwork, heads: list[tuple[int, int]], metadata: dict) -> Path:
@@ -127,7 +130,8 @@ def _read_once(path: str, version: tuple[int, int, int], device: torch.device) -
 class KVPScorer:
     """The learned KVP scorer: each head's own network scores its tokens from key, value and position.
 
-    checkpoint: a file written by :func:`save_checkpoint`; empty = the agents shipped for smollm2-135m. keys,
+    checkpoint: a file written by :func:`save_checkpoint`; empty = the agents shipped for ``model`` (default
+    smollm2-135m; ``SHIPPED`` lists the models with shipped agents). keys,
     values [B..., n, D], positions [B..., n], mask [B..., n] and the view's layer / kv_head ids [B...] -> scores
     [B..., n]; a head the checkpoint has no agent for is an error. Agents trained on pre-RoPE keys (``key_frame``
     pre) un-rotate the view's keys with its ``rotary`` (:func:`kvp_gym_agents.kvp.agent_keys`, as the trainer
@@ -135,20 +139,33 @@ class KVPScorer:
     """
 
     checkpoint: str = ""
+    model: str = ""
     name: ClassVar[str] = "kvp"
     needs_queries: ClassVar[bool] = False
     needs_future: ClassVar[bool] = False
 
     def __post_init__(self):
-        if not self.checkpoint and not SHIPPED[DEFAULT_MODEL].exists():
-            raise ScorerError(
-                f"no shipped KVP agents at {SHIPPED[DEFAULT_MODEL]}; pass checkpoint='path/agents.safetensors'"
-            )
+        if self.checkpoint and self.model:
+            raise ScorerError("kvp: give a checkpoint or the model whose shipped agents to use, not both")
+        if not self.checkpoint:
+            if self.shipped_for not in SHIPPED:
+                raise ScorerError(
+                    f"kvp ships agents for {', '.join(SHIPPED)}, not {self.model!r}: pass checkpoint=PATH instead"
+                )
+            if not SHIPPED[self.shipped_for].exists():
+                raise ScorerError(
+                    f"no shipped KVP agents at {SHIPPED[self.shipped_for]}; pass checkpoint='path/agents.safetensors'"
+                )
         _cached(self.path)  # fail early on a bad file
 
     @property
+    def shipped_for(self) -> str:
+        """The model whose shipped agents an empty checkpoint means."""
+        return self.model or DEFAULT_MODEL
+
+    @property
     def path(self) -> str:
-        return str(self.checkpoint or SHIPPED[DEFAULT_MODEL])
+        return str(self.checkpoint or SHIPPED[self.shipped_for])
 
     @property
     def files(self) -> tuple[str]:
@@ -165,14 +182,16 @@ class KVPScorer:
         trained = self.metadata["geometry"]
         used = {"head_dim": head_dim, "num_layers": num_layers, "num_kv_heads": num_kv_heads}
         differs = {k: (trained.get(k), v) for k, v in used.items() if trained.get(k) != v}
+        hint = f" (its shipped agents: kvp:model={model})" if not self.checkpoint and model in SHIPPED else ""
         if differs:
             raise ScorerError(
                 f"{self.path} was trained for {self.metadata['model']} {trained}, but is used with {model} "
-                f"{used}: differs in {sorted(differs)}"
+                f"{used}: differs in {sorted(differs)}{hint}"
             )
-        if not self.checkpoint and model != DEFAULT_MODEL:
+        if not self.checkpoint and model != self.shipped_for:
             raise ScorerError(
-                f"kvp ships agents for {', '.join(SHIPPED)} only, not for {model}: train some (kvp-gym train) and "
+                f"kvp ships agents for {', '.join(SHIPPED)}; these are {self.shipped_for}'s, not {model}'s{hint}: "
+                "otherwise train some (kvp-gym train) and "
                 "pass checkpoint=PATH"
             )
 

@@ -250,6 +250,27 @@ def test_shipped_agents_cover_smollm2():
     get_scorer("kvp").check_geometry("smollm2-135m", 64, 30, 3)  # the default: no error
 
 
+def test_shipped_agents_for_gemma3_cover_its_global_layers():
+    """kvp:model=gemma3-270m: one agent per full-attention layer (the only ones the evicting cache scores); the
+    default kvp (SmolLM2's) used on Gemma says which spec to use instead."""
+    gemma = get_scorer("kvp", model="gemma3-270m")
+    assert gemma.path == str(SHIPPED["gemma3-270m"]) and SHIPPED["gemma3-270m"].stat().st_size < 2**20
+    metadata = gemma.metadata
+    assert metadata["model"] == "gemma3-270m" and sorted(map(tuple, metadata["heads"])) == [(5, 0), (11, 0), (17, 0)]
+    assert metadata["geometry"] == {"head_dim": 256, "num_layers": 18, "num_kv_heads": 1}
+    gemma.check_geometry("gemma3-270m", 256, 18, 1)
+    with pytest.raises(ScorerError, match=r"differs in .*\(its shipped agents: kvp:model=gemma3-270m\)"):
+        get_scorer("kvp").check_geometry("gemma3-270m", 256, 18, 1)
+    with pytest.raises(ScorerError, match="kvp ships agents for smollm2-135m, gemma3-270m, not 'nope'"):
+        get_scorer("kvp", model="nope")
+    torch.manual_seed(0)
+    keys = torch.randn(3, 40, 256)
+    view = HeadView(keys, torch.randn(3, 40, 256), torch.arange(40).expand(3, 40), torch.ones(3, 40, dtype=torch.bool),
+                    layer=torch.tensor([5, 11, 17]), kv_head=torch.zeros(3, dtype=torch.long))  # fmt: skip
+    scores = score(gemma, view)
+    assert scores.shape == (3, 40) and torch.isfinite(scores).all() and not torch.equal(scores[0], scores[1])
+
+
 def test_distributed_training_with_two_processes(tiny_trace, tmp_path):
     """torchrun, 2 local processes, gloo: the replicas stay identical and process 0 writes the checkpoint."""
     import json
