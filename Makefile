@@ -228,10 +228,12 @@ gemma-val-traces: $(STAMP)
 gemma-test-traces: $(STAMP)
 	$(call collect_mix,test,$(KVP2_VAL_TASKS) niah_single_words,$(GEMMA_TEST_MIX),test,0$(comma)0$(comma)1,$(GEMMA),$(GEMMA_COLLECT))
 
+# The shipped Gemma agents read pre-RoPE keys and relative ages (docs/agents.md: the variant that won validation at
+# 8k and 16k); gemma3-270m-v1.safetensors, the first ones, are GEMMA_OPTIONS= (the defaults) into runs/kvp-gemma3.
+GEMMA_OPTIONS := --key-frame pre --ages relative
 gemma-agents: gemma-train-traces
-	$(BIN)/kvp-gym train --traces $(GEMMA)/train-*.h5 $(GEMMA)/trainval-*.h5 --heads all --out runs/kvp-gemma3 \
-		--preset demo --steps 600 \
-		--eval-every 100
+	$(BIN)/kvp-gym train --traces $(GEMMA)/train-*.h5 $(GEMMA)/trainval-*.h5 --heads all --out runs/kvp-gemma3-pre-relative \
+		--preset demo --steps 600 --eval-every 100 $(GEMMA_OPTIONS)
 
 gemma-val: gemma-val-traces
 	for c in $(GEMMA_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(GEMMA)/val-$$c-*.h5 --split val \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import kvp_gym  # noqa: F401
+from kvp_gym.attention import Rotary
 from kvp_gym.envs.episodes import EpisodeKey
 from kvp_gym.evaluation import evaluate
 from kvp_gym.importance import ImportanceStore
@@ -267,8 +269,14 @@ def test_shipped_agents_for_gemma3_cover_its_global_layers():
     keys = torch.randn(3, 40, 256)
     view = HeadView(keys, torch.randn(3, 40, 256), torch.arange(40).expand(3, 40), torch.ones(3, 40, dtype=torch.bool),
                     layer=torch.tensor([5, 11, 17]), kv_head=torch.zeros(3, dtype=torch.long))  # fmt: skip
-    scores = score(gemma, view)
+    # The shipped ones read pre-RoPE keys (docs/agents.md): they need the layer's RoPE, which a view without one lacks.
+    assert metadata["network"]["key_frame"] == "pre" and metadata["network"]["ages"] == "relative"
+    with pytest.raises(ScorerError, match="RoPE"):
+        score(gemma, view)
+    scores = score(gemma, dataclasses.replace(view, rotary=Rotary.default(256, 1e6)))
     assert scores.shape == (3, 40) and torch.isfinite(scores).all() and not torch.equal(scores[0], scores[1])
+    older = get_scorer("kvp", checkpoint=str(SHIPPED["gemma3-270m"].with_name("gemma3-270m-v1.safetensors")))
+    assert older.metadata["network"].get("key_frame", "post") == "post" and torch.isfinite(score(older, view)).all()
 
 
 def test_distributed_training_with_two_processes(tiny_trace, tmp_path):
