@@ -191,8 +191,7 @@ class KVPScorer:
         if not self.checkpoint and model != self.shipped_for:
             raise ScorerError(
                 f"kvp ships agents for {', '.join(SHIPPED)}; these are {self.shipped_for}'s, not {model}'s{hint}: "
-                "otherwise train some (kvp-gym train) and "
-                "pass checkpoint=PATH"
+                "otherwise train some (kvp-gym train) and pass checkpoint=PATH"
             )
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ Imports only kvp_gym.importance, kvp_gym.scorers and kvp_gym.traces (and kvp_gym
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from kvp_gym.importance import ImportanceStore
-from kvp_gym.scorers import HeadView
+from kvp_gym.scorers import HeadView, Scorer
 from kvp_gym.traces import open_compatible
 
 
@@ -98,3 +99,13 @@ def layer_view(trace, store: ImportanceStore, sample, layer: int, heads: int) ->
         rotary=trace.header.rotary_of(layer),
     )
     return view, importance, tick
+
+
+def declared_view(scorer: Scorer, view: HeadView, importance: torch.Tensor) -> HeadView:
+    """``view`` as ``scorer`` may see it: the future importance [B..., n] only if it declares ``needs_future`` (the
+    oracle), the prefill queries only if it declares ``needs_queries``."""
+    if scorer.needs_future:
+        view = dataclasses.replace(view, future_importance=importance)
+    if not scorer.needs_queries:
+        view = dataclasses.replace(view, queries=None)
+    return view

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kvp_gym.evaluation.selection import evaluation_samples, layer_view
+from kvp_gym.evaluation.selection import declared_view, evaluation_samples, layer_view
 from kvp_gym.evaluation.stats import bootstrap_generator, interval95, mean_interval, resample_rows
 from kvp_gym.importance import ImportanceStore
 from kvp_gym.scorers import PolicySpec, ScorerError, model_mismatches, resolve_policies, score
@@ -208,10 +208,9 @@ def _score_cells(
         rates[i] = base_rate(candidates, in_class)
         view, importance, _ = layer_view(trace, stores[trace], sample, layers[j], heads)
         for label, scorer in scorers.items():  # each scorer sees what it declares, as in `kvp-gym evaluate`
-            given = dataclasses.replace(view, future_importance=importance) if scorer.needs_future else view
-            given = given if scorer.needs_queries else dataclasses.replace(given, queries=None)
             with torch.no_grad():
-                shares[label][i, j] = top_k_shares(score(scorer, given).cpu(), candidates, in_class, top).numpy()
+                scores = score(scorer, declared_view(scorer, view, importance)).cpu()
+            shares[label][i, j] = top_k_shares(scores, candidates, in_class, top).numpy()
     return shares, rates
 
 

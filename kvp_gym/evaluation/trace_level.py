@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 
 from kvp_gym.distributed_run import ONE_PROCESS, Processes
 from kvp_gym.evaluation.report import plot_trace_level
-from kvp_gym.evaluation.selection import chosen_layers_and_heads, evaluation_samples, layer_view
+from kvp_gym.evaluation.selection import chosen_layers_and_heads, declared_view, evaluation_samples, layer_view
 from kvp_gym.evaluation.stats import bootstrap_generator, mean_interval, paired_differences
 from kvp_gym.importance import ImportanceStore
 from kvp_gym.scorers import (
@@ -306,11 +306,7 @@ def _score_layer(
     for label, scorer in scorers.items():
         tick = time.perf_counter()
         whole_layer = getattr(scorer, "scope", "head") == "layer"
-        given = view if whole_layer else head_view
-        if scorer.needs_future:
-            given = dataclasses.replace(given, future_importance=all_importance if whole_layer else importance)
-        if not scorer.needs_queries:
-            given = dataclasses.replace(given, queries=None)  # a scorer sees only what it declares
+        given = declared_view(scorer, *((view, all_importance) if whole_layer else (head_view, importance)))
         s = score(scorer, given)
         s = s[heads] if whole_layer and not every_head else s
         tally.seconds[label] += time.perf_counter() - tick
