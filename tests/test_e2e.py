@@ -9,14 +9,19 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
+from kvp_gym import models
+from kvp_gym.cache.generate import prefill
+from kvp_gym.capture import capture_qkv
 from kvp_gym.cli import main
-from kvp_gym.evaluation.end_to_end import E2EConfig, merge, run, summarize
+from kvp_gym.evaluation.end_to_end import E2EConfig, _future_importance, merge, run, summarize
 from kvp_gym.evaluation.report import end_to_end_table
 from kvp_gym.evaluation.run_folder import part_path, run_settings, write_settings
 from kvp_gym.evaluation.stats import spearman
 from kvp_gym.scorers import resolve_policies
 from kvp_gym.storage import file_sha256
+from kvp_gym.utility import future_importance
 
 CONFIG = E2EConfig(
     model="tiny-random",
@@ -209,3 +214,28 @@ def test_the_progress_estimate_weighs_each_sample_by_its_decoding(finished, tmp_
     run(CONFIG, tmp_path / "run", progress=True)
     total = CONFIG.cost("niah_single") + CONFIG.cost("essay")
     assert re.search(rf"evaluate-e2e: 100%\|.*\| {total}/{total} \[.*, 2/2 samples\]", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["tiny-random", "tiny-gemma3"])
+def test_the_oracle_importance_from_the_cached_continuation_equals_one_pass_over_prompt_and_continuation(name):
+    """Only the continuation runs, into a copy of the prefilled cache; the reference runs prompt + continuation in one
+    pass. tiny-gemma3's prompt crosses its sliding window: its global layers are the ones ranked."""
+    model, _ = models.load(name)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.config.get_text_config().vocab_size, (300,), generator=generator).tolist()
+    future = ids[-7:]  # any tokens will do
+    state = prefill(model, ids)
+    attention = state.cache.attention
+    found = _future_importance(model, future, state)
+    assert sorted(found) == attention.global_layers and len(attention.global_layers) >= 1
+    with torch.inference_mode(), capture_qkv(model, attention.global_layers) as captured:
+        model(torch.tensor([ids + future]))
+    for layer, (queries, keys, _) in captured.items():
+        expected = future_importance(
+            attention.group_queries(queries)[0], keys[0], len(ids), attention=attention.specs[layer]
+        )
+        assert found[layer].shape == (1, attention.num_kv_heads, len(ids))
+        torch.testing.assert_close(found[layer][0], expected, atol=2e-3, rtol=1e-2)
+        assert float(found[layer].sum()) > 1  # the continuation paid attention to the prompt
+    assert all(float(v.abs().sum()) == 0 for v in _future_importance(model, [], state).values())
+    assert state.cache.physical_length() == len(ids)  # the prefilled cache is untouched

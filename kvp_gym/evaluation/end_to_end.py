@@ -1,7 +1,8 @@
 """End-to-end evaluation: what a model answers, and how well it predicts text, with an evicting cache.
 
 For every sample: prefill once (prefill dominates on a CPU), decode with the full cache (the reference, and the
-continuation whose attention the oracle ranks by), then for every policy score the prefilled cache once and, for
+continuation whose attention the oracle ranks by, read by running only the continuation into a copy of the full
+cache), then for every policy score the prefilled cache once and, for
 every budget, keep the top of that scoring in a copy of the cache; the policies' copies are decoded together as
 one batch (decoding a small model is bound by reading its weights, once per step for the whole batch). Task
 samples are scored by exact match (the task's own scorer), held-out essays by the perplexity of their real
@@ -35,7 +36,7 @@ policies were evaluated with it. The proxy correlations leave out privileged pol
 its holistic score is 1 by construction); ``policies`` lists the ones correlated.
 :func:`kvp_gym.evaluation.report.end_to_end_table` renders the summary.
 
-Imports kvp_gym.models, .cache, .capture, .device, .distributed_run, .generation, .scorers, .storage, .tasks,
+Imports kvp_gym.models, .cache, .capture, .device, .distributed_run, .generation, .kernels, .scorers, .storage, .tasks,
 .utility, .version and kvp_gym.evaluation.run_folder, .stats and .report.
 """
 
@@ -73,11 +74,12 @@ from kvp_gym.evaluation.report import FULL_CACHE, plot_end_to_end
 from kvp_gym.evaluation.run_folder import check_settings, gather_parts, part_path, read_settings, run_settings
 from kvp_gym.evaluation.stats import bootstrap_generator, geometric_mean_interval, mean_interval, spearman
 from kvp_gym.generation import sample_seed
+from kvp_gym.kernels.attention_stats import attention_stats
 from kvp_gym.scorers import Scorer, model_mismatches, parameters, resolve_policies
 from kvp_gym.storage import atomic_path
 from kvp_gym.tasks import encode, get_task, make_sample
 from kvp_gym.tasks.text import TEXT_POOLS
-from kvp_gym.utility import future_importance, holistic_score, needle_attention_kept, protected_tokens
+from kvp_gym.utility import holistic_score, needle_attention_kept, protected_tokens
 from kvp_gym.version import __version__
 
 SCHEMA, SCHEMA_VERSION = "kvp-gym/e2e-evaluation", 1
@@ -224,7 +226,7 @@ def _evaluate_sample(
     tick = time.perf_counter()
     future, record[FULL_CACHE] = _full_cache_reference(prompt, encoded.continuation_ids[: config.continuation])
     seconds["decode"] += time.perf_counter() - tick
-    importance = _future_importance(model, ids, future, state)  # what the full-cache continuation attended to
+    importance = _future_importance(model, future, state)  # what the full-cache continuation attended to
     all_scores, record["policies"] = _score_policies(state, scorers, importance, encoded.needle_spans, config, seconds)
     tick = time.perf_counter()
     for budget in config.budgets:  # every policy's compression of this prompt decoded in one batch
@@ -310,16 +312,21 @@ def _essay_result(logits: torch.Tensor, future: Sequence[int]) -> dict[str, Any]
     return {"perplexity": math.exp(nll.mean().item()), "nll": [round(v, 6) for v in nll.tolist()]}
 
 
-def _future_importance(model, ids: list[int], future: list[int], state: Prefill) -> dict[int, torch.Tensor]:
-    """layer -> [1, H_kv, n]: the attention the continuation paid to each prompt token (the oracle's ranking)."""
-    attention = state.cache.attention
-    with capture_qkv(model, range(len(attention.specs))) as captured:
-        last_logits(model, torch.tensor([ids + future], device=model.device))  # not the logits of every position
+def _future_importance(model, future: list[int], state: Prefill) -> dict[int, torch.Tensor]:
+    """Full-attention layer -> [1, H_kv, n]: the attention the continuation ``future`` paid to each prompt token
+    (the oracle's ranking). Only the continuation runs, into a copy of the full prefilled cache: the prompt is not
+    run twice (at 16k tokens the prompt pass is most of a sample's time). A sliding-window layer gets none: no
+    scorer ranks its tokens."""
+    attention, n = state.cache.attention, state.prompt_length
+    layers = attention.global_layers
+    if not future:  # the full cache answered nothing: the continuation paid no attention
+        return {layer: state.logits.new_zeros(1, attention.num_kv_heads, n) for layer in layers}
+    with capture_qkv(model, layers) as captured:
+        last_logits(model, torch.tensor([future], device=model.device), state.cache.copy())
     found = {}
-    for layer, (queries, keys, _) in captured.items():
-        grouped = attention.group_queries(queries)[0]  # [H, G, S, D]
-        importance = future_importance(grouped, keys[0], len(ids), attention=attention.specs[layer])
-        found[layer] = importance[None].to(state.logits.device)
+    for layer, (queries, keys, _) in captured.items():  # queries [1, H_q, F, D]; keys [1, H_kv, n + F, D]
+        importance = attention_stats(queries, keys, "max", attention=attention.specs[layer], out_keys=n)
+        found[layer] = importance.to(state.logits.device)
     return found
 
 
