@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from kvp_gym import models
-from kvp_gym.cache.generate import prefill
+from kvp_gym.cache.generate import future_attention, prefill
 from kvp_gym.capture import capture_qkv
 from kvp_gym.cli import main
-from kvp_gym.evaluation.end_to_end import E2EConfig, _future_importance, merge, run, summarize
+from kvp_gym.evaluation.end_to_end import E2EConfig, merge, run, summarize
 from kvp_gym.evaluation.report import end_to_end_table
 from kvp_gym.evaluation.run_folder import part_path, run_settings, write_settings
 from kvp_gym.evaluation.stats import spearman
@@ -226,7 +226,7 @@ def test_the_oracle_importance_from_the_cached_continuation_equals_one_pass_over
     future = ids[-7:]  # any tokens will do
     state = prefill(model, ids)
     attention = state.cache.attention
-    found = _future_importance(model, future, state)
+    found = future_attention(model, state, future)
     assert sorted(found) == attention.global_layers and len(attention.global_layers) >= 1
     with torch.inference_mode(), capture_qkv(model, attention.global_layers) as captured:
         model(torch.tensor([ids + future]))
@@ -237,5 +237,5 @@ def test_the_oracle_importance_from_the_cached_continuation_equals_one_pass_over
         assert found[layer].shape == (1, attention.num_kv_heads, len(ids))
         torch.testing.assert_close(found[layer][0], expected, atol=2e-3, rtol=1e-2)
         assert float(found[layer].sum()) > 1  # the continuation paid attention to the prompt
-    assert all(float(v.abs().sum()) == 0 for v in _future_importance(model, [], state).values())
+    assert all(float(v.abs().sum()) == 0 for v in future_attention(model, state, []).values())
     assert state.cache.physical_length() == len(ids)  # the prefilled cache is untouched

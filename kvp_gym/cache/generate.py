@@ -5,7 +5,7 @@ keys and values exist at once); :func:`prefill_compressing` (chunked prefill, a 
 in chunks and cuts the cache back to the budget after each, so the cache never holds more than budget + chunk
 rows per KV head. Neither projects more than the last prompt position onto the vocabulary (:func:`last_logits`).
 
-Imports kvp_gym.cache.evicting, kvp_gym.capture and kvp_gym.scorers.
+Imports kvp_gym.cache.evicting, kvp_gym.capture, kvp_gym.kernels and kvp_gym.scorers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvp_gym.cache.evicting import CacheError, Compression, EvictingCache
-from kvp_gym.capture import capture_queries
+from kvp_gym.capture import capture_qkv, capture_queries
+from kvp_gym.kernels.attention_stats import attention_stats
 from kvp_gym.scorers import Scorer, get_scorer
 
 CHUNKED_LABEL = " (chunked prefill)"  # the label suffix of a policy's results through the chunked prefill
@@ -87,6 +88,25 @@ def prefill(
     with capture_queries(model, keep_queries) as captured:
         logits = last_logits(model, ids, cache)
     return Prefill(cache, dict(captured) or None, logits, ids.shape[1])
+
+
+@torch.inference_mode()
+def future_attention(model: PreTrainedModel, state: Prefill, future: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Full-attention layer -> [1, H_kv, n]: the attention the continuation ``future`` paid to each prompt token
+    (what the oracle ranks by). Only the continuation runs, into a copy of the full prefilled cache: the prompt is not
+    run twice (at 16k tokens the prompt pass is most of a sample's time). A sliding-window layer gets none: no
+    scorer ranks its tokens."""
+    attention, n = state.cache.attention, state.prompt_length
+    layers = attention.global_layers
+    if not future:  # the full cache answered nothing: the continuation paid no attention
+        return {layer: state.logits.new_zeros(1, attention.num_kv_heads, n) for layer in layers}
+    with capture_qkv(model, layers) as captured:
+        last_logits(model, torch.tensor([list(future)], device=model.device), state.cache.copy())
+    found = {}
+    for layer, (queries, keys, _) in captured.items():  # queries [1, H_q, F, D]; keys [1, H_kv, n + F, D]
+        importance = attention_stats(queries, keys, "max", attention=attention.specs[layer], out_keys=n)
+        found[layer] = importance.to(state.logits.device)
+    return found
 
 
 def chunked_prefill_refusal(scorer: Scorer, chunk: int) -> str | None:

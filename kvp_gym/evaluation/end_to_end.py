@@ -36,7 +36,7 @@ policies were evaluated with it. The proxy correlations leave out privileged pol
 its holistic score is 1 by construction); ``policies`` lists the ones correlated.
 :func:`kvp_gym.evaluation.report.end_to_end_table` renders the summary.
 
-Imports kvp_gym.models, .cache, .capture, .device, .distributed_run, .generation, .kernels, .scorers, .storage, .tasks,
+Imports kvp_gym.models, .cache, .capture, .device, .distributed_run, .generation, .scorers, .storage, .tasks,
 .utility, .version and kvp_gym.evaluation.run_folder, .stats and .report.
 """
 
@@ -61,20 +61,18 @@ from kvp_gym.cache.generate import (
     Prefill,
     chunked_variants,
     continue_from,
-    last_logits,
+    future_attention,
     prefill,
     prefill_compressing_batch,
     query_window,
     until_eos,
 )
-from kvp_gym.capture import capture_qkv
 from kvp_gym.device import resolve_device
 from kvp_gym.distributed_run import ONE_PROCESS, Processes
 from kvp_gym.evaluation.report import FULL_CACHE, plot_end_to_end
 from kvp_gym.evaluation.run_folder import check_settings, gather_parts, part_path, read_settings, run_settings
 from kvp_gym.evaluation.stats import bootstrap_generator, geometric_mean_interval, mean_interval, spearman
 from kvp_gym.generation import sample_seed
-from kvp_gym.kernels.attention_stats import attention_stats
 from kvp_gym.scorers import Scorer, model_mismatches, parameters, resolve_policies
 from kvp_gym.storage import atomic_path
 from kvp_gym.tasks import encode, get_task, make_sample
@@ -226,7 +224,7 @@ def _evaluate_sample(
     tick = time.perf_counter()
     future, record[FULL_CACHE] = _full_cache_reference(prompt, encoded.continuation_ids[: config.continuation])
     seconds["decode"] += time.perf_counter() - tick
-    importance = _future_importance(model, future, state)  # what the full-cache continuation attended to
+    importance = future_attention(model, state, future)  # what the full-cache continuation attended to
     all_scores, record["policies"] = _score_policies(state, scorers, importance, encoded.needle_spans, config, seconds)
     tick = time.perf_counter()
     for budget in config.budgets:  # every policy's compression of this prompt decoded in one batch
@@ -310,24 +308,6 @@ def _essay_result(logits: torch.Tensor, future: Sequence[int]) -> dict[str, Any]
     target = torch.tensor(list(future), device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
     return {"perplexity": math.exp(nll.mean().item()), "nll": [round(v, 6) for v in nll.tolist()]}
-
-
-def _future_importance(model, future: list[int], state: Prefill) -> dict[int, torch.Tensor]:
-    """Full-attention layer -> [1, H_kv, n]: the attention the continuation ``future`` paid to each prompt token
-    (the oracle's ranking). Only the continuation runs, into a copy of the full prefilled cache: the prompt is not
-    run twice (at 16k tokens the prompt pass is most of a sample's time). A sliding-window layer gets none: no
-    scorer ranks its tokens."""
-    attention, n = state.cache.attention, state.prompt_length
-    layers = attention.global_layers
-    if not future:  # the full cache answered nothing: the continuation paid no attention
-        return {layer: state.logits.new_zeros(1, attention.num_kv_heads, n) for layer in layers}
-    with capture_qkv(model, layers) as captured:
-        last_logits(model, torch.tensor([future], device=model.device), state.cache.copy())
-    found = {}
-    for layer, (queries, keys, _) in captured.items():  # queries [1, H_q, F, D]; keys [1, H_kv, n + F, D]
-        importance = attention_stats(queries, keys, "max", attention=attention.specs[layer], out_keys=n)
-        found[layer] = importance.to(state.logits.device)
-    return found
 
 
 def _holistic(importance: dict[int, torch.Tensor], scores: list[torch.Tensor], config: E2EConfig) -> float:
