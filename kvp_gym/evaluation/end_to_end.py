@@ -36,7 +36,7 @@ policies were evaluated with it. The proxy correlations leave out privileged pol
 its holistic score is 1 by construction); ``policies`` lists the ones correlated.
 :func:`kvp_gym.evaluation.report.end_to_end_table` renders the summary.
 
-Imports kvp_gym.models, .cache, .capture, .device, .distributed_run, .generation, .scorers, .storage, .tasks,
+Imports kvp_gym.models, .cache, .device, .distributed_run, .generation, .scorers, .storage, .tasks,
 .utility, .version and kvp_gym.evaluation.run_folder, .stats and .report.
 """
 
