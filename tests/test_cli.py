@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -332,3 +333,34 @@ def test_top_level_help_wraps_each_command_line_between_words(columns, monkeypat
             shown[name].append(line.strip())
     assert {name: " ".join(words) for name, words in shown.items()} == wanted  # a word split in two would differ
     assert "leaderboard" in wanted and max(len(line) for line in parser.format_help().splitlines()) <= int(columns)
+
+
+def test_tasks_eval_writes_each_row_at_once_and_a_rerun_adds_only_the_missing_rows(tmp_path, monkeypatch, capsys):
+    import kvp_gym.generation as generation
+
+    measured = []
+    real = generation.task_accuracy
+
+    def counting(model, tokenizer, task, context, samples, seed=0):
+        measured.append((task.name, context))
+        return real(model, tokenizer, task, context, samples, seed=seed, progress=False)
+
+    monkeypatch.setattr(generation, "task_accuracy", counting)
+    out = tmp_path / "tasks.json"
+    base = ["tasks", "eval", "--model", "tiny-random", "--samples", "1", "--out", str(out)]
+    assert main([*base, "--tasks", "niah_single,essay", "--context", "700"]) == 0
+    first = json.loads(out.read_text())
+    assert measured == [("niah_single", 700), ("essay", 700)]
+    assert (first["model"], first["samples"], first["seed"]) == ("tiny-random", 1, 0)
+    assert main([*base, "--tasks", "niah_single,essay", "--context", "700,800"]) == 0
+    assert measured[2:] == [("niah_single", 800), ("essay", 800)]  # the 700-token rows were not measured again
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["task"], r["context"]) for r in rows] == [("niah_single", 700), ("essay", 700), *measured[2:]]
+    assert rows[:2] == first["results"]
+    assert "| essay | 700 | 1 |" in capsys.readouterr().out  # kept rows are printed too
+    assert main([*base[:4], "--samples", "2", "--out", str(out), "--tasks", "essay", "--context", "700"]) == 2
+    assert "samples 1 there, 2 asked" in capsys.readouterr().err
+    assert len(json.loads(out.read_text())["results"]) == 4  # nothing lost
+    out.write_text("{not json")
+    assert main([*base, "--tasks", "essay", "--context", "700"]) == 2
+    assert "not a tasks eval result" in capsys.readouterr().err

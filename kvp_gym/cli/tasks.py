@@ -23,7 +23,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--context", type=int_list, default=(1024,), help="context lengths, e.g. 1024,2048")
     accuracy.add_argument("--samples", type=positive_int, default=8, help="samples per task and context (default 8)")
     add_seed(accuracy)
-    add_out(accuracy, help="also write the results as JSON here")
+    add_out(
+        accuracy,
+        help="also write the results as JSON here, after each task and context; rerunning with the same "
+        "file skips the rows it holds (same model, samples and seed), so a stopped run resumes and rows can be added",
+    )
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -41,23 +45,55 @@ def _tasks(args: argparse.Namespace) -> int:
 
     names = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
     selected = [get_task(n) for n in names]
+    settings = {"model": args.model, "samples": args.samples, "seed": args.seed}
+    done = _finished_rows(args.out, settings) if args.out else {}
     model, tokenizer = models.load(args.model)
-    results = []
+    results = list(done.values())
     print("| task | context | samples | prompt tokens | full-cache score | perplexity |")
     print("|---|---|---|---|---|---|")
     for task in selected:
         for context in args.context:
-            r = task_accuracy(model, tokenizer, task, context, args.samples, seed=args.seed)
-            results.append(asdict(r))
-            score = "-" if r.score is None else f"{r.score:.2f}"
-            ppl = "-" if r.perplexity is None else f"{r.perplexity:.1f}"
+            row = done.get((task.name, context))
+            if row is None:  # not in --out yet: measure it, and write --out at once (a stopped run resumes here)
+                row = asdict(task_accuracy(model, tokenizer, task, context, args.samples, seed=args.seed))
+                results.append(row)
+                if args.out:
+                    _write_rows(args.out, settings, results)
+            score = "-" if row["score"] is None else f"{row['score']:.2f}"
+            ppl = "-" if row["perplexity"] is None else f"{row['perplexity']:.1f}"
             print(
-                f"| {r.task} | {context} | {r.samples} | {r.prompt_tokens:.0f} | {score} | {ppl} |",
+                f"| {row['task']} | {context} | {row['samples']} | {row['prompt_tokens']:.0f} | {score} | {ppl} |",
                 flush=True,
             )
-    if args.out:
-        from kvp_gym.storage import atomic_path
-
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps({"model": args.model, "results": results}, indent=2))
     return 0
+
+
+def _finished_rows(out: str, settings: dict) -> dict[tuple[str, int], dict]:
+    """The (task, context) rows already in ``out`` (a stopped or earlier run with the same model, samples and seed;
+    more tasks or contexts may be added), or none when it does not exist."""
+    from pathlib import Path
+
+    path = Path(out)
+    if not path.exists():
+        return {}
+    try:
+        found = json.loads(path.read_text())
+        rows = {(row["task"], int(row["context"])): row for row in found["results"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{out}: not a tasks eval result ({err}); move it away or choose another --out") from None
+    mismatch = [f"{k} {found[k]!r} there, {v!r} asked" for k, v in settings.items() if k in found and found[k] != v]
+    mismatch += [  # files written before the settings were recorded: each row's sample count
+        f"{task}@{context} has {row['samples']} samples, {settings['samples']} asked"
+        for (task, context), row in rows.items()
+        if row["samples"] != settings["samples"]
+    ]
+    if mismatch:
+        raise FileExistsError(f"{out} holds results of other settings ({mismatch[0]}); choose another --out")
+    return rows
+
+
+def _write_rows(out: str, settings: dict, results: list[dict]) -> None:
+    from kvp_gym.storage import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps({**settings, "results": results}, indent=2))
