@@ -19,7 +19,7 @@
     position's logits (``full logits``, every position projected onto the vocabulary) and as it is.
 
     python benchmarks/cache.py [--model smollm2-135m] [--context 4096] [--budget 256] [--steps 16]
-                               [--threads 1 --clock cpu]
+                               [--threads 1 --clock cpu] [--rounds 2]
     python benchmarks/cache.py --chunked [--contexts 4096,16384] [--budgets 256,512] [--prefill-chunk 512]
                                [--policies knorm,streaming_llm,tova,kvp] [--one-shot-policies knorm]
 
@@ -223,6 +223,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed on each side")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="(c): timed prefills of each kind, after the warm-up (default 2; 1 at 16k)",
+    )
     parser.add_argument("--policies", default=None, help=f"default {POLICIES}; with --chunked {CHUNKED_POLICIES}")
     parser.add_argument("--memory-only", action="store_true", help="only (b)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for (a), (c), (d) (0: torch's default)")
@@ -319,14 +325,14 @@ def timings(args: argparse.Namespace) -> None:
     # time is printed beside it, not folded into its ratio.
     kept = sorted({w for w in window.values() if w != 0}, key=lambda w: float("inf") if w is None else w)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    prefill_seconds, state = prefill_times(model, ids, [0, *kept], 2, clock)
+    prefill_seconds, state = prefill_times(model, ids, [0, *kept], args.rounds, clock)
     plain = prefill_seconds[0]
     full_bytes = state.cache.kv_bytes
     print(
         f"{args.model}, {args.context}-token prompt, budget {args.budget}, {torch.get_num_threads()} torch "
         f"thread{'s' * (torch.get_num_threads() > 1)}, {'thread CPU' if args.clock == 'cpu' else 'wall-clock'} time; "
-        f"prefill {plain:.2f} s (keeping no query; fastest of 2 after a warm-up, alternating with the prefills that "
-        "keep queries)"
+        f"prefill {plain:.2f} s (keeping no query; fastest of {args.rounds} after a warm-up, alternating with the "
+        "prefills that keep queries)"
     )
 
     rows = []
