@@ -272,3 +272,20 @@ def test_evaluate_e2e_runs_the_chunked_variant_beside_the_one_shot_policies(tmp_
     assert "tova (chunked prefill)" in end_to_end_table(short)
     with pytest.raises(CacheError, match="prefill chunk 64: chunked prefill cannot serve 'h2o'"):
         run(E2EConfig(**{**base, "policies": ("knorm", "h2o")}, prefill_chunk=64), tmp_path / "h2o", progress=False)
+
+
+def test_the_generate_command_takes_the_chunked_prefill_and_refuses_what_it_cannot_serve(tiny, tmp_path, capsys):
+    from kvp_gym.cli import main
+
+    model, tokenizer = tiny
+    prompt = " ".join(f"word{i}" for i in range(120))
+    args = ["generate", "--model", "tiny-random", "--prompt", prompt, "--budget", "48", "--max-new-tokens", "6"]
+    assert main([*args, "--policy", "knorm", "--prefill-chunk", "64"]) == 0
+    printed = capsys.readouterr()
+    expected = generate(model, tokenizer, prompt, "knorm", 48, max_new_tokens=6, prefill_chunk=64)
+    assert printed.out.splitlines()[0] == expected.text.splitlines()[0]
+    assert f"prompt {expected.prompt_length} tokens" in printed.err
+    one_shot = generate(model, tokenizer, prompt, "knorm", 48, max_new_tokens=6)
+    assert expected.kv_bytes_compressed == one_shot.kv_bytes_compressed  # the same budget, reached by chunks
+    assert main([*args, "--policy", "h2o", "--prefill-chunk", "64"]) == 2
+    assert "--prefill-chunk 64: chunked prefill cannot serve 'h2o'" in capsys.readouterr().err

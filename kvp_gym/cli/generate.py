@@ -33,6 +33,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--decode-every", type=positive_int, help="re-compress to the budget every N generated tokens (bounded memory)"
     )
+    generate.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        metavar="C",
+        help="chunked prefill (a variant): cut the cache back to the budget after every C prompt tokens, so the "
+        "whole prompt's cache never exists; h2o, expected_attention and the oracle cannot be chunked",
+    )
     add_device(generate)
     generate.set_defaults(handler=_generate)
 
@@ -41,6 +48,7 @@ def _generate(args: argparse.Namespace) -> int:
     from kvp_gym import models
     from kvp_gym.cache import CacheError, generate
     from kvp_gym.cache.evicting import DEFAULT_RECENT, DEFAULT_SINKS
+    from kvp_gym.cache.generate import chunked_prefill_refusal
     from kvp_gym.device import resolve_device
     from kvp_gym.scorers import ScorerError, from_spec, model_mismatches
 
@@ -52,6 +60,9 @@ def _generate(args: argparse.Namespace) -> int:
             f"--budget {args.budget} is below the {protected} protected tokens ({DEFAULT_SINKS} sinks + "
             f"{DEFAULT_RECENT} recent, always kept): use a budget of at least {protected}"
         )
+    refusal = args.prefill_chunk and chunked_prefill_refusal(scorer, args.prefill_chunk)
+    if refusal:
+        raise CacheError(f"--prefill-chunk {args.prefill_chunk}: {refusal}")
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     resolve_device(args.device)
     model, tokenizer = models.load(args.model)
@@ -70,6 +81,7 @@ def _generate(args: argparse.Namespace) -> int:
         args.budget,
         max_new_tokens=args.max_new_tokens,
         decode_every=args.decode_every,
+        prefill_chunk=args.prefill_chunk,
     )
     print(out.text)
     print(
