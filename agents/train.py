@@ -228,7 +228,7 @@ def _pools(
     train_episodes = Episodes(files, "train", config.random_splits, config.min_prompt, rng)
     val_episodes = Episodes(files, "val", 0, config.min_prompt, rng)
     # Future importance: computed once (shared between the processes), then read by every batch.
-    prepare_importance(stores, [train_episodes, val_episodes], heads, rank, world, progress=progress)
+    prepare_importance(stores, [train_episodes, val_episodes], heads, rank, world, progress=progress and rank == 0)
     wait_for_all(world)
     pool_type = MemoryPool if config.in_memory else StreamingPool
     return pool_type(files, stores, train_episodes, heads), pool_type(files, stores, val_episodes, heads)

@@ -37,9 +37,10 @@ E2E = E2EConfig(
 BENCHMARK = benchmark_toml("tiny-v0", "tiny-random, 4 trace files", end_to_end={"budgets": [32], "samples": 1})
 
 
-def torchrun(*arguments: str, importance: str | None = None) -> str:
-    """Run ``kvp-gym ARGUMENTS`` as 2 processes under torchrun; return the output of both (failing on an error).
-    ``importance``: a folder for the importance store instead of the session's (so that the processes compute it)."""
+def torchrun(*arguments: str, importance: str | None = None, stderr: bool = False) -> str:
+    """Run ``kvp-gym ARGUMENTS`` as 2 processes under torchrun; return the output of both (failing on an error), with
+    their stderr (progress bars) after it if ``stderr``. ``importance``: a folder for the importance store instead of
+    the session's (so that the processes compute it)."""
     with socket.socket() as free:  # a port no other test's job is using
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -51,7 +52,7 @@ def torchrun(*arguments: str, importance: str | None = None) -> str:
         [*command, "-m", "kvp_gym.cli", *arguments], env=env, capture_output=True, text=True, timeout=240
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    return done.stdout + (done.stderr if stderr else "")
 
 
 @pytest.fixture
@@ -117,9 +118,10 @@ def test_evaluate_e2e_under_torchrun_writes_what_one_process_writes(tmp_path, on
     output = torchrun(
         "evaluate-e2e", "--model", "tiny-random", "--tasks", "niah_single", "--context", "600", "--budgets", "32,64"
         , "--policies", "knorm,tova,oracle", "--samples", "3", "--essays", "1", "--continuation", "8"
-        , "--device", "cpu", "--out", str(tmp_path / "two"),
+        , "--device", "cpu", "--out", str(tmp_path / "two"), stderr=True,
     )  # fmt: skip
     assert "process 1 of 2: its share is done; process 0 writes the result" in output
+    assert "evaluate-e2e (process 0's share, 1/2)" in output and "evaluate-e2e:" not in output  # one progress bar
     one, two = (json.loads((tmp_path / folder / "results.json").read_text()) for folder in ("one", "two"))
     assert set(one) == set(two) and one.pop("seconds").keys() == two.pop("seconds").keys()  # timings differ
     assert two == one
