@@ -19,7 +19,7 @@ KVP_LENGTHS := 512 2048
 
 .PHONY: install test demo tour lint fuzz fuzz-entries gpu-check clean kvp-traces kvp-train-traces kvp-heldout-traces kvp-agents kvp-val kvp-eval kvp-e2e \
 	kvp2-train-traces kvp2-val-traces kvp2-test-traces kvp2-agents kvp2-val kvp2-eval kvp2-e2e kvp2-ablation \
-	gemma-install gemma-train-traces gemma-val-traces gemma-test-traces gemma-agents gemma-val gemma-eval \
+	gemma-install gemma-train-traces gemma-val-traces gemma-test-traces gemma-agents gemma-val gemma-eval gemma-e2e gemma-tasks \
 	leaderboard leaderboard-entries leaderboard-v1-entries
 
 install: $(STAMP)
@@ -271,6 +271,25 @@ gemma-eval: gemma-test-traces
 	$(BIN)/kvp-gym evaluate-table $(foreach c,$(GEMMA_LENGTHS),runs/gemma-test-$(c)) \
 		--labels $(subst $(space),$(comma),$(GEMMA_LENGTHS)) --versus kvp:checkpoint=$(GEMMA_AGENTS) \
 		--out runs/gemma-test-lengths.md
+
+# Gemma 3 270M end to end (docs/cache.md, "Gemma 3 270M end to end"): every policy on held-out needle prompts and
+# essays at 4k (24 per task; about an hour on 2 cores) and 16k (8 per task; about 5 minutes per prompt), and its
+# full-cache accuracy per task (docs/tasks.md): 4 prompts per task at 1k and 4k, 2 at 8k and 16k. All resumable.
+GEMMA_E2E_POLICIES := oracle,kvp:model=gemma3-270m,tova,snapkv,h2o,expected_attention,streaming_llm,knorm,keydiff,lagkv,random
+GEMMA_TASKS := $(subst $(space),$(comma),niah_single niah_multikey niah_multivalue niah_multiquery frequent_words \
+	common_words variable_tracking essay niah_single_words niah_single_uuids niah_multikey_uuids)
+gemma-e2e: $(STAMP)
+	$(BIN)/kvp-gym evaluate-e2e --model gemma3-270m --tasks niah_single,niah_multikey --context 4096 \
+		--budgets 128,256,512 --policies $(GEMMA_E2E_POLICIES) --samples 24 --essays 8 --text heldout --out runs/gemma-e2e-4k
+	$(BIN)/kvp-gym evaluate-e2e --model gemma3-270m --tasks niah_single,niah_multikey --context 16384 \
+		--budgets 128,256,512,1024 --policies $(GEMMA_E2E_POLICIES) --samples 8 --essays 4 --text heldout \
+		--out runs/gemma-e2e-16k
+
+gemma-tasks: $(STAMP)
+	$(BIN)/kvp-gym tasks eval --model gemma3-270m --tasks $(GEMMA_TASKS) --context 1024,4096 --samples 4 \
+		--out runs/gemma-tasks-4.json
+	$(BIN)/kvp-gym tasks eval --model gemma3-270m --tasks $(GEMMA_TASKS) --context 8192,16384 --samples 2 \
+		--out runs/gemma-tasks-2.json
 
 # End-to-end accuracy per needle value type (numbers and UUIDs trained, words held out), test text.
 kvp2-e2e: $(STAMP)
