@@ -10,6 +10,7 @@ import torch
 
 from kvp_gym.cli import main
 from kvp_gym.evaluation import evaluate, paired_comparison, trace_level_table, versus_table, write_results
+from kvp_gym.evaluation.comparison import policies_table
 from kvp_gym.evaluation.stats import bootstrap_generator
 from kvp_gym.scorers import HeadView, get_scorer, score
 from kvp_gym.traces import open_traces
@@ -208,6 +209,36 @@ def test_versus_table_draws_as_the_records_own_paired_comparison():
     found = paired_comparison(record, "a", seed=5)["q"]  # the record's seed, not 0
     low, high = found["ci95"]
     assert cells[5] == f"{found['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def test_the_every_policy_table_has_a_row_per_policy_and_the_paired_cells_of_each_run(tmp_path, capsys):
+    a = [[[0.5, 0.7]], [[0.6, 0.6]], [[0.4, 0.6]], [[0.9, 0.5]]]
+    b = [[[0.4, 0.6]], [[0.4, 0.4]], [[0.3, 0.5]], [[0.6, 0.4]]]  # a - b = 0.15 on every draw's mean: a wins both heads
+    c = [[[0.6, 0.8]], [[0.4, 0.5]], [[0.5, 0.7]], [[0.8, 0.4]]]
+    long = _record({"a": a, "b": b})  # a second run without c
+    short = _record({"a": a, "b": b, "c": c})
+    for record, seed in ((short, 3), (long, 4)):
+        record.update(schema="kvp-gym/trace-evaluation", samples=["s0", "s1", "s2", "s3"], seed=seed)
+        for policy in record["policies"].values():
+            policy["holistic_score"] = {"mean": float(np.mean(policy["per_sample_head"]))}
+    lines = policies_table({"1k": short, "8k": long}, "a").splitlines()
+    assert lines[0] == "| policy | 1k (4 samples) | 8k (4 samples) |"
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.strip("|").split("|")[1:]] for line in lines[2:]}
+    assert list(rows) == ["a", "c", "b"]  # the versus policy first, then by score in the first run
+    assert rows["a"] == ["0.600", "0.600"]
+    for column, (record, seed) in enumerate(((short, 3), (long, 4))):
+        found = paired_comparison(record, "a", seed=seed)["b"]  # each run's own seed
+        low, high = found["ci95"]
+        assert rows["b"][column] == f"0.450 ({found['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}], 100%)"
+    assert rows["c"][0].startswith("0.588 (+0.012 [") and rows["c"][0].endswith(", 50%)") and rows["c"][1] == "-"
+    with pytest.raises(ValueError, match="--versus 'z' is not a policy of every run"):
+        policies_table({"1k": short}, "z")
+    for label, record in (("short", short), ("long", long)):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "results.json").write_text(json.dumps(record))
+    runs = [str(tmp_path / "short"), str(tmp_path / "long")]
+    assert main(["evaluate-table", *runs, "--versus", "a", "--every-policy", "--labels", "1k,8k"]) == 0
+    assert capsys.readouterr().out.splitlines()[:4] == lines[:4]
 
 
 def test_policies_added_to_an_earlier_run_equal_one_joint_run(tiny_trace, tmp_path, capsys):

@@ -114,6 +114,12 @@ def add_table_command(commands: argparse._SubParsersAction) -> None:
     table.add_argument("runs", type=Path, nargs="+", help="evaluate output folders (or their results.json)")
     table.add_argument("--versus", default="kvp", help="the policy to compare (a label in every run; default kvp)")
     table.add_argument("--labels", type=comma_list, help="row labels (default: the folder names)")
+    table.add_argument(
+        "--every-policy",
+        action="store_true",
+        help="one row per policy and one column per run instead: each policy's score and the VERSUS policy's paired "
+        "difference against it (95%% interval, share of heads won)",
+    )
     add_bootstrap(table, help="bootstrap resamples (default 1000)")
     add_out(table, help="also write the table to this Markdown file")
     table.set_defaults(handler=_evaluate_table)
@@ -171,14 +177,14 @@ def _read_results(run: Path) -> dict:
 
 
 def _evaluate_table(args: argparse.Namespace) -> int:
-    from kvp_gym.evaluation.report import versus_table
+    from kvp_gym.evaluation.comparison import policies_table, versus_table
     from kvp_gym.storage import atomic_path
 
     labels = args.labels or [(run if run.is_dir() else run.parent).name for run in args.runs]
     if len(labels) != len(args.runs):
         raise ValueError(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
     records = {label: _read_results(run) for label, run in zip(labels, args.runs, strict=True)}
-    table = versus_table(records, args.versus, resamples=args.bootstrap)
+    table = (policies_table if args.every_policy else versus_table)(records, args.versus, resamples=args.bootstrap)
     print(table)
     if args.out:
         with atomic_path(args.out) as tmp:

@@ -10,13 +10,14 @@
 - :mod:`kvp_gym.evaluation.stats`: the one seeded bootstrap (a generator per policy and statistic, mean and
   geometric mean intervals), paired differences and Spearman's correlation, shared by both levels and by the
   leaderboard.
-- :mod:`kvp_gym.evaluation.report`: the tables and plots of both levels' records.
+- :mod:`kvp_gym.evaluation.report`: the tables and plots of both levels' records;
+  :mod:`kvp_gym.evaluation.comparison`: ``kvp-gym evaluate-table``, summaries of several trace-level records.
 - :mod:`kvp_gym.evaluation.token_classes`: ``kvp-gym evaluate-shortcut``, the share of a token class (digits) in
   each policy's top-k tokens against the oracle's and the base rate (a shortcut control).
 
 Policy specs (``name:param=value;...``) parse in :mod:`kvp_gym.scorers` (``from_spec``, ``resolve_policies``).
 Inside the room: trace_level imports selection, report and stats; end_to_end imports run_folder, report and
-stats; token_classes imports selection and stats; report imports stats; stats only numpy. The room imports
+stats; token_classes imports selection and stats; comparison imports stats; stats only numpy. The room imports
 kvp_gym's core modules (scorers, traces, importance, utility; end_to_end also cache, models, tasks;
 token_classes models), never kvp_gym.cli. This package imports nothing
 itself: each public name loads its module on first use.
@@ -48,9 +49,8 @@ _HOMES = {
     **dict.fromkeys(
         ("bootstrap_generator", "geometric_mean_interval", "mean_interval", "paired_differences", "spearman"), "stats"
     ),
-    **dict.fromkeys(
-        ("end_to_end_table", "plot_end_to_end", "plot_trace_level", "trace_level_table", "versus_table"), "report"
-    ),
+    **dict.fromkeys(("end_to_end_table", "plot_end_to_end", "plot_trace_level", "trace_level_table"), "report"),
+    **dict.fromkeys(("policies_table", "versus_table"), "comparison"),
 }
 
 __all__ = sorted(_HOMES)

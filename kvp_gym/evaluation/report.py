@@ -1,22 +1,21 @@
 """Tables and plots of evaluation records: trace level (``kvp-gym evaluate``) and end to end (``evaluate-e2e``).
 
 Everything here reads a finished record (the results.json schemas of :mod:`kvp_gym.evaluation.trace_level` and
-:mod:`kvp_gym.evaluation.end_to_end`) and computes nothing new but the paired statistics of :func:`versus_table`.
+:mod:`kvp_gym.evaluation.end_to_end`) and computes nothing new (the summaries over several runs, which draw paired
+statistics, are in :mod:`kvp_gym.evaluation.comparison`).
 matplotlib is imported only when a plot is drawn.
 
-Imports only kvp_gym.evaluation.stats and kvp_gym.storage.
+Imports only kvp_gym.storage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kvp_gym.evaluation.stats import paired_differences
 from kvp_gym.storage import atomic_path
 
 FULL_CACHE = "full_cache"  # the reference row of end-to-end records: the model with its whole cache
@@ -113,64 +112,6 @@ def _trace_level_row(label: str, policy: dict[str, Any], columns: _Columns) -> s
     if columns.needles:
         line += f" {_cell((policy.get('needle_retention') or {}).get('absolute', {}).get('64')):>10s}"
     return line + "".join(f" {policy['per_task'][t]:{w}.3f}" for t, w in columns.tasks.items())
-
-
-def versus_table(
-    records: Mapping[str, Mapping[str, Any]], versus: str, resamples: int = 1000, seed: int | None = None
-) -> str:
-    """A Markdown summary of ``versus`` against the other policies over several evaluations (one row per record,
-    e.g. one per prompt length; keys are the row labels).
-
-    Columns: the ``versus`` policy's holistic score; among the attention-free policies (they see keys and values
-    only), the one ``versus`` beats on the fewest (layer, KV head) pairs (on a tie, the best scoring), with that
-    share; the best query-using policy by mean score, the paired difference against it with its 95% bootstrap
-    interval (over samples) and the share of heads won. Privileged policies (upper bounds) and other settings of
-    the ``versus`` policy's own scorer (another checkpoint) are left out. Paired statistics are those of
-    :func:`kvp_gym.evaluation.trace_level.paired_comparison` on the same samples and heads, drawn with ``seed``
-    (default: each record's own seed, so that they equal the record's own paired comparisons).
-    """
-    rows = [
-        f"| set | samples | {versus} | attention-free: fewest heads won | best query-using | "
-        f"{versus} - it [95% CI] | heads won |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, record in records.items():
-        policies = record["policies"]
-        scores = {label: policy["per_sample_head"] for label, policy in policies.items()}
-        paired = paired_differences(scores, versus, resamples, record.get("seed", 0) if seed is None else seed)
-        own = policies[versus]["name"]  # other checkpoints or settings of the same scorer are not baselines
-        fair = {label: p for label, p in policies.items() if p["name"] != own and not p["privileged"]}
-        free = [label for label, p in fair.items() if not p["needs_queries"]]
-        querying = [label for label, p in fair.items() if p["needs_queries"]]
-        cells = [name, str(len(record["samples"])), f"{policies[versus]['holistic_score']['mean']:.3f}"]
-        cells.append(_fewest_heads_won(free, policies, paired))
-        cells += _best_query_using(querying, policies, paired)
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def _fewest_heads_won(free: list[str], policies: Mapping[str, Any], paired: dict[str, dict[str, Any]]) -> str:
-    """The attention-free policy the ``versus`` policy beats on the fewest heads; on a tie, the strongest of them."""
-    if not free:
-        return "-"
-    worst = min(
-        free, key=lambda label: (paired[label]["share_of_heads_won"], -policies[label]["holistic_score"]["mean"])
-    )
-    return f"{paired[worst]['share_of_heads_won']:.0%} ({worst})"
-
-
-def _best_query_using(querying: list[str], policies: Mapping[str, Any], paired: dict[str, dict[str, Any]]) -> list:
-    """The best query-using policy by mean score, the paired difference against it and the share of heads won."""
-    if not querying:
-        return ["-", "-", "-"]
-    best = max(querying, key=lambda label: policies[label]["holistic_score"]["mean"])
-    c = paired[best]
-    low, high = c["ci95"]
-    return [
-        f"{best} ({policies[best]['holistic_score']['mean']:.3f})",
-        f"{c['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]",
-        f"{c['share_of_heads_won']:.0%}",
-    ]
 
 
 def _cell(value: float | None) -> str:
