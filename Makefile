@@ -271,6 +271,9 @@ gemma-eval: gemma-test-traces
 	$(BIN)/kvp-gym evaluate-table $(foreach c,$(GEMMA_LENGTHS),runs/gemma-test-$(c)) \
 		--labels $(subst $(space),$(comma),$(GEMMA_LENGTHS)) --versus kvp:checkpoint=$(GEMMA_AGENTS) \
 		--out runs/gemma-test-lengths.md
+	$(BIN)/kvp-gym evaluate-table $(foreach c,$(GEMMA_LENGTHS),runs/gemma-test-$(c)) --every-policy \
+		--labels $(subst $(space),$(comma),$(GEMMA_LENGTHS)) --versus kvp:checkpoint=$(GEMMA_AGENTS) \
+		--out runs/gemma-test-policies.md
 
 # Gemma 3 270M end to end (docs/cache.md, "Gemma 3 270M end to end"): every policy on held-out needle prompts and
 # essays at 4k (24 per task; about an hour on 2 cores) and 16k (8 per task; about 5 minutes per prompt), and its
