@@ -42,6 +42,10 @@ class Processes:
         """Whether this process assembles the job's result (process 0 does, once every process is done)."""
         return self.rank == 0
 
+    def progress_label(self, what: str) -> str:
+        """``what`` as the job's one progress bar names it: process 0's, labelled as its share under torchrun."""
+        return what + (f" (process 0's share, 1/{self.world})" if self.world > 1 else "")
+
     def share(self, shard: tuple[int, int]) -> tuple[int, int]:
         """This process's part of shard ``(i, N)`` (``--shard i/N``; (0, 1): all the work), itself a shard:
         ``(i + N * rank, N * world)``. Of the work items k, shard i holds those with k % N == i, and this process

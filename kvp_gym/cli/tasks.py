@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from kvp_gym.cli.options import add_model, add_out, add_seed, int_list, positive_int
 
@@ -68,16 +69,13 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finished_rows(out: str, settings: dict) -> dict[tuple[str, int], dict]:
+def _finished_rows(out: Path, settings: dict) -> dict[tuple[str, int], dict]:
     """The (task, context) rows already in ``out`` (a stopped or earlier run with the same model, samples and seed;
     more tasks or contexts may be added), or none when it does not exist."""
-    from pathlib import Path
-
-    path = Path(out)
-    if not path.exists():
+    if not out.exists():
         return {}
     try:
-        found = json.loads(path.read_text())
+        found = json.loads(out.read_text())
         rows = {(row["task"], int(row["context"])): row for row in found["results"]}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{out}: not a tasks eval result ({err}); move it away or choose another --out") from None
@@ -92,7 +90,7 @@ def _finished_rows(out: str, settings: dict) -> dict[tuple[str, int], dict]:
     return rows
 
 
-def _write_rows(out: str, settings: dict, results: list[dict]) -> None:
+def _write_rows(out: Path, settings: dict, results: list[dict]) -> None:
     from kvp_gym.storage import atomic_path
 
     with atomic_path(out) as tmp:

@@ -77,8 +77,7 @@ def policies_table(
             score = f"{policy['holistic_score']['mean']:.3f}"
             if label != versus:
                 c = columns[name][label]
-                low, high = c["ci95"]
-                score += f" ({c['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}], {c['share_of_heads_won']:.0%})"
+                score += f" ({_difference(c)}, {c['share_of_heads_won']:.0%})"
             cells.append(score)
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -109,10 +108,14 @@ def _best_query_using(querying: list[str], policies: Mapping[str, Any], paired: 
     if not querying:
         return ["-", "-", "-"]
     best = max(querying, key=lambda label: policies[label]["holistic_score"]["mean"])
-    c = paired[best]
-    low, high = c["ci95"]
     return [
         f"{best} ({policies[best]['holistic_score']['mean']:.3f})",
-        f"{c['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]",
-        f"{c['share_of_heads_won']:.0%}",
+        _difference(paired[best]),
+        f"{paired[best]['share_of_heads_won']:.0%}",
     ]
+
+
+def _difference(comparison: Mapping[str, Any]) -> str:
+    """A paired comparison's mean difference with its 95% interval: ``+0.150 [+0.100, +0.200]``."""
+    low, high = comparison["ci95"]
+    return f"{comparison['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"

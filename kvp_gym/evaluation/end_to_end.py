@@ -156,8 +156,8 @@ def run(
             skipped[label] = reason  # agents trained for another model: skipped, with the reason
             del scorers[label]
         costs = [config.cost(task) for task, _ in todo]  # an essay weighs several prompts: the estimate knows
-        desc = "evaluate-e2e" + (f" (process 0's share, 1/{processes.world})" if processes.world > 1 else "")
         shown = progress and processes.writes_result  # one bar under torchrun, not one per process
+        desc = processes.progress_label("evaluate-e2e")
         with tqdm(total=sum(costs), desc=desc, unit="step", disable=not shown) as bar:
             for done, ((task, sample_index), cost) in enumerate(zip(todo, costs, strict=True), 1):
                 record = _evaluate_sample(model, tokenizer, config, scorers, task, sample_index)

@@ -265,8 +265,8 @@ def _score_every_layer(
     work = [(i, t, s, j, layer) for i, (t, s) in enumerate(samples) for j, layer in enumerate(layers)]
     rank, world = processes.share((0, 1))
     own = work[rank::world]
-    desc = f"evaluate {split}" + (f" (process 0's share, 1/{world})" if world > 1 else "")
     shown = progress and processes.writes_result
+    desc = processes.progress_label(f"evaluate {split}")
     for i, trace, sample, j, layer in tqdm(own, desc=desc, unit="layer", disable=not shown):
         view, all_importance, tick = layer_view(trace, stores[trace], sample, layer, all_heads)
         tally.importance_seconds += tick
