@@ -15,7 +15,8 @@ from kvp_gym import models
 from kvp_gym.cache.generate import future_attention, prefill
 from kvp_gym.capture import capture_qkv
 from kvp_gym.cli import main
-from kvp_gym.evaluation.end_to_end import E2EConfig, merge, run, summarize
+from kvp_gym.evaluation.comparison import end_to_end_paired
+from kvp_gym.evaluation.end_to_end import E2EConfig, merge, read_parts, run, summarize
 from kvp_gym.evaluation.report import end_to_end_table
 from kvp_gym.evaluation.run_folder import part_path, run_settings, write_settings
 from kvp_gym.evaluation.stats import spearman
@@ -131,6 +132,81 @@ def test_a_changed_checkpoint_behind_a_label_is_refused_on_resume(tmp_path):
     run(config, tmp_path / "shard1", shard=(1, 2), progress=False)
     with pytest.raises(ValueError, match="other settings than .*agents.safetensors"):
         merge(tmp_path / "merged", [shard, tmp_path / "shard1"])
+
+
+def _part(full: dict, policies: dict[str, dict[str, dict]]) -> dict:
+    return {"full_cache": full, "policies": {label: {"budgets": b} for label, b in policies.items()}}
+
+
+def test_paired_end_to_end_comparison_by_hand():
+    parts = {  # three needle prompts (scores) and two essays (perplexities), budgets 64 and 128
+        ("niah_single", 0): _part(
+            {"score": 1.0},
+            {"a": {"64": {"score": 1.0}, "128": {"score": 1.0}}, "b": {"64": {"score": 0.0}, "128": {"score": 1.0}}},
+        ),
+        ("niah_single", 1): _part(
+            {"score": 1.0},
+            {"a": {"64": {"score": 0.0}, "128": {"score": 1.0}}, "b": {"64": {"score": 0.0}, "128": {"score": 0.0}}},
+        ),
+        ("niah_single", 2): _part(
+            {"score": 0.0},
+            {"a": {"64": {"score": 1.0}, "128": {"score": 1.0}}, "b": {"64": {"score": 1.0}, "128": {"score": 0.0}}},
+        ),
+        ("essay", 0): _part(
+            {"perplexity": 10.0},
+            {
+                "a": {"64": {"perplexity": 20.0}, "128": {"perplexity": 12.0}},
+                "b": {"64": {"perplexity": 40.0}, "128": {"perplexity": 12.0}},
+            },
+        ),
+        ("essay", 1): _part(
+            {"perplexity": 5.0},
+            {
+                "a": {"64": {"perplexity": 10.0}, "128": {"perplexity": 6.0}},
+                "b": {"64": {"perplexity": 10.0}, "128": {"perplexity": 3.0}},
+            },
+        ),
+    }
+    paired = end_to_end_paired(parts, "a", resamples=200)
+    b = paired["niah_single"]["b"]
+    assert b["64"]["mean"] == pytest.approx(1 / 3) and b["64"]["difference"] == pytest.approx(1 / 3)
+    assert b["128"]["difference"] == pytest.approx(2 / 3)
+    assert -1 <= b["64"]["ci95"][0] <= b["64"]["difference"] <= b["64"]["ci95"][1] <= 1
+    full = paired["niah_single"]["full_cache"]  # the full cache: one result at every budget
+    assert full["64"]["mean"] == full["128"]["mean"] == pytest.approx(2 / 3)
+    assert full["64"]["difference"] == pytest.approx(0.0) and full["128"]["difference"] == pytest.approx(1 / 3)
+    # Essays: geometric means and the geometric mean of the per-essay ratio a / b.
+    essay = paired["essay"]["b"]["64"]
+    assert essay["mean"] == pytest.approx((40 * 10) ** 0.5) and essay["ratio"] == pytest.approx((0.5 * 1.0) ** 0.5)
+    assert essay["ci95"][0] == pytest.approx(0.5) and essay["ci95"][1] == pytest.approx(1.0)  # two essays
+    assert paired["essay"]["b"]["128"]["ratio"] == pytest.approx((1.0 * 2.0) ** 0.5)
+    assert paired["essay"]["full_cache"]["64"]["ratio"] == pytest.approx(2.0)
+    assert set(paired["essay"]) == {"full_cache", "b"}  # versus is not compared with itself
+    assert end_to_end_paired(parts, "full_cache", resamples=200)["niah_single"]["a"]["64"]["difference"] == (
+        pytest.approx(0.0)
+    )
+    with pytest.raises(ValueError, match="--versus 'c' is not a policy of this run"):
+        end_to_end_paired(parts, "c")
+
+
+def test_the_paired_comparison_command_on_a_run(finished, tmp_path, capsys):
+    out, record = finished
+    paired = end_to_end_paired(read_parts(out), "tova")
+    for label in ("knorm", "oracle", "streaming_llm"):  # each side's mean is the record's own
+        for budget in ("32", "64"):
+            accuracy = record["accuracy"]["niah_single"]["policies"][label][budget]["mean"]
+            assert paired["niah_single"][label][budget]["mean"] == pytest.approx(accuracy)
+            mine = record["accuracy"]["niah_single"]["policies"]["tova"][budget]["mean"]
+            assert paired["niah_single"][label][budget]["difference"] == pytest.approx(mine - accuracy)
+            perplexity = record["perplexity"]["policies"][label][budget]["mean"]
+            assert paired["essay"][label][budget]["mean"] == pytest.approx(perplexity)
+            ratio = record["perplexity"]["policies"]["tova"][budget]["mean"] / perplexity  # one essay
+            assert paired["essay"][label][budget]["ratio"] == pytest.approx(ratio)
+    md = tmp_path / "versus.md"
+    assert main(["evaluate-e2e-versus", str(out), "--versus", "tova", "--out", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert md.read_text() == printed and "**niah_single** (2 prompts)" in printed and "| knorm |" in printed
+    assert "**essay** (1 prompts)" in printed and "tova / it" in printed
 
 
 def test_bad_settings_and_the_cli(tmp_path, capsys):

@@ -46,6 +46,7 @@ _COMMANDS = (
     e2e.add_command,
     evaluate.add_table_command,
     e2e.add_merge_command,
+    e2e.add_versus_command,
     shortcut.add_command,
 )
 

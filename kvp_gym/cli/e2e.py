@@ -1,5 +1,6 @@
 """``kvp-gym evaluate-e2e`` (task accuracy and perplexity with an evicting cache, per policy and budget) and
-``kvp-gym evaluate-e2e-merge`` (join sharded runs).
+``kvp-gym evaluate-e2e-merge`` (join sharded runs) and ``kvp-gym evaluate-e2e-versus`` (one policy against the others,
+paired).
 
 Imports kvp_gym.cli.options at module level; kvp_gym.evaluation.end_to_end and kvp_gym.distributed_run only when a
 command runs."""
@@ -7,8 +8,10 @@ command runs."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from kvp_gym.cli.options import (
+    add_bootstrap,
     add_device,
     add_merge_arguments,
     add_model,
@@ -66,6 +69,23 @@ def add_merge_command(commands: argparse._SubParsersAction) -> None:
     merge.set_defaults(handler=_merge_e2e)
 
 
+def add_versus_command(commands: argparse._SubParsersAction) -> None:
+    """Register ``evaluate-e2e-versus``."""
+    versus = commands.add_parser(
+        "evaluate-e2e-versus",
+        help="an end-to-end run's paired comparison: one policy's accuracy and perplexity against every other's",
+        description="Read a finished evaluate-e2e run and print, per task and budget, every policy's accuracy and "
+        "the VERSUS policy's paired difference against it (95%% bootstrap interval over the same prompts), and for "
+        "the essays every policy's perplexity and the paired ratio VERSUS / it. VERSUS may be full_cache.",
+    )
+    versus.add_argument("run", type=Path, help="an evaluate-e2e output folder (every sample evaluated)")
+    versus.add_argument("--versus", default="kvp", help="the policy to compare (a label of the run, or full_cache)")
+    add_bootstrap(versus, help="bootstrap resamples (default 1000)")
+    add_seed(versus, help="bootstrap seed (default 0)")
+    add_out(versus, help="also write the tables to this Markdown file")
+    versus.set_defaults(handler=_e2e_versus)
+
+
 def _evaluate_e2e(args: argparse.Namespace) -> int:
     from kvp_gym.distributed_run import join
     from kvp_gym.evaluation.end_to_end import E2EConfig, run
@@ -113,4 +133,17 @@ def _merge_e2e(args: argparse.Namespace) -> int:
     from kvp_gym.evaluation.report import end_to_end_table
 
     print(end_to_end_table(merge(args.out, args.inputs)))
+    return 0
+
+
+def _e2e_versus(args: argparse.Namespace) -> int:
+    from kvp_gym.evaluation.comparison import end_to_end_versus_table
+    from kvp_gym.evaluation.end_to_end import read_parts
+    from kvp_gym.storage import atomic_path
+
+    table = end_to_end_versus_table(read_parts(args.run), args.versus, resamples=args.bootstrap, seed=args.seed)
+    print(table)
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(table + "\n")
     return 0

@@ -1,17 +1,24 @@
 """Summaries of several trace-level evaluations (``kvp-gym evaluate-table``), e.g. one per prompt length, with the
 paired statistics of :func:`kvp_gym.evaluation.stats.paired_differences` drawn from the records' own samples and
 heads: :func:`versus_table` (one row per run: a policy against the attention-free baselines and the best
-query-using one) and :func:`policies_table` (one row per policy, one column per run).
+query-using one) and :func:`policies_table` (one row per policy, one column per run). And the paired comparison of
+an end-to-end run (``kvp-gym evaluate-e2e-versus``): :func:`end_to_end_paired` and :func:`end_to_end_versus_table`.
 
-Imports only kvp_gym.evaluation.stats.
+Imports kvp_gym.evaluation.stats and .report (its FULL_CACHE label).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from kvp_gym.evaluation.stats import paired_differences
+import numpy as np
+
+from kvp_gym.evaluation.report import FULL_CACHE
+from kvp_gym.evaluation.stats import bootstrap_generator, interval95, paired_differences, resample_rows
+
+ESSAY = "essay"  # an end-to-end run's essays: scored by perplexity
 
 
 def versus_table(
@@ -119,3 +126,89 @@ def _difference(comparison: Mapping[str, Any]) -> str:
     """A paired comparison's mean difference with its 95% interval: ``+0.150 [+0.100, +0.200]``."""
     low, high = comparison["ci95"]
     return f"{comparison['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def end_to_end_paired(
+    parts: Mapping[tuple[str, int], Mapping[str, Any]], versus: str, resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """``versus`` against every other policy of an end-to-end run, on the same prompts.
+
+    ``parts``: (task, index) -> the sample's part (:func:`kvp_gym.evaluation.end_to_end.read_parts`). ``versus`` and
+    the others are policy labels or ``full_cache`` (the same result at every budget). Returns task -> label ->
+    budget -> statistic, each with a 95% paired bootstrap interval over the prompts (the same draws for both sides,
+    from ``bootstrap_generator(seed, versus, label, task, budget)``):
+
+    - a needle task: ``{"mean": accuracy of label, "difference": versus - label, "ci95"}``;
+    - ``essay``: ``{"mean": geometric mean perplexity of label, "ratio": versus / label, "ci95"}``, the ratio being
+      the geometric mean over essays of the per-essay perplexity ratio (below 1: ``versus`` predicts the text better).
+    """
+    budgets = _budgets_of(parts)
+    labels = [FULL_CACHE, *next(iter(parts.values()))["policies"]]
+    if versus not in labels:
+        raise ValueError(f"--versus {versus!r} is not a policy of this run (policies: {', '.join(labels)})")
+    found: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for task in dict.fromkeys(task for task, _ in parts):
+        rows = [part for (t, _), part in parts.items() if t == task]
+        essay = task == ESSAY
+
+        found[task] = {}
+        for label in (label for label in labels if label != versus):
+            found[task][label] = {}
+            for budget in budgets:
+                mine, other = (_end_to_end_values(rows, side, budget, essay) for side in (versus, label))
+                draws = resample_rows(len(rows), resamples, bootstrap_generator(seed, versus, label, task, budget))
+                difference = mine - other
+                low, high = interval95(difference[draws].mean(1))
+                if essay:  # differences of log perplexity: ratios
+                    stat = {"mean": math.exp(other.mean()), "ratio": math.exp(difference.mean())}
+                    stat["ci95"] = [math.exp(low), math.exp(high)]
+                else:
+                    stat = {"mean": float(other.mean()), "difference": float(difference.mean()), "ci95": [low, high]}
+                found[task][label][budget] = stat
+    return found
+
+
+def end_to_end_versus_table(
+    parts: Mapping[tuple[str, int], Mapping[str, Any]], versus: str, resamples: int = 1000, seed: int = 0
+) -> str:
+    """Markdown, one table per task (needle tasks, then the essays): one row per other policy, one column per
+    budget, each cell that policy's accuracy (perplexity for the essays) and ``versus``'s paired difference
+    (ratio) against it with its 95% interval (:func:`end_to_end_paired`)."""
+    paired = end_to_end_paired(parts, versus, resamples, seed)
+    budgets = _budgets_of(parts)
+    blocks = []
+    for task, by_label in paired.items():
+        essay = task == ESSAY
+        count = sum(1 for t, _ in parts if t == task)
+        what = "perplexity (geometric mean) and the ratio" if essay else "accuracy and the difference"
+        head = f"**{task}** ({count} prompts): each policy's {what} {versus} {'/' if essay else '-'} it [95% CI]"
+        lines = [head, "", "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |"]
+        lines.append("|---|" + "---|" * len(budgets))
+        for label, cells in by_label.items():
+            row = [_end_to_end_cell(cells[b], essay) for b in budgets]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _end_to_end_values(rows: list[Mapping[str, Any]], label: str, budget: str, essay: bool) -> np.ndarray:
+    """[prompts] ``label``'s score on each prompt at ``budget``, or for essays the log perplexity."""
+    results = [r[FULL_CACHE] if label == FULL_CACHE else r["policies"][label]["budgets"][budget] for r in rows]
+    if essay:
+        return np.log([r["perplexity"] for r in results])
+    return np.asarray([r["score"] for r in results], float)
+
+
+def _end_to_end_cell(stat: Mapping[str, Any], essay: bool) -> str:
+    low, high = stat["ci95"]
+    if essay:
+        return f"{stat['mean']:.2f} (x{stat['ratio']:.3f} [{low:.3f}, {high:.3f}])"
+    return f"{stat['mean']:.3f} ({stat['difference']:+.3f} [{low:+.3f}, {high:+.3f}])"
+
+
+def _budgets_of(parts: Mapping[tuple[str, int], Mapping[str, Any]]) -> list[str]:
+    """The budgets of an end-to-end run's parts (every policy has the same); ValueError for a run with no parts."""
+    if not parts:
+        raise ValueError("the run has no evaluated samples yet")
+    first = next(iter(next(iter(parts.values()))["policies"].values()))
+    return list(first["budgets"])
