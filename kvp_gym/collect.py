@@ -11,8 +11,8 @@ share a collection; :func:`kvp_gym.traces.merge_traces` joins the shards into th
 torchrun the processes split the samples (of the shard) between them, all writing into the same ``OUT.parts/``, and
 process 0 assembles ``OUT`` once all are done (:mod:`kvp_gym.distributed_run`): the same content as one process.
 
-Imports kvp_gym.capture, kvp_gym.distributed_run, kvp_gym.generation, kvp_gym.models, kvp_gym.tasks, kvp_gym.traces
-and kvp_gym.version: the whole recording side, nothing of evaluation.
+Imports kvp_gym.attention, kvp_gym.capture, kvp_gym.distributed_run, kvp_gym.generation, kvp_gym.models,
+kvp_gym.tasks, kvp_gym.traces and kvp_gym.version: the whole recording side, nothing of evaluation.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvp_gym import models
+from kvp_gym.attention import AttentionSpec
 from kvp_gym.capture import capture_qkv, probe_attention
 from kvp_gym.distributed_run import ONE_PROCESS, Processes
 from kvp_gym.generation import greedy, sample_seed
@@ -152,18 +153,16 @@ def collect(
         out.unlink(missing_ok=True)
     processes.wait_for_all()
 
+    complete = resume and processes.world == 1 and out.exists() and not parts.exists() and _complete(config, out, shard)
+    if complete:  # already complete: only checked, no model to load
+        samples, tokens = complete
+        return CollectSummary(out, samples, 0, tokens, out.stat().st_size, time.perf_counter() - start)
+
     model, tokenizer = models.load(config.model, allow_download=allow_download)
     geometry = models.geometry(model)
     attention, rotary = probe_attention(model)  # refuses attention the importance cannot reproduce
-    if config.layers is None:
-        layers = tuple(range(geometry.num_layers))
-    elif config.layers == "global":
-        layers = tuple(i for i, spec in enumerate(attention) if not spec.sliding_window)
-    else:
-        layers = tuple(config.layers)
-    if not layers or not all(0 <= layer < geometry.num_layers for layer in layers):
-        raise ValueError(f"layers must lie in [0, {geometry.num_layers}) for {config.model}, got {list(layers)}")
-    settings = {**config.settings(), "layers": list(layers), "splits": list(config.splits)}
+    layers = _layers(config, attention)
+    settings = _settings(config, layers)
     header = TraceHeader(
         model=config.model,
         geometry=geometry,
@@ -211,6 +210,44 @@ def collect(
         bytes=out.stat().st_size,
         seconds=time.perf_counter() - start,
     )
+
+
+def _layers(config: CollectConfig, attention: tuple[AttentionSpec, ...]) -> tuple[int, ...]:
+    """The layer ids ``config.layers`` names, for a model whose layers compute ``attention`` (one spec a layer)."""
+    count = len(attention)
+    if config.layers is None:
+        layers = tuple(range(count))
+    elif config.layers == "global":
+        layers = tuple(i for i, spec in enumerate(attention) if not spec.sliding_window)
+    else:
+        layers = tuple(config.layers)
+    if not layers or not all(0 <= layer < count for layer in layers):
+        raise ValueError(f"layers must lie in [0, {count}) for {config.model}, got {list(layers)}")
+    return layers
+
+
+def _settings(config: CollectConfig, layers: tuple[int, ...]) -> dict:
+    """The collection settings a trace header records."""
+    return {**config.settings(), "layers": list(layers), "splits": list(config.splits)}
+
+
+def _complete(config: CollectConfig, out: Path, shard: tuple[int, int]) -> tuple[int, int] | None:
+    """(samples, tokens) of ``out`` when it was collected with ``config``'s settings and already holds every sample
+    of ``shard``, read from its header alone; else None (the full path loads the model, then completes the file or
+    says what differs)."""
+    with open_traces(out) as trace:
+        header = trace.header
+        if header.model != config.model or len(header.attention) != header.geometry.num_layers:
+            return None
+        try:
+            layers = _layers(config, header.attention)
+        except ValueError:
+            return None
+        digest = collection_digest(config.sample_identity())
+        wanted = {sample_name(config.task, digest, i) for i in range(shard[0], config.samples, shard[1])}
+        if header.collection != (_settings(config, layers),) or not wanted <= set(trace.samples):
+            return None
+        return len(trace.samples), sum(s.num_tokens for s in trace.samples.values())
 
 
 def _assemble(out: Path, parts: Path, header: TraceHeader, names: set[str]) -> None:

@@ -103,6 +103,23 @@ def test_refuses_to_clobber_and_to_mix_settings(tmp_path, tiny_config):
         assert trace.header.layers == (1,)
 
 
+def test_resuming_a_complete_file_only_reads_its_header(tmp_path, tiny_config, monkeypatch):
+    out = tmp_path / "t.h5"
+    small = dataclasses.replace(tiny_config, samples=2, layers=(1,))
+    collect(small, out, progress=False)
+    before = content(out)
+    loads = []
+    real_load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    summary = collect(small, out, resume=True, progress=False)
+    assert (summary.samples, summary.collected, loads) == (2, 0, []) and content(out) == before
+    assert summary.tokens == sum(s.num_tokens for s in open_traces(out).samples.values())
+    # Other settings load the model and are refused as before.
+    with pytest.raises(TraceFormatError, match="collection settings differ"):
+        collect(dataclasses.replace(small, future=5), out, resume=True, progress=False)
+    assert len(loads) == 1
+
+
 def test_resume_after_kill_loses_nothing(tmp_path, tiny_config):
     """SIGKILL a real collection mid-way: the finished samples survive and --resume completes the file."""
     config = dataclasses.replace(tiny_config, samples=16, context=1200, future=32)
