@@ -150,7 +150,6 @@ def end_to_end_paired(
     for task in dict.fromkeys(task for task, _ in parts):
         rows = [part for (t, _), part in parts.items() if t == task]
         essay = task == ESSAY
-
         found[task] = {}
         for label in (label for label in labels if label != versus):
             found[task][label] = {}
