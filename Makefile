@@ -63,9 +63,13 @@ fuzz: $(STAMP)
 
 # Hundreds of tampered leaderboard entries (numbers changed, intervals widened, fields removed or retyped, kinds,
 # scorers and checkpoints swapped, records truncated, reordered or taken from another entry) through `leaderboard
-# validate`; fails on any accepted or traceback. Outcomes in runs/fuzz/entries.json (docs/leaderboard.md).
+# validate`; fails on any accepted or traceback. Every board: bench-v0's entries, then each model's of bench-v1
+# (entries/ID/MODEL/). Outcomes in runs/fuzz/entries.json and runs/fuzz/entries-ID-MODEL.json (docs/leaderboard.md).
 fuzz-entries: $(STAMP)
 	$(BIN)/python tests/fuzz_entries.py --entries leaderboard/entries --mutants $(FUZZ_MUTANTS) --out runs/fuzz/entries.json
+	for d in leaderboard/entries/*/*/; do b=$$(echo $${d#leaderboard/entries/} | tr / - | sed 's/-$$//'); \
+		$(BIN)/python tests/fuzz_entries.py --entries $$d --mutants $(FUZZ_MUTANTS) --work runs/fuzz/entries-$$b \
+			--out runs/fuzz/entries-$$b.json || exit 1; done
 
 demo: $(DEMO_STAMP)
 	$(BIN)/kvp-gym traces default --link $(DEMO)  # the no-config env's set, in the user cache; traces/demo links to it
