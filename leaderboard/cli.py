@@ -192,6 +192,31 @@ def _entry_files(given: list[Path] | None) -> list[Path]:
     return files
 
 
+def _installed_boards(files: list[Path]) -> list[Path]:
+    """``files`` but those of boards whose model is not installed here (validating an entry loads its model's
+    tokenizer): each such board is named on stderr with how to install its model, and left out of the site."""
+    from kvp_gym.models import ModelNotFoundError, load
+
+    kept, missing = [], {}
+    for file in files:
+        try:
+            model = json.loads(file.read_text())["benchmark"].get("model")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            model = None  # validate names what is wrong with the file
+        if model is not None and model not in missing:
+            try:
+                load(model)
+                missing[model] = None
+            except ModelNotFoundError as err:
+                missing[model] = str(err)
+        if missing.get(model) is None:
+            kept.append(file)
+    for model, reason in missing.items():
+        if reason is not None:
+            print(f"left out the {model} board: {reason}", file=sys.stderr)
+    return kept
+
+
 def _validate(args: argparse.Namespace) -> int:
     from kvp_gym_leaderboard.benchmark import benchmark_parts, load_benchmark
     from kvp_gym_leaderboard.submission import rerun, validate
@@ -229,7 +254,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.from_results:
         entries, title = entries_from_results(args.from_results)
     else:
-        files = _entry_files(args.entries)
+        files = _installed_boards(_entry_files(args.entries))
         problems = validate(files)
         for problem in problems:
             print(problem, file=sys.stderr)

@@ -15,6 +15,7 @@ from tiny_benchmark import benchmark_toml
 from kvp_gym.cli import main
 from kvp_gym.evaluation.report import FULL_CACHE
 from kvp_gym.evaluation.stats import mean_interval
+from kvp_gym.models import ModelNotFoundError
 from kvp_gym.storage import file_sha256
 from kvp_gym_leaderboard.benchmark import (
     TOLERANCE,
@@ -418,8 +419,16 @@ def _boards() -> dict[str, list[Path]]:
 
 def test_committed_entries_are_valid():
     boards = _boards()
-    assert "." in boards and "bench-v1/gemma3-270m" in boards, "a committed board has no entries"
-    assert validate([file for files in boards.values() for file in files]) == []
+    assert {".", "bench-v1/smollm2-135m", "bench-v1/gemma3-270m"} <= set(boards), "a committed board has no entries"
+    not_installed = []
+    for board, files in boards.items():
+        try:
+            assert validate(files) == [], board
+        except ModelNotFoundError as err:  # validating loads the board's model's tokenizer: Gemma is optional
+            not_installed.append(f"{board}: {err}")
+    assert len(not_installed) < len(boards) - 1  # bench-v0 and bench-v1's SmolLM2 board need only SmolLM2
+    if not_installed:
+        pytest.skip("validated every board but " + "; ".join(not_installed))
 
 
 def test_readme_embeds_every_current_board():
