@@ -192,29 +192,30 @@ def _entry_files(given: list[Path] | None) -> list[Path]:
     return files
 
 
-def _installed_boards(files: list[Path]) -> list[Path]:
-    """``files`` but those of boards whose model is not installed here (validating an entry loads its model's
-    tokenizer): each such board is named on stderr with how to install its model, and left out of the site."""
-    from kvp_gym.models import ModelNotFoundError, load
+def _validate_installed_boards(files: list[Path]) -> tuple[list[Path], list[str]]:
+    """Validate ``files`` board by board (an entry's benchmark and model): (the files of every board validated, their
+    problems). Validating an entry loads its model's tokenizer, so a board whose model is not installed here is left
+    out, named on stderr with how to install its model."""
+    from kvp_gym.models import ModelNotFoundError
+    from kvp_gym_leaderboard.submission import validate
 
-    kept, missing = [], {}
+    boards: dict[Any, list[Path]] = {}
     for file in files:
         try:
-            model = json.loads(file.read_text())["benchmark"].get("model")
+            named = json.loads(file.read_text())["benchmark"]
+            board = (named.get("id"), named.get("model"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            model = None  # validate names what is wrong with the file
-        if model is not None and model not in missing:
-            try:
-                load(model)
-                missing[model] = None
-            except ModelNotFoundError as err:
-                missing[model] = str(err)
-        if missing.get(model) is None:
-            kept.append(file)
-    for model, reason in missing.items():
-        if reason is not None:
-            print(f"left out the {model} board: {reason}", file=sys.stderr)
-    return kept
+            board = None  # validate names what is wrong with the file
+        boards.setdefault(board, []).append(file)
+    kept, problems = [], []
+    for board, group in boards.items():
+        try:
+            problems += validate(group)
+        except ModelNotFoundError as err:
+            print(f"left out the {' '.join(filter(None, board))} board: {err}", file=sys.stderr)
+            continue
+        kept += group
+    return kept, problems
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -249,13 +250,12 @@ def _validate(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from kvp_gym_leaderboard.page import build_site
     from kvp_gym_leaderboard.site import entries_from_results
-    from kvp_gym_leaderboard.submission import read_entry, validate
+    from kvp_gym_leaderboard.submission import read_entry
 
     if args.from_results:
         entries, title = entries_from_results(args.from_results)
     else:
-        files = _installed_boards(_entry_files(args.entries))
-        problems = validate(files)
+        files, problems = _validate_installed_boards(_entry_files(args.entries))
         for problem in problems:
             print(problem, file=sys.stderr)
         if problems:

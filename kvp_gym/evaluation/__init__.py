@@ -11,14 +11,15 @@
   geometric mean intervals), paired differences and Spearman's correlation, shared by both levels and by the
   leaderboard.
 - :mod:`kvp_gym.evaluation.report`: the tables and plots of both levels' records;
-  :mod:`kvp_gym.evaluation.comparison`: ``kvp-gym evaluate-table``, summaries of several trace-level records.
+  :mod:`kvp_gym.evaluation.comparison`: ``kvp-gym evaluate-table``, summaries of several trace-level records, and
+  ``kvp-gym evaluate-e2e-versus``, an end-to-end run's paired comparison.
 - :mod:`kvp_gym.evaluation.token_classes`: ``kvp-gym evaluate-shortcut``, the share of a token class (digits) in
   each policy's top-k tokens against the oracle's and the base rate (a shortcut control).
 
 Policy specs (``name:param=value;...``) parse in :mod:`kvp_gym.scorers` (``from_spec``, ``resolve_policies``).
 Inside the room: trace_level imports selection, report and stats; end_to_end imports run_folder, report and
-stats; token_classes imports selection and stats; comparison imports stats; stats only numpy. The room imports
-kvp_gym's core modules (scorers, traces, importance, utility; end_to_end also cache, models, tasks;
+stats; token_classes imports selection and stats; comparison imports stats and report; stats only numpy. The
+room imports kvp_gym's core modules (scorers, traces, importance, utility; end_to_end also cache, models, tasks;
 token_classes models), never kvp_gym.cli. This package imports nothing
 itself: each public name loads its module on first use.
 """
