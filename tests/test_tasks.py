@@ -239,3 +239,26 @@ def test_unknown_needle_type_is_an_error():
         NeedleInAHaystack(name="bad", value_type="letters")
     with pytest.raises(ValueError, match="unknown needle type 'dates'"):
         NeedleInAHaystack(name="bad", key_type="dates")
+
+
+def test_gemma_full_cache_table_matches_its_outputs():
+    """docs/tasks.md's Gemma 3 270M table quotes, per task and length, the score (or essay perplexity) that the
+    `kvp-gym tasks eval` outputs committed beside it record: the two cannot drift apart."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    recorded = {}
+    for name in ("tasks-gemma3-270m.json", "tasks-gemma3-270m-long.json"):
+        for row in json.loads((docs / name).read_text())["results"]:
+            value = row["perplexity"] if row["task"] == "essay" else row["score"]
+            recorded[row["task"], row["context"]] = f"{value:.1f}" if row["task"] == "essay" else f"{value:.2f}"
+    section = (docs / "tasks.md").read_text().split("## Full-cache results of Gemma 3 270M")[1]
+    header = next(line for line in section.splitlines() if line.startswith("| task |"))
+    contexts = [int(cell.strip().removesuffix("k")) * 1024 for cell in header.strip("|").split("|")[1:5]]
+    quoted = {}
+    for line in section.splitlines():
+        if match := re.match(r"\| `(\w+)` \|(.*)", line):
+            cells = [cell.strip().removeprefix("perplexity ") for cell in match[2].split("|")[:4]]
+            quoted.update({(match[1], context): cell for context, cell in zip(contexts, cells, strict=True)})
+    assert contexts == [1024, 4096, 8192, 16384] and len(quoted) == 44
+    assert quoted == recorded
