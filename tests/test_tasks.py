@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -244,14 +245,12 @@ def test_unknown_needle_type_is_an_error():
 def test_gemma_full_cache_table_matches_its_outputs():
     """docs/tasks.md's Gemma 3 270M table quotes, per task and length, the score (or essay perplexity) that the
     `kvp-gym tasks eval` outputs committed beside it record: the two cannot drift apart."""
-    from pathlib import Path
-
     docs = Path(__file__).resolve().parents[1] / "docs"
     recorded = {}
     for name in ("tasks-gemma3-270m.json", "tasks-gemma3-270m-long.json"):
         for row in json.loads((docs / name).read_text())["results"]:
-            value = row["perplexity"] if row["task"] == "essay" else row["score"]
-            recorded[row["task"], row["context"]] = f"{value:.1f}" if row["task"] == "essay" else f"{value:.2f}"
+            quoted_as = f"{row['perplexity']:.1f}" if row["task"] == "essay" else f"{row['score']:.2f}"
+            recorded[row["task"], row["context"]] = quoted_as
     section = (docs / "tasks.md").read_text().split("## Full-cache results of Gemma 3 270M")[1]
     header = next(line for line in section.splitlines() if line.startswith("| task |"))
     contexts = [int(cell.strip().removesuffix("k")) * 1024 for cell in header.strip("|").split("|")[1:5]]
