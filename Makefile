@@ -173,10 +173,10 @@ kvp2-test-traces: $(STAMP)
 	$(call collect_mix,test,$(KVP2_TEST_TASKS),$(KVP2_TEST_MIX),test,0$(comma)0$(comma)1)
 	$(call collect_mix,test,$(KVP2_TEST_8K_TASKS),8128:1:9008,test,0$(comma)0$(comma)1)
 
-# The shipped agents (agents/checkpoints/smollm2-135m.safetensors); the first ones (1-2k prompts, above) are kept
-# as smollm2-135m-v1.safetensors.
+# The shipped agents (agents/checkpoints/smollm2-135m.safetensors: 1,800 steps); the same recipe at 600 steps is
+# kept as smollm2-135m-v2.safetensors, the first ones (1-2k prompts, above) as smollm2-135m-v1.safetensors.
 kvp2-agents: kvp2-train-traces
-	$(BIN)/kvp-gym train --traces $(KVP2)/train-*.h5 --heads all --out runs/kvp2-smollm2 --preset demo --steps 600 \
+	$(BIN)/kvp-gym train --traces $(KVP2)/train-*.h5 --heads all --out runs/kvp2-smollm2 --preset demo --steps 1800 \
 		--eval-every 100
 	cp runs/kvp2-smollm2/agents.safetensors agents/checkpoints/smollm2-135m.safetensors
 
@@ -184,22 +184,23 @@ kvp2-agents: kvp2-train-traces
 # added to the same runs (kvp2-val), or, once, the test sets (kvp2-eval); one Markdown table per role.
 # Every policy of --policies all but h2o:recent=16, which equals h2o under the paper protocol and costs as much
 # (a full prompt attention pass: 4-5 minutes per 8k sample on 2 cores).
-# kvp2-val compares the first agents (KVP_V1) with the new recipe's (KVP2_CANDIDATE, before it is copied over the
-# shipped file); kvp2-eval evaluates the shipped agents (`kvp`) and, for the record, the first ones.
+# kvp2-val compares the older agents (KVP_V1, KVP_V2) with a candidate (KVP2_CANDIDATE, before it is copied over the
+# shipped file); kvp2-eval evaluates the shipped agents (`kvp`) and, for the record, the older ones.
 KVP_V1 := kvp:checkpoint=agents/checkpoints/smollm2-135m-v1.safetensors
+KVP_V2 := kvp:checkpoint=agents/checkpoints/smollm2-135m-v2.safetensors
 KVP2_CANDIDATE := kvp:checkpoint=runs/kvp2-smollm2/agents.safetensors
 KVP2_BASELINES := random,streaming_llm,knorm,keydiff,lagkv,tova,tova:heads=group,snapkv,h2o,expected_attention,oracle
 kvp2-val: kvp2-val-traces
 	for c in $(KVP2_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP2)/val-$$c-*.h5 --split val \
-		--policies $(KVP2_BASELINES),$(KVP_V1) --out runs/kvp2-val-$$c && \
+		--policies $(KVP2_BASELINES),$(KVP_V1),$(KVP_V2) --out runs/kvp2-val-$$c && \
 		$(BIN)/kvp-gym evaluate --traces $(KVP2)/val-$$c-*.h5 --policies $(KVP2_CANDIDATE) --split val \
 		--add-to runs/kvp2-val-$$c --out runs/kvp2-val-$$c --versus $(KVP2_CANDIDATE) || exit 1; done
-	for v in $(KVP_V1) $(KVP2_CANDIDATE); do $(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-val-$(c)) \
+	for v in $(KVP_V1) $(KVP_V2) $(KVP2_CANDIDATE); do $(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-val-$(c)) \
 		--labels $(subst $(space),$(comma),$(KVP2_LENGTHS)) --versus $$v; done
 
 kvp2-eval: kvp2-test-traces
 	for c in $(KVP2_LENGTHS); do $(BIN)/kvp-gym evaluate --traces $(KVP2)/test-$$c-*.h5 --split test \
-		--policies $(KVP2_BASELINES),kvp,$(KVP_V1) \
+		--policies $(KVP2_BASELINES),kvp,$(KVP_V1),$(KVP_V2) \
 		--out runs/kvp2-test-$$c --versus kvp || exit 1; done
 	$(BIN)/kvp-gym evaluate-table $(foreach c,$(KVP2_LENGTHS),runs/kvp2-test-$(c)) \
 		--labels $(subst $(space),$(comma),$(KVP2_LENGTHS)) --versus kvp --out runs/kvp2-test-lengths.md
@@ -311,11 +312,12 @@ gemma-tasks: $(STAMP)
 	$(BIN)/kvp-gym tasks eval --model gemma3-270m --tasks $(GEMMA_TASKS) --context 8192,16384 --samples 2 \
 		--out runs/gemma-tasks-2.json
 
-# End-to-end accuracy per needle value type (numbers and UUIDs trained, words held out), test text.
+# End to end on test text: accuracy per needle value type (numbers and UUIDs trained, words held out) and the
+# essays' perplexity, at 64 and 128 tokens per KV head; the shipped agents and v2.
 kvp2-e2e: $(STAMP)
 	$(BIN)/kvp-gym evaluate-e2e --model smollm2-135m --tasks niah_single,niah_single_uuids,niah_single_words \
-		--context 1024 --budgets 64 --policies kvp,expected_attention,streaming_llm --samples 12 --essays 0 \
-		--text test --seed 9100 --out runs/kvp2-e2e-values
+		--context 1024 --budgets 64,128 --policies kvp,$(KVP_V2),expected_attention,streaming_llm --samples 12 \
+		--essays 8 --text test --seed 9100 --out runs/kvp2-e2e-values
 
 # End-to-end accuracy and perplexity with the evicting cache (docs/cache.md): held-out text, 1k prompts, 40 samples
 # per task, 8 essays; about 25 minutes on 2 cores (resumable: rerun to continue).
@@ -325,8 +327,8 @@ kvp-e2e: $(STAMP)
 		--budgets 64,128,256 --policies $(E2E_POLICIES) --samples 40 --essays 8 --text heldout --out runs/e2e
 
 # The bench-v0 board (docs/leaderboard.md). leaderboard-entries: the benchmark's trace set (in the user cache, checked
-# against its manifest), then every baseline, the oracle, the shipped KVP agents and the first ones (kvp-v1) evaluated
-# as submissions into leaderboard/entries/ (resumable; each work folder holds one checkpoint's parts). Each KVP entry
+# against its manifest), then every baseline, the oracle, the shipped KVP agents and the older ones (kvp-v1, kvp-v2)
+# evaluated as submissions into leaderboard/entries/ (resumable; each work folder holds one checkpoint's parts). Each KVP entry
 # pins its checkpoint by SHA-256 (--checkpoint; one per submit, since it is handed to every --policy).
 # leaderboard: the site from the committed entries.
 BOARD_POLICIES := random streaming_llm knorm keydiff lagkv tova snapkv h2o expected_attention oracle
@@ -338,6 +340,8 @@ leaderboard-entries: $(STAMP)
 		--name kvp --authors "kvp-gym maintainers" --work runs/board-kvp --out leaderboard/entries/kvp.json
 	$(BIN)/kvp-gym submit --benchmark bench-v0 --policy kvp --checkpoint agents/checkpoints/smollm2-135m-v1.safetensors \
 		--name kvp-v1 --authors "kvp-gym maintainers" --work runs/board-kvp-v1 --out leaderboard/entries/kvp-v1.json
+	$(BIN)/kvp-gym submit --benchmark bench-v0 --policy kvp --checkpoint agents/checkpoints/smollm2-135m-v2.safetensors \
+		--name kvp-v2 --authors "kvp-gym maintainers" --work runs/board-kvp-v2 --out leaderboard/entries/kvp-v2.json
 
 # bench-v1 (docs/leaderboard.md): each model's trace set, then every baseline, the oracle and the agents of each model
 # as submissions into leaderboard/entries/bench-v1/MODEL/ (resumable). The first run adds --write-manifest to prepare.
@@ -353,6 +357,9 @@ leaderboard-v1-entries: $(STAMP)
 	$(BIN)/kvp-gym submit --benchmark bench-v1 --model smollm2-135m --policy kvp \
 		--checkpoint agents/checkpoints/smollm2-135m-v1.safetensors --name kvp-v1 --authors "kvp-gym maintainers" \
 		--work runs/board-v1-kvp-v1 --out leaderboard/entries/bench-v1/smollm2-135m/kvp-v1.json
+	$(BIN)/kvp-gym submit --benchmark bench-v1 --model smollm2-135m --policy kvp \
+		--checkpoint agents/checkpoints/smollm2-135m-v2.safetensors --name kvp-v2 --authors "kvp-gym maintainers" \
+		--work runs/board-v1-kvp-v2 --out leaderboard/entries/bench-v1/smollm2-135m/kvp-v2.json
 	$(BIN)/kvp-gym submit --benchmark bench-v1 --model gemma3-270m --policy kvp --checkpoint $(GEMMA_AGENTS) \
 		--name kvp --authors "kvp-gym maintainers" --work runs/board-v1-gemma-kvp \
 		--out leaderboard/entries/bench-v1/gemma3-270m/kvp.json

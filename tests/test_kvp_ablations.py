@@ -33,6 +33,7 @@ from kvp_gym_agents.kvp import (
 from kvp_gym_agents.train import evaluate_heads, train
 
 SHIPPED_V1 = SHIPPED["smollm2-135m"].with_name("smollm2-135m-v1.safetensors")
+SHIPPED_V2 = SHIPPED["smollm2-135m"].with_name("smollm2-135m-v2.safetensors")
 
 
 def rotate(keys: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
@@ -187,12 +188,16 @@ def test_pre_rope_agents_refuse_a_view_without_rope(tmp_path):
         merge_checkpoints([pre_path, post_path], tmp_path / "merged.safetensors")
 
 
-@pytest.mark.parametrize("path", [SHIPPED["smollm2-135m"], SHIPPED_V1], ids=["shipped", "v1"])
+@pytest.mark.parametrize("path", [SHIPPED["smollm2-135m"], SHIPPED_V2, SHIPPED_V1], ids=["shipped", "v2", "v1"])
 def test_shipped_agents_read_as_post_rope_with_tables(path):
-    """Checkpoints written before the options existed: post-RoPE keys, age and index tables, and their scores are
-    the architecture's on the raw keys, even when the view carries a RoPE (which a pre-RoPE agent would use)."""
+    """The SmolLM2 agents read post-RoPE keys with age and index tables: v1 and v2, written before the options
+    existed, record none (the defaults apply), the shipped ones record them. Their scores are the architecture's
+    on the raw keys, even when the view carries a RoPE (which a pre-RoPE agent would use)."""
     network, metadata = read_checkpoint(path)
-    assert not {"key_frame", "ages", "index"} & set(metadata["network"])  # written before the options
+    recorded = {key: metadata["network"][key] for key in ("key_frame", "ages", "index") if key in metadata["network"]}
+    assert recorded == (
+        {"key_frame": "post", "ages": "table", "index": "table"} if path == SHIPPED["smollm2-135m"] else {}
+    )
     assert (network.key_frame, network.ages, network.index) == ("post", "table", "table")
     torch.manual_seed(0)
     n = 200

@@ -250,6 +250,12 @@ def test_shipped_agents_cover_smollm2():
     assert sorted(map(tuple, metadata["heads"])) == [(layer, h) for layer in range(30) for h in range(3)]
     assert metadata["geometry"] == {"head_dim": 64, "num_layers": 30, "num_kv_heads": 3}
     get_scorer("kvp").check_geometry("smollm2-135m", 64, 30, 3)  # the default: no error
+    # The shipped ones: recipe 2 at 1,800 steps; v2, kept, is the same recipe at 600 steps (docs/agents.md).
+    older, older_metadata = read_checkpoint(path.with_name("smollm2-135m-v2.safetensors"))
+    assert metadata["training"]["steps"] == 1800 and older_metadata["training"]["steps"] == 600
+    assert older_metadata["heads"] == metadata["heads"] and not torch.equal(
+        older.state_dict()["key.weight"], network.state_dict()["key.weight"]
+    )
 
 
 def test_shipped_agents_for_gemma3_cover_its_global_layers():
