@@ -328,8 +328,8 @@ kvp-e2e: $(STAMP)
 
 # The bench-v0 board (docs/leaderboard.md). leaderboard-entries: the benchmark's trace set (in the user cache, checked
 # against its manifest), then every baseline, the oracle, the shipped KVP agents and the older ones (kvp-v1, kvp-v2)
-# evaluated as submissions into leaderboard/entries/ (resumable; each work folder holds one checkpoint's parts). Each KVP entry
-# pins its checkpoint by SHA-256 (--checkpoint; one per submit, since it is handed to every --policy).
+# evaluated as submissions into leaderboard/entries/ (resumable; each work folder holds one checkpoint's parts). Each
+# KVP entry pins its checkpoint by SHA-256 (--checkpoint; one per submit, since it is handed to every --policy).
 # leaderboard: the site from the committed entries.
 BOARD_POLICIES := random streaming_llm knorm keydiff lagkv tova snapkv h2o expected_attention oracle
 leaderboard-entries: $(STAMP)
